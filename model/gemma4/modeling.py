@@ -1,0 +1,386 @@
+"""The Gemma 4 text decoder in PyTorch (all four variants, driven by `Gemma4TextConfig.layers`).
+
+Module and parameter names equal the checkpoint's tensor names below the text prefix, so loading is
+a rename of the prefix only. The model knows nothing of caching or serving: attention over "the
+keys and values this layer may see" is delegated to an `AttentionBackend` (a dense causal one here;
+the engine supplies a paged one), which also serves the KV-sharing layers of E2B/E4B.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma4.config import FULL, SLIDING, Gemma4Config, Gemma4TextConfig, LayerSpec, RopeConfig
+
+
+def rounded_scale(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype`, as the reference does for the embedding scale (bf16: sqrt(5376) -> 73.5)."""
+    return float(torch.tensor(value, dtype=torch.float32).to(dtype))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps) * w`, computed in fp32 (Gemma 4 uses `w`, not Gemma 3's `1 + w`).
+
+    `with_scale=False` is the weightless norm of attention values and the MoE router input.
+    """
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            h = h * self.weight.float()
+        return h.type_as(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX (half-split) RoPE of one layer type; proportional RoPE leaves the tail pairs unrotated."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int) -> None:
+        super().__init__()
+        self.rope = rope
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
+        pairs = self.rope.rotated_pairs(self.head_dim)
+        exponents = torch.arange(0, 2 * pairs, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        inv_freq = 1.0 / (self.rope.theta**exponents)
+        identity = torch.zeros(self.head_dim // 2 - pairs, dtype=torch.float32, device=device)
+        return torch.cat([inv_freq, identity]) / self.rope.factor
+
+    def reset_buffers(self) -> None:
+        """Recompute `inv_freq` after the module was materialised from the meta device."""
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `[B, T, head_dim]` for integer `positions [B, T]`."""
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x [B, T, heads, D]` by `cos/sin [B, T, D]` (rotate_half layout)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class AttentionBackend(Protocol):
+    """Attends queries of one layer to the keys/values that layer may see.
+
+    `k`/`v` are the layer's new keys/values `[B, T, kv_heads, D]` (normed, keys rotated), or None
+    for KV-sharing layers, which read those of `layer.kv_source`. Returns `[B, T, heads, D]`.
+    Scaling is 1.0: Gemma 4's QK-norm replaces the 1/sqrt(d) factor.
+    """
+
+    def __call__(
+        self, layer: LayerSpec, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+
+class DenseAttention:
+    """Full-sequence attention without a cache: causal on global layers, causal + window on sliding ones.
+
+    Keeps each producer layer's keys/values for the KV-sharing layers that read them.
+    """
+
+    def __init__(self, positions: torch.Tensor) -> None:
+        self.positions = positions
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def _mask(self, window: int | None) -> torch.Tensor:
+        if window not in self._masks:
+            q = self.positions[:, :, None]
+            k = self.positions[:, None, :]
+            mask = k <= q
+            if window is not None:
+                mask &= q - k < window
+            self._masks[window] = mask[:, None]  # [B, 1, T, T], broadcast over heads
+        return self._masks[window]
+
+    def __call__(
+        self, layer: LayerSpec, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
+    ) -> torch.Tensor:
+        if k is None or v is None:
+            k, v = self._kv[layer.kv_source]
+        else:
+            self._kv[layer.index] = (k, v)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=self._mask(layer.sliding_window),
+            scale=1.0,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Gemma 4 self-attention: QK-norm, weightless V-norm, RoPE, optional K-as-V, optional shared KV."""
+
+    def __init__(self, config: Gemma4TextConfig, layer: LayerSpec) -> None:
+        super().__init__()
+        self.layer = layer
+        hidden, heads, d = config.hidden_size, config.num_attention_heads, layer.head_dim
+        self.q_proj = nn.Linear(hidden, heads * d, bias=False)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        if not layer.shares_kv:
+            self.k_proj = nn.Linear(hidden, layer.num_kv_heads * d, bias=False)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+            # K-as-V layers have no v_proj: values are the raw key projection, weightless-normed.
+            self.v_proj = None if layer.k_eq_v else nn.Linear(hidden, layer.num_kv_heads * d, bias=False)
+        self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False)
+        self.o_proj = nn.Linear(heads * d, hidden, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: AttentionBackend
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        d = self.layer.head_dim
+        cos, sin = rope
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, d)), cos, sin)
+        k = v = None
+        if not self.layer.shares_kv:
+            raw_k = self.k_proj(x).view(b, t, -1, d)
+            raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(b, t, -1, d)
+            k = apply_rope(self.k_norm(raw_k), cos, sin)
+            v = self.v_norm(raw_v)
+        out = attention(self.layer, q, k, v)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """Gated GELU feed-forward: `down(gelu_tanh(gate(x)) * up(x))`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k expert choice from the post-attention residual; the softmax runs in fp32."""
+
+    def __init__(self, config: Gemma4TextConfig) -> None:
+        super().__init__()
+        assert config.num_experts is not None and config.top_k_experts is not None
+        self.top_k = config.top_k_experts
+        self.input_scale = config.hidden_size**-0.5
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert weights (fp32) and indices, both `[N, top_k]`, for tokens `x [N, H]`."""
+        scores = self.proj(self.norm(x) * self.scale * self.input_scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[experts], experts
+
+
+class Experts(nn.Module):
+    """The routed experts, stored packed as the checkpoint stores them (gate rows, then up rows)."""
+
+    def __init__(self, config: Gemma4TextConfig) -> None:
+        super().__init__()
+        assert config.num_experts is not None and config.moe_intermediate_size is not None
+        e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of each token's chosen experts, `x [N, H]` -> `[N, H]` (torch reference op)."""
+        out = torch.zeros_like(x)
+        for expert in torch.unique(experts).tolist():
+            token, slot = torch.where(experts == expert)
+            gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(gelu_tanh(gate) * up, self.down_proj[expert])
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """One Gemma 4 layer: sandwich-normed attention and MLP (plus MoE beside the MLP, plus PLE), scaled."""
+
+    def __init__(self, config: Gemma4TextConfig, layer: LayerSpec) -> None:
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(h, layer.intermediate_size)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.has_moe = config.enable_moe_block
+        if self.has_moe:
+            self.router = Router(config)
+            self.experts = Experts(config)
+            self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.has_per_layer_input = config.hidden_size_per_layer_input > 0
+        if self.has_per_layer_input:
+            p = config.hidden_size_per_layer_input
+            self.per_layer_input_gate = nn.Linear(h, p, bias=False)
+            self.per_layer_projection = nn.Linear(p, h, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(h, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention: AttentionBackend,
+        per_layer_input: torch.Tensor | None,
+    ) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), rope, attention)
+        x = x + self.post_attention_layernorm(attn)
+
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.has_moe:
+            h = self.post_feedforward_layernorm_1(h) + self._moe(x)
+        x = x + self.post_feedforward_layernorm(h)
+
+        if self.has_per_layer_input:
+            assert per_layer_input is not None
+            g = gelu_tanh(self.per_layer_input_gate(x)) * per_layer_input
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        return x * self.layer_scalar
+
+    def _moe(self, residual: torch.Tensor) -> torch.Tensor:
+        flat = residual.reshape(-1, residual.shape[-1])
+        weights, experts = self.router(flat)
+        out = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts)
+        return self.post_feedforward_layernorm_2(out.reshape(residual.shape))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embedding multiplied by a scale rounded to the weight dtype (as the reference does)."""
+
+    def __init__(self, num_embeddings: int, dim: int, scale: float) -> None:
+        super().__init__(num_embeddings, dim)
+        self.scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * rounded_scale(self.scale, self.weight.dtype)
+
+
+class Gemma4TextModel(nn.Module):
+    """Embeddings (+ Per-Layer Embeddings), the decoder stack and the final norm."""
+
+    def __init__(self, config: Gemma4TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size, config.embed_scale)
+        self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = nn.ModuleDict(
+            {
+                SLIDING: RotaryEmbedding(config.sliding_rope, config.head_dim),
+                FULL: RotaryEmbedding(config.full_rope, config.global_head_dim),
+            }
+        )
+        p = config.hidden_size_per_layer_input
+        if p:
+            n = config.num_hidden_layers
+            self.embed_tokens_per_layer = ScaledEmbedding(config.vocab_size_per_layer_input, n * p, math.sqrt(p))
+            self.per_layer_model_projection = nn.Linear(config.hidden_size, n * p, bias=False)
+            self.per_layer_projection_norm = RMSNorm(p, config.rms_norm_eps)
+
+    def per_layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """PLE `[B, T, layers, p]`: a token-identity row plus a projection of the input embedding."""
+        cfg = self.config
+        shape = (*input_ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
+        ids = torch.where(input_ids < cfg.vocab_size_per_layer_input, input_ids, 0)
+        token_part = self.embed_tokens_per_layer(ids).reshape(shape)
+        context = self.per_layer_model_projection(embeds) * cfg.hidden_size**-0.5
+        context = self.per_layer_projection_norm(context.reshape(shape))
+        return (context + token_part) * 2.0**-0.5
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        ple = self.per_layer_inputs(input_ids, x) if self.config.hidden_size_per_layer_input else None
+        ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
+        for i, layer in enumerate(self.layers):
+            spec = self.config.layers[i]
+            x = layer(x, ropes[spec.attention_type], attention, None if ple is None else ple[:, :, i])
+        return self.norm(x)
+
+
+class Gemma4ForCausalLM(nn.Module):
+    """The text decoder with its (tied) LM head and final logit softcap."""
+
+    def __init__(self, config: Gemma4Config) -> None:
+        super().__init__()
+        self.config = config
+        self.text_config = config.text
+        self.model = Gemma4TextModel(config.text)
+        if not config.text.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.register_buffer(
+            "placeholder_ids", torch.tensor(config.multimodal_placeholder_ids, dtype=torch.long), persistent=False
+        )
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers after materialising from the meta device."""
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset_buffers()
+        self.placeholder_ids = torch.tensor(
+            self.config.multimodal_placeholder_ids, dtype=torch.long, device=self.placeholder_ids.device
+        )
+
+    def text_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Multimodal placeholders are embedded as `<pad>` (soft tokens are scattered in later)."""
+        if self.placeholder_ids.numel() == 0:
+            return input_ids
+        return torch.where(torch.isin(input_ids, self.placeholder_ids), self.text_config.pad_token_id, input_ids)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.text_config.tie_word_embeddings else self.lm_head.weight
+        logits = F.linear(hidden, weight)
+        cap = self.text_config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention: AttentionBackend | None = None,
+    ) -> torch.Tensor:
+        """Logits `[B, T, vocab]` for `input_ids [B, T]` (default: positions 0..T-1, dense causal attention)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if attention is None:
+            attention = DenseAttention(positions)
+        hidden = self.model(self.text_input_ids(input_ids), positions, attention)
+        return self.compute_logits(hidden)
