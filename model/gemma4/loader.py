@@ -1,0 +1,108 @@
+"""Loading the text decoder from a Hugging Face Gemma 4 checkpoint directory.
+
+The whole checkpoint is checked against the model first (names, shapes, dtypes, file integrity),
+then the model is materialised from the meta device and filled one tensor at a time, each cast to
+the requested dtype on its way to the device. A checkpoint with any problem raises
+`CheckpointError` listing every problem, and no model is returned: nothing is half-loaded.
+
+Names: the text decoder lives under `model.language_model.` in `Gemma4ForConditionalGeneration`
+checkpoints (the official ones) and under `model.` in `Gemma4ForCausalLM` checkpoints. Tensors of
+the vision/audio towers the config declares are left for their encoders; the K/V projections that
+E2B/E4B checkpoints still carry for their KV-sharing layers are the only text tensors ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gemma4.checkpoint import FLOAT_DTYPES, CheckpointError, TensorEntry, index_checkpoint, read_tensors
+from gemma4.config import CAUSAL_LM_ARCHITECTURE, Gemma4Config, load_config
+from gemma4.modeling import Gemma4ForCausalLM
+
+_TEXT_PREFIX = {CAUSAL_LM_ARCHITECTURE: "model."}
+_MULTIMODAL_TEXT_PREFIX = "model.language_model."
+_VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.")
+_AUDIO_PREFIXES = ("model.audio_tower.", "model.embed_audio.")
+_SHARED_LAYER_UNUSED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
+
+
+def checkpoint_name(config: Gemma4Config, model_name: str) -> str:
+    """The checkpoint tensor name of one of our parameter/buffer names."""
+    if model_name.startswith("model."):
+        return _TEXT_PREFIX.get(config.architecture, _MULTIMODAL_TEXT_PREFIX) + model_name.removeprefix("model.")
+    return model_name
+
+
+def ignored_tensor_names(config: Gemma4Config) -> set[str]:
+    """Text tensors a checkpoint may carry that the model does not use."""
+    names = {
+        checkpoint_name(config, f"model.layers.{spec.index}.{suffix}")
+        for spec in config.text.layers
+        if spec.shares_kv
+        for suffix in _SHARED_LAYER_UNUSED
+    }
+    if config.text.tie_word_embeddings:
+        names.add("lm_head.weight")  # a copy of the tied embedding, when a writer stores it
+    return names
+
+
+def _other_tower_prefixes(config: Gemma4Config) -> tuple[str, ...]:
+    if config.architecture == CAUSAL_LM_ARCHITECTURE:
+        return ()
+    return (_VISION_PREFIXES if config.vision else ()) + (_AUDIO_PREFIXES if config.audio else ())
+
+
+def plan_load(
+    model: Gemma4ForCausalLM, config: Gemma4Config, entries: dict[str, TensorEntry]
+) -> dict[str, TensorEntry]:
+    """Match every persistent model tensor to a checkpoint entry, or raise listing all problems."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    ignored = ignored_tensor_names(config)
+    other_towers = _other_tower_prefixes(config)
+    plan: dict[str, TensorEntry] = {}
+    problems: list[str] = []
+    wanted = {checkpoint_name(config, name): name for name in expected}
+    for ckpt_name, model_name in wanted.items():
+        entry = entries.get(ckpt_name)
+        if entry is None:
+            problems.append(f"missing tensor {ckpt_name!r} (expected shape {list(expected[model_name])})")
+            continue
+        if entry.dtype not in FLOAT_DTYPES:
+            problems.append(
+                f"tensor {entry.describe()} has dtype {entry.dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
+            )
+        if entry.shape != expected[model_name]:
+            problems.append(
+                f"tensor {entry.describe()} has shape {list(entry.shape)}, expected {list(expected[model_name])}"
+            )
+        plan[model_name] = entry
+    for name, entry in entries.items():
+        if name in wanted or name in ignored or name.startswith(other_towers):
+            continue
+        problems.append(f"unexpected tensor {entry.describe()}")
+    if problems:
+        raise CheckpointError(problems)
+    return plan
+
+
+def load_model(
+    path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Gemma4ForCausalLM:
+    """Load the Gemma 4 text model from a checkpoint directory (`config.json` + safetensors)."""
+    path = Path(path)
+    config = load_config(path)
+    entries = index_checkpoint(path)
+    with torch.device("meta"):
+        model = Gemma4ForCausalLM(config)
+    plan = plan_load(model, config, entries)
+
+    model = model.to(dtype).to_empty(device=device)
+    targets = model.state_dict(keep_vars=True)
+    model_names = {entry.name: model_name for model_name, entry in plan.items()}
+    with torch.no_grad():
+        for entry, tensor in read_tensors(list(plan.values())):
+            targets[model_names[entry.name]].copy_(tensor.to(device=device, dtype=dtype))
+    model.reset_buffers()
+    return model.eval().requires_grad_(False)
