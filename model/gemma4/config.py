@@ -501,10 +501,14 @@ def _global_geometry(
         return head_dim, kv_heads if k_eq_v else None
     if not isinstance(per_layer, Mapping):
         raise ConfigError(f"{source}: per_layer_config must be an object keyed by layer index")
+    try:  # keys are layer indices, written as (zero-padded) strings
+        overrides = {int(key): value for key, value in per_layer.items()}
+    except ValueError:
+        raise ConfigError(f"{source}: per_layer_config keys must be layer indices, got {list(per_layer)}") from None
     head_dims: set[int] = set()
     kv_heads_seen: set[int | None] = set()
     for i, kind in enumerate(layer_types):
-        entry = per_layer.get(str(i), per_layer.get(i))  # type: ignore[call-overload]
+        entry = overrides.get(i)
         if kind != FULL:
             if entry:
                 raise ConfigError(f"{source}: per_layer_config overrides sliding layer {i}, which is not supported")
