@@ -369,6 +369,12 @@ class Gemma4ForCausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def hidden_states(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
+    ) -> torch.Tensor:
+        """Final-normed hidden states `[B, T, H]`; the engine computes logits only for rows it samples."""
+        return self.model(self.text_input_ids(input_ids), positions, attention)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -382,5 +388,4 @@ class Gemma4ForCausalLM(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if attention is None:
             attention = DenseAttention(positions)
-        hidden = self.model(self.text_input_ids(input_ids), positions, attention)
-        return self.compute_logits(hidden)
+        return self.compute_logits(self.hidden_states(input_ids, positions, attention))

@@ -1,0 +1,238 @@
+"""Paged KV-cache bookkeeping for Gemma 4's hybrid cache: one block pool per cache group.
+
+Pure bookkeeping (no tensors): which physical blocks each sequence holds in each group. Sliding
+groups release the blocks that fell out of every future query's window, so a decoding sequence
+holds at most ceil(window / block_size) + 1 of them. Full blocks are indexed by a hash of their
+content chain for prefix caching; free blocks keep their hash until reused (LRU eviction), and a
+prefix hit is valid only if every group still holds what the next query needs: all earlier blocks
+for full-attention groups, the window's blocks for sliding ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from gemma4.kv_layout import CacheGroup
+
+NULL_BLOCK = -1
+
+
+class BlockPool:
+    """A fixed set of block ids with reference counts, an LRU free queue and a content-hash index."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.hash_to_block: dict[bytes, int] = {}
+        self.evictions = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def allocate(self) -> int:
+        """Take the least recently freed block, dropping its cached content."""
+        block, _ = self.free_queue.popitem(last=False)
+        old = self.block_hash[block]
+        if old is not None:
+            del self.hash_to_block[old]
+            self.block_hash[block] = None
+            self.evictions += 1
+        self.ref_count[block] = 1
+        return block
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        return self.hash_to_block.get(block_hash)
+
+    def acquire(self, block: int) -> None:
+        """Share a cached block with one more sequence."""
+        if self.ref_count[block] == 0:
+            del self.free_queue[block]
+        self.ref_count[block] += 1
+
+    def release(self, block: int) -> None:
+        self.ref_count[block] -= 1
+        if self.ref_count[block] == 0:
+            self.free_queue[block] = None
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """Index a full block by its content hash (the first block with a given content wins)."""
+        if self.block_hash[block] is None and block_hash not in self.hash_to_block:
+            self.block_hash[block] = block_hash
+            self.hash_to_block[block_hash] = block
+
+
+@dataclass
+class _Sequence:
+    tables: list[list[int]]
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_committed_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class GroupUsage:
+    name: str
+    num_blocks: int
+    used_blocks: int
+
+    @property
+    def usage(self) -> float:
+        return self.used_blocks / self.num_blocks if self.num_blocks else 0.0
+
+
+def _chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    if parent is not None:
+        h.update(parent)
+    h.update(b",".join(str(t).encode() for t in tokens))
+    return h.digest()
+
+
+class KVCacheManager:
+    """Allocates and frees blocks of every cache group for each sequence, with prefix caching."""
+
+    def __init__(
+        self,
+        groups: tuple[CacheGroup, ...],
+        num_blocks: dict[str, int],
+        block_size: int,
+        *,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.groups = groups
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pools = [BlockPool(num_blocks[g.name]) for g in groups]
+        self._seqs: dict[str, _Sequence] = {}
+
+    # ------------------------------------------------------------------ queries
+    def block_tables(self, seq_id: str) -> list[list[int]]:
+        return self._seqs[seq_id].tables
+
+    def usage(self) -> list[GroupUsage]:
+        return [GroupUsage(g.name, p.num_blocks, p.num_used) for g, p in zip(self.groups, self.pools)]
+
+    def held_blocks(self, seq_id: str) -> dict[str, int]:
+        """Blocks a sequence holds per group (NULL entries of released sliding blocks excluded)."""
+        tables = self._seqs[seq_id].tables if seq_id in self._seqs else [[] for _ in self.groups]
+        return {g.name: sum(b != NULL_BLOCK for b in t) for g, t in zip(self.groups, tables)}
+
+    def _first_needed_block(self, group: CacheGroup, first_query_pos: int) -> int:
+        """The first block a query at `first_query_pos` (or later) can still attend to."""
+        if group.sliding_window is None:
+            return 0
+        return max(0, first_query_pos - group.sliding_window + 1) // self.block_size
+
+    def _hashes(self, seq: _Sequence | None, token_ids: list[int], num_full_blocks: int) -> list[bytes]:
+        hashes = seq.block_hashes if seq is not None else []
+        bs = self.block_size
+        while len(hashes) < num_full_blocks:
+            i = len(hashes)
+            hashes.append(_chain_hash(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
+        return hashes
+
+    def find_cached_prefix(self, token_ids: list[int]) -> int:
+        """Tokens of `token_ids` whose KV every group still holds (a multiple of the block size).
+
+        At least one token is always left to compute, so the request produces logits.
+        """
+        if not self.enable_prefix_caching:
+            return 0
+        hashes = self._hashes(None, token_ids, (len(token_ids) - 1) // self.block_size)
+        hit = len(hashes)
+        for group, pool in zip(self.groups, self.pools):
+            if group.sliding_window is None:
+                n = 0
+                while n < hit and pool.lookup(hashes[n]) is not None:
+                    n += 1
+                hit = n
+        for group, pool in zip(self.groups, self.pools):
+            if group.sliding_window is not None:
+                while hit > 0:
+                    start = self._first_needed_block(group, hit * self.block_size)
+                    if all(pool.lookup(hashes[b]) is not None for b in range(start, hit)):
+                        break
+                    hit -= 1
+        return hit * self.block_size
+
+    # ------------------------------------------------------------------ allocation
+    def allocate(self, seq_id: str, token_ids: list[int], num_computed: int, num_new: int) -> bool:
+        """Make room for computing tokens [num_computed, num_computed + num_new).
+
+        For a sequence not seen before, `num_computed` tokens are a prefix-cache hit (from
+        `find_cached_prefix`) and their blocks are shared. Returns False, changing nothing except
+        releasing sliding blocks no query needs any more, when a pool has too few free blocks.
+        """
+        bs = self.block_size
+        seq = self._seqs.get(seq_id)
+        new_seq = seq is None
+        if new_seq:
+            hashes = self._hashes(None, token_ids, num_computed // bs)
+            seq = _Sequence(tables=[[] for _ in self.groups], block_hashes=hashes, num_committed_blocks=len(hashes))
+        else:
+            self._release_out_of_window(seq, num_computed)
+        end_block = -(-(num_computed + num_new) // bs)
+        plans = []
+        for group, pool, table in zip(self.groups, self.pools, seq.tables):
+            shared: list[int] = []
+            if new_seq and num_computed:
+                start = self._first_needed_block(group, num_computed)
+                blocks = [pool.lookup(h) for h in seq.block_hashes[start : num_computed // bs]]
+                if any(b is None for b in blocks):
+                    raise ValueError(f"{seq_id}: prefix of {num_computed} tokens is no longer cached in {group.name}")
+                shared = [b for b in blocks if b is not None]
+                prefix = [NULL_BLOCK] * start + shared
+            else:
+                prefix = table
+            reclaimed = sum(1 for b in shared if pool.ref_count[b] == 0)
+            needed = max(0, end_block - len(prefix))
+            if needed + reclaimed > pool.num_free:
+                return False
+            plans.append((pool, table, prefix, shared, needed))
+        for pool, table, prefix, shared, needed in plans:
+            for b in shared:
+                pool.acquire(b)
+            if new_seq:
+                table.extend(prefix)
+            table.extend(pool.allocate() for _ in range(needed))
+        self._seqs[seq_id] = seq
+        return True
+
+    def _release_out_of_window(self, seq: _Sequence, first_query_pos: int) -> None:
+        for group, pool, table in zip(self.groups, self.pools, seq.tables):
+            for i in range(min(self._first_needed_block(group, first_query_pos), len(table))):
+                if table[i] != NULL_BLOCK:
+                    pool.release(table[i])
+                    table[i] = NULL_BLOCK
+
+    def commit(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Index the blocks that became full once `num_computed` tokens are in the cache."""
+        if not self.enable_prefix_caching:
+            return
+        seq = self._seqs[seq_id]
+        hashes = self._hashes(seq, token_ids, num_computed // self.block_size)
+        for pool, table in zip(self.pools, seq.tables):
+            for i in range(seq.num_committed_blocks, min(len(hashes), len(table))):
+                if table[i] != NULL_BLOCK:
+                    pool.register(table[i], hashes[i])
+        seq.num_committed_blocks = len(hashes)
+
+    def free(self, seq_id: str) -> None:
+        """Release every block of a sequence (tail first, so shared prefixes are evicted last)."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            return
+        for pool, table in zip(self.pools, seq.tables):
+            for block in reversed(table):
+                if block != NULL_BLOCK:
+                    pool.release(block)
