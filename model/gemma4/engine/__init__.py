@@ -1,5 +1,6 @@
 """The inference engine: continuous batching over a paged, Gemma-4-aware KV cache, with streaming."""
 
+from gemma4.engine.async_engine import AsyncEngine, EngineDeadError
 from gemma4.engine.llm import LLM, random_weights_model
 from gemma4.engine.llm_engine import ChatPrompt, EngineArgs, LLMEngine
 from gemma4.engine.outputs import EngineStats, RequestOutput, Usage
@@ -8,6 +9,8 @@ from gemma4.engine.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",
+    "AsyncEngine",
+    "EngineDeadError",
     "ChatPrompt",
     "EngineArgs",
     "EngineStats",
