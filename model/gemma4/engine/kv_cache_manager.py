@@ -216,16 +216,16 @@ class KVCacheManager:
                     table[i] = NULL_BLOCK
 
     def commit(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
-        """Index the blocks that became full once `num_computed` tokens are in the cache."""
-        if not self.enable_prefix_caching:
-            return
+        """After a step: index the blocks that became full, then release sliding blocks no later query needs."""
         seq = self._seqs[seq_id]
-        hashes = self._hashes(seq, token_ids, num_computed // self.block_size)
-        for pool, table in zip(self.pools, seq.tables):
-            for i in range(seq.num_committed_blocks, min(len(hashes), len(table))):
-                if table[i] != NULL_BLOCK:
-                    pool.register(table[i], hashes[i])
-        seq.num_committed_blocks = len(hashes)
+        if self.enable_prefix_caching:
+            hashes = self._hashes(seq, token_ids, num_computed // self.block_size)
+            for pool, table in zip(self.pools, seq.tables):
+                for i in range(seq.num_committed_blocks, min(len(hashes), len(table))):
+                    if table[i] != NULL_BLOCK:
+                        pool.register(table[i], hashes[i])
+            seq.num_committed_blocks = len(hashes)
+        self._release_out_of_window(seq, num_computed)
 
     def free(self, seq_id: str) -> None:
         """Release every block of a sequence (tail first, so shared prefixes are evicted last)."""

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import torch
 
-from gemma4.chat import StreamParser
+from gemma4.chat import ChatDelta, StreamParser
 from gemma4.engine.detokenizer import IncrementalDetokenizer
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.model_runner import ModelRunner
@@ -77,7 +77,7 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer | None
     chat_parser: StreamParser | None
     reported_tokens: int = 0
-    pending_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -238,7 +238,7 @@ class LLMEngine:
             request.append_token(result.token_id, now)
             self.generation_tokens_total += 1
             if result.logprobs is not None:
-                tracked.pending_logprobs.append(result.logprobs)
+                tracked.logprobs.append(result.logprobs)
             self._check_stop(tracked, result.token_id)
             if request.finished:
                 self.scheduler.remove(request.request_id)
@@ -271,7 +271,7 @@ class LLMEngine:
         delta_ids = request.output_token_ids[tracked.reported_tokens :]
         tracked.reported_tokens = request.num_output_tokens
         text = delta_text = ""
-        chat_deltas: list = []
+        chat_deltas: list[ChatDelta] = []
         if tracked.detokenizer is not None:
             if finished and request.finish_reason != FinishReason.STOP:
                 tracked.detokenizer.flush()
@@ -281,7 +281,6 @@ class LLMEngine:
                 chat_deltas = tracked.chat_parser.feed(delta_text) if delta_text else []
                 if finished:
                     chat_deltas += tracked.chat_parser.finish()
-        logprobs, tracked.pending_logprobs = tracked.pending_logprobs, []
         if finished:
             del self._tracked[request.request_id]
         gaps = tuple(b - a for a, b in zip(request.token_times, request.token_times[1:]))
@@ -303,7 +302,7 @@ class LLMEngine:
                 inter_token_times=gaps,
                 num_preemptions=request.num_preemptions,
             ),
-            logprobs=logprobs if request.sampling_params.logprobs is not None else None,
+            logprobs=list(tracked.logprobs) if request.sampling_params.logprobs is not None else None,
             chat_deltas=chat_deltas,
         )
 

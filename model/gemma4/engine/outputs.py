@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gemma4.chat import ChatDelta
 from gemma4.engine.request import FinishReason
 from gemma4.engine.sampler import TokenLogprobs
 
@@ -38,7 +39,7 @@ class RequestMetrics:
 class RequestOutput:
     """One request's progress: everything so far plus what is new since the previous output.
 
-    `chat_deltas` holds the chat parser's events for this delta (thinking text, answer text,
+    `logprobs` covers every output token so far (`delta_logprobs` the new ones). `chat_deltas` holds the chat parser's events for this delta (thinking text, answer text,
     completed tool calls) when the request asked for chat parsing.
     """
 
@@ -54,7 +55,13 @@ class RequestOutput:
     usage: Usage
     metrics: RequestMetrics
     logprobs: list[TokenLogprobs] | None = None
-    chat_deltas: list = field(default_factory=list)
+    chat_deltas: list[ChatDelta] = field(default_factory=list)
+
+    @property
+    def delta_logprobs(self) -> list[TokenLogprobs] | None:
+        if self.logprobs is None:
+            return None
+        return self.logprobs[len(self.logprobs) - len(self.delta_token_ids) :]
 
 
 @dataclass(frozen=True)

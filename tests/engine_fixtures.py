@@ -1,0 +1,31 @@
+"""Shared setup for engine tests: tiny reference checkpoints with a tokenizer, and prompt sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gemma4.tiny_tokenizer import write_tiny_tokenizer
+from reference_models import VOCAB, build_reference, save_reference
+
+BLOCK_SIZE = 4
+
+
+def write_checkpoint(variant: str, directory: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+    """A transformers-written tiny checkpoint shaped like `variant`, with a tiny tokenizer beside it."""
+    ref = build_reference(variant, multimodal=False, seed=seed)
+    save_reference(ref, directory, sharded=False)
+    write_tiny_tokenizer(directory, vocab_size=VOCAB)
+    return ref, directory
+
+
+def mixed_prompts(count: int = 16, seed: int = 0) -> list[list[int]]:
+    """Prompts of mixed lengths, many longer than the sliding window; every third shares a 3-block prefix."""
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randint(3, 400, (3 * BLOCK_SIZE,), generator=gen).tolist()
+    prompts = []
+    for i in range(count):
+        tail = torch.randint(3, 400, (int(torch.randint(2, 30, (1,), generator=gen)),), generator=gen).tolist()
+        prompts.append(shared + tail if i % 3 == 0 else tail)
+    return prompts

@@ -1,0 +1,252 @@
+"""Engine behaviour: block accounting, sampling, stop strings, aborts, validation, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from engine_fixtures import BLOCK_SIZE, mixed_prompts, write_checkpoint
+from gemma4 import LLM, AsyncEngine, ChatPrompt, SamplingParams, chat
+from gemma4.engine import FinishReason
+from gemma4.engine.detokenizer import IncrementalDetokenizer
+from gemma4.engine.kv_cache_manager import NULL_BLOCK
+from gemma4.tokenizer import load_tokenizer
+from reference_models import SLIDING_WINDOW
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    return write_checkpoint("e2b", tmp_path_factory.mktemp("e2b"))[1]
+
+
+@pytest.fixture
+def llm(checkpoint) -> LLM:
+    return LLM(checkpoint, dtype=torch.float32, block_size=BLOCK_SIZE, max_num_batched_tokens=32, num_kv_blocks=128)
+
+
+def run_to_completion(engine) -> dict:
+    final = {}
+    for _ in range(10_000):
+        if not engine.has_unfinished_requests():
+            return final
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    raise AssertionError("engine did not finish")
+
+
+def test_block_accounting(llm: LLM) -> None:
+    engine = llm.engine
+    cache = engine.runner.cache
+    spec = engine.model.text_config
+    stored = {layer for group in cache.groups for layer in group.layers}
+    assert stored == {s.index for s in spec.layers if not s.shares_kv}  # KV-sharing layers hold nothing
+    assert all(s.shares_kv for s in spec.layers[spec.first_kv_shared_layer :])
+
+    for i, prompt in enumerate(mixed_prompts(8)):
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), request_id=f"r{i}")
+    limit = math.ceil(SLIDING_WINDOW / BLOCK_SIZE) + 1
+    checked = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for request in engine.scheduler.running:
+            if request.num_computed_tokens >= request.num_prompt_tokens:  # after prefill
+                held = engine.kv.held_blocks(request.request_id)
+                assert held["sliding"] <= limit
+                assert held["full"] == math.ceil(request.num_computed_tokens / BLOCK_SIZE) or held["full"] == math.ceil(
+                    (request.num_computed_tokens + 1) / BLOCK_SIZE
+                )
+                checked += 1
+    assert checked > 20
+    assert all(u.used_blocks == 0 for u in engine.kv.usage())
+
+
+def test_seeded_sampling_is_reproducible(llm: LLM) -> None:
+    prompts = mixed_prompts(6)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, seed=1234, ignore_eos=True)
+    alone = llm.generate([prompts[0]], params)[0].token_ids
+    batched = llm.generate(prompts, params)[0].token_ids
+    assert alone == batched
+    other_seed = llm.generate([prompts[0]], SamplingParams(temperature=1.0, max_tokens=12, seed=99, ignore_eos=True))
+    assert other_seed[0].token_ids != alone
+
+
+def test_sampling_filters_that_leave_one_token_are_greedy(llm: LLM) -> None:
+    prompt = mixed_prompts(1)[0]
+    greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].token_ids
+    for params in (
+        SamplingParams(temperature=0.7, top_k=1, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=0.7, top_k=0, top_p=1e-6, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=0.7, top_k=0, top_p=1.0, min_p=1.0, max_tokens=8, ignore_eos=True),
+    ):
+        assert llm.generate([prompt], params)[0].token_ids == greedy
+
+
+def test_logprobs_and_penalties(llm: LLM) -> None:
+    prompt = mixed_prompts(1)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True))[0]
+    assert len(out.logprobs) == 4
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == token and len(lp.top) == 3
+        assert max(lp.top, key=lp.top.get) == token  # greedy picks the top raw logprob
+        assert lp.logprob == pytest.approx(max(lp.top.values()))
+    plain = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].token_ids
+    penalised = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=16, frequency_penalty=2.0, presence_penalty=2.0, ignore_eos=True)
+    )[0].token_ids
+    assert len(set(penalised)) >= len(set(plain))
+    assert penalised != plain or len(set(plain)) == len(plain)
+
+
+def test_stop_strings_are_cut_exactly_also_while_streaming(llm: LLM) -> None:
+    prompt = mixed_prompts(2)[1]
+    full = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    text = full.text
+    assert len(text) > 12
+    stop = text[6:9]
+    cut = text[: text.index(stop)]
+    engine = llm.engine
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop, "\x00never"]), request_id="s")
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas.append(out.delta_text)
+            final = out
+    assert final.finished and final.finish_reason == FinishReason.STOP and final.stop_reason == stop
+    assert final.text == cut and "".join(deltas) == cut
+
+
+def test_stop_token_ids_and_min_tokens(llm: LLM) -> None:
+    prompt = mixed_prompts(1)[0]
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].token_ids
+    stop_id = free[3]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_id], ignore_eos=True))[0]
+    assert out.finish_reason == FinishReason.STOP and out.stop_reason == stop_id
+    assert out.token_ids == free[: free.index(stop_id) + 1]
+    late = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[free[0]], min_tokens=2, ignore_eos=True)
+    )[0]
+    assert free[0] not in late.token_ids[:2]
+
+
+def test_abort_mid_generation_frees_blocks_at_once(llm: LLM) -> None:
+    engine = llm.engine
+    for i, prompt in enumerate(mixed_prompts(4)):
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), request_id=f"a{i}")
+    for _ in range(5):
+        engine.step()
+    assert any(u.used_blocks for u in engine.kv.usage())
+    outputs = [engine.abort_request(f"a{i}") for i in range(4)]
+    assert all(o.finished and o.finish_reason == FinishReason.ABORT for o in outputs)
+    assert all(u.used_blocks == 0 for u in engine.kv.usage())
+    assert not engine.has_unfinished_requests()
+    assert engine.abort_request("a0") is None
+
+
+@pytest.mark.parametrize(
+    "prompt,kwargs,message",
+    [
+        ([], {}, "prompt must not be empty"),
+        ("", {}, "prompt must not be empty"),
+        ([1, 2, 99999], {}, "prompt token id 99999 is outside the vocabulary"),
+        (list(range(3, 13)), {"max_tokens": 120}, "exceeds max_model_len \\(128\\)"),
+        ([5], {"stop_token_ids": [600]}, "stop_token_ids contains 600"),
+        ({"role": "user"}, {}, "prompt must be a string, a list of token ids or a ChatPrompt"),
+    ],
+)
+def test_invalid_requests_fail_before_allocation(checkpoint, prompt, kwargs, message) -> None:
+    llm = LLM(checkpoint, dtype=torch.float32, block_size=BLOCK_SIZE, max_model_len=128, max_num_batched_tokens=32, num_kv_blocks=64)
+    with pytest.raises(ValueError, match=message):
+        llm.engine.add_request(prompt, SamplingParams(**kwargs))
+    assert not llm.engine.has_unfinished_requests()
+    assert all(u.used_blocks == 0 for u in llm.engine.kv.usage())
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"temperature": -1}, "temperature must be in \\[0.0, 100.0\\], got -1"),
+        ({"top_p": 0}, "top_p must be in \\(0.0, 1.0\\], got 0"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"min_p": 1.5}, "min_p must be in"),
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"stop": [1]}, "stop\\[0\\] must be a non-empty string"),
+        ({"stop": 5}, "stop must be a string or a list of strings"),
+        ({"stop_token_ids": "7"}, "stop_token_ids must be a list of token ids"),
+        ({"seed": -3}, "seed must be an integer"),
+        ({"logprobs": 50}, "logprobs must be an integer in \\[0, 20\\]"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be in"),
+        ({"presence_penalty": 3}, "presence_penalty must be in"),
+    ],
+)
+def test_invalid_sampling_params(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_defaults_are_gemma4_recommended() -> None:
+    params = SamplingParams()
+    assert (params.temperature, params.top_p, params.top_k) == (1.0, 0.95, 64)
+    assert SamplingParams(temperature=0).greedy
+
+
+def test_detokenizer_streams_multibyte_text_exactly(checkpoint) -> None:
+    tokenizer = load_tokenizer(checkpoint)
+    text = "naïve café — 世界 🎉 done"
+    ids = tokenizer.encode(text)
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = []
+    for token in ids:
+        detok.add_token(token)
+        pieces.append(detok.take_delta(finished=False))
+    detok.flush()
+    pieces.append(detok.take_delta(finished=True))
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_chat_prompt_outputs_are_chat_parsed(llm: LLM) -> None:
+    prompt = ChatPrompt([{"role": "user", "content": "Hello there"}], thinking=True)
+    engine = llm.engine
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), request_id="c")
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas += out.chat_deltas
+            final = out
+    parsed = chat.parse(final.text)
+    assert "".join(d.text for d in deltas if d.kind == "content") == parsed.content
+    assert final.prompt_token_ids[0] == llm.tokenizer.bos_token_id
+
+
+def test_async_engine_streams_and_aborts(checkpoint) -> None:
+    llm = LLM(checkpoint, dtype=torch.float32, block_size=BLOCK_SIZE, max_num_batched_tokens=32, num_kv_blocks=128)
+    expected = llm.generate(mixed_prompts(6), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine = AsyncEngine(llm.engine)
+
+    async def collect(prompt) -> list[int]:
+        tokens = []
+        stream = await engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        async for out in stream:
+            tokens += out.delta_token_ids
+        return tokens
+
+    async def main() -> None:
+        results = await asyncio.gather(*(collect(p) for p in mixed_prompts(6)))
+        assert results == [o.token_ids for o in expected]
+        stream = await engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()  # a consumer that goes away aborts its request
+        assert all(g.used_blocks == 0 for g in engine.stats().kv_cache)
+        assert engine.stats().finished_requests["abort"] == 1
+        with pytest.raises(ValueError, match="prompt must not be empty"):
+            await engine.add_request([], SamplingParams())
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), timeout=60))
+    finally:
+        engine.shutdown()
