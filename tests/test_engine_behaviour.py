@@ -12,7 +12,6 @@ from engine_fixtures import BLOCK_SIZE, mixed_prompts, write_checkpoint
 from gemma4 import LLM, AsyncEngine, ChatPrompt, SamplingParams, chat
 from gemma4.engine import FinishReason
 from gemma4.engine.detokenizer import IncrementalDetokenizer
-from gemma4.engine.kv_cache_manager import NULL_BLOCK
 from gemma4.tokenizer import load_tokenizer
 from reference_models import SLIDING_WINDOW
 

@@ -38,6 +38,12 @@ class CacheGroup:
     def bytes_per_block(self, block_size: int, kv_dtype_bytes: int) -> int:
         return block_size * self.bytes_per_token(kv_dtype_bytes)
 
+    def peak_blocks_per_sequence(self, block_size: int, max_model_len: int, max_chunk: int) -> int:
+        """Most blocks one sequence can hold at once: all its tokens, or (sliding) its window plus a prefill chunk."""
+        if self.sliding_window is None:
+            return math.ceil(max_model_len / block_size)
+        return math.ceil(min(max_model_len, self.sliding_window - 1 + max_chunk) / block_size) + 1
+
     def max_blocks_per_sequence(self, num_tokens: int, block_size: int) -> int:
         """Blocks a sequence of `num_tokens` holds at once after prefill (sliding: the window's blocks)."""
         if self.sliding_window is None:
@@ -87,9 +93,7 @@ def split_kv_budget(
     sliding = [g for g in groups if g.sliding_window is not None]
     full = [g for g in groups if g.sliding_window is None]
     for g in sliding:
-        assert g.sliding_window is not None
-        per_seq = math.ceil(min(max_model_len, g.sliding_window + max_num_batched_tokens) / block_size) + 1
-        want = max_num_seqs * per_seq
+        want = max_num_seqs * g.peak_blocks_per_sequence(block_size, max_model_len, max_num_batched_tokens)
         affordable = max(0, remaining) // g.bytes_per_block(block_size, kv_dtype_bytes)
         blocks[g.name] = min(want, affordable)
         remaining -= blocks[g.name] * g.bytes_per_block(block_size, kv_dtype_bytes)

@@ -8,12 +8,10 @@ drive it; it knows nothing of servers.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
-import torch
 
 from gemma4.chat import ChatDelta, StreamParser
 from gemma4.engine.detokenizer import IncrementalDetokenizer
@@ -104,7 +102,7 @@ class LLMEngine:
             )
         for group in groups:
             if group.sliding_window is not None:  # one sequence's window plus a full prefill chunk
-                need = math.ceil((group.sliding_window - 1 + args.max_num_batched_tokens) / args.block_size) + 1
+                need = group.peak_blocks_per_sequence(args.block_size, self.max_model_len, args.max_num_batched_tokens)
                 if num_blocks[group.name] < need:
                     raise ValueError(
                         f"the {group.name} KV pool has {num_blocks[group.name]} blocks; one sequence needs up to "
