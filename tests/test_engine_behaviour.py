@@ -153,7 +153,7 @@ def test_abort_mid_generation_frees_blocks_at_once(llm: LLM) -> None:
         ([1, 2, 99999], {}, "prompt token id 99999 is outside the vocabulary"),
         (list(range(3, 13)), {"max_tokens": 120}, "exceeds max_model_len \\(128\\)"),
         ([5], {"stop_token_ids": [600]}, "stop_token_ids contains 600"),
-        ({"role": "user"}, {}, "prompt must be a string, a list of token ids or a ChatPrompt"),
+        ({"role": "user"}, {}, "prompt must be a string, a list of token ids, a list of chat messages or a ChatPrompt"),
     ],
 )
 def test_invalid_requests_fail_before_allocation(checkpoint, prompt, kwargs, message) -> None:
@@ -249,3 +249,34 @@ def test_async_engine_streams_and_aborts(checkpoint) -> None:
         asyncio.run(asyncio.wait_for(main(), timeout=60))
     finally:
         engine.shutdown()
+
+
+def test_priority_runs_first_and_fcfs_otherwise(checkpoint) -> None:
+    llm = LLM(checkpoint, dtype=torch.float32, block_size=BLOCK_SIZE, max_num_seqs=1, max_num_batched_tokens=32, num_kv_blocks=64)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request([5, 6, 7], params, request_id="first", priority=1)
+    engine.add_request([5, 6, 8], params, request_id="second", priority=1)
+    engine.add_request([5, 6, 9], params, request_id="urgent", priority=0)
+    order = []
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["urgent", "first", "second"]
+
+
+def test_generate_accepts_chat_messages_and_validates_all_first(llm: LLM) -> None:
+    messages = [{"role": "user", "content": "Hello"}]
+    out = llm.generate(messages, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out) == 1 and out[0].prompt_token_ids == llm.tokenizer.encode_chat(messages)
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        llm.generate([[5, 6], []], SamplingParams(max_tokens=2))
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_stats_report_per_request_timings(llm: LLM) -> None:
+    llm.generate(mixed_prompts(3), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    stats = llm.engine.stats()
+    assert len(stats.recent_requests) == 3
+    for metrics in stats.recent_requests:
+        assert metrics.time_to_first_token > 0 and len(metrics.inter_token_times) == 4
+    assert stats.generation_tokens_total == 15 and stats.finished_requests["length"] == 3

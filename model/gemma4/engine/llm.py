@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -90,9 +90,11 @@ class LLM:
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text, token ids, chat) or a list of them."""
+    """One prompt (text, token ids, chat messages, ChatPrompt) or a list of them."""
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         return [prompts]
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [list(prompts)]
+    if prompts and all(isinstance(m, Mapping) for m in prompts):
         return [list(prompts)]
     return list(prompts)

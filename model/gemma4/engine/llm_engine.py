@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
@@ -27,6 +28,9 @@ from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.tokenizer import Gemma4Tokenizer
 
 
+RECENT_METRICS = 1024  # finished requests whose timings stats() reports
+
+
 @dataclass(frozen=True)
 class ChatPrompt:
     """A conversation to render with the checkpoint's chat template; its output is chat-parsed."""
@@ -36,7 +40,7 @@ class ChatPrompt:
     thinking: bool = False
 
 
-Prompt = Union[str, Sequence[int], ChatPrompt]
+Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]], ChatPrompt]
 
 
 @dataclass(frozen=True)
@@ -121,10 +125,13 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.finished_requests: dict[str, int] = {reason.value: 0 for reason in FinishReason}
+        self.recent_metrics: deque[RequestMetrics] = deque(maxlen=RECENT_METRICS)
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: Prompt) -> tuple[list[int], bool]:
         """Prompt token ids, and whether the output should be chat-parsed."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
+            prompt = ChatPrompt(prompt)
         if isinstance(prompt, ChatPrompt):
             tokenizer = self._require_tokenizer("chat prompts")
             return tokenizer.encode_chat(prompt.messages, tools=prompt.tools, thinking=prompt.thinking), True
@@ -132,7 +139,7 @@ class LLMEngine:
             return self._require_tokenizer("text prompts").encode(prompt), False
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt), False
-        raise ValueError("prompt must be a string, a list of token ids or a ChatPrompt")
+        raise ValueError("prompt must be a string, a list of token ids, a list of chat messages or a ChatPrompt")
 
     def _require_tokenizer(self, what: str) -> Gemma4Tokenizer:
         if self.tokenizer is None:
@@ -279,9 +286,17 @@ class LLMEngine:
                 chat_deltas = tracked.chat_parser.feed(delta_text) if delta_text else []
                 if finished:
                     chat_deltas += tracked.chat_parser.finish()
+        gaps = tuple(b - a for a, b in zip(request.token_times, request.token_times[1:]))
+        metrics = RequestMetrics(
+            arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time,
+            last_token_time=request.token_times[-1] if request.token_times else None,
+            inter_token_times=gaps,
+            num_preemptions=request.num_preemptions,
+        )
         if finished:
             del self._tracked[request.request_id]
-        gaps = tuple(b - a for a, b in zip(request.token_times, request.token_times[1:]))
+            self.recent_metrics.append(metrics)
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -293,13 +308,7 @@ class LLMEngine:
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
             usage=Usage(request.num_prompt_tokens, request.num_output_tokens, request.num_cached_prompt_tokens),
-            metrics=RequestMetrics(
-                arrival_time=request.arrival_time,
-                first_token_time=request.first_token_time,
-                last_token_time=request.token_times[-1] if request.token_times else None,
-                inter_token_times=gaps,
-                num_preemptions=request.num_preemptions,
-            ),
+            metrics=metrics,
             logprobs=list(tracked.logprobs) if request.sampling_params.logprobs is not None else None,
             chat_deltas=chat_deltas,
         )
@@ -316,5 +325,6 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             finished_requests=dict(self.finished_requests),
+            recent_requests=list(self.recent_metrics),
         )
 

@@ -83,6 +83,7 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     finished_requests: dict[str, int]
+    recent_requests: list[RequestMetrics]  # timings (TTFT, inter-token) of the last finished requests
 
     @property
     def prefix_hit_rate(self) -> float:
