@@ -9,7 +9,8 @@ import pytest
 from gemma4.config import variant_config
 from gemma4.special_tokens import ALL_SPECIAL_TOKENS, NEWLINE_ID
 from gemma4.tiny_tokenizer import write_tiny_tokenizer
-from gemma4.tokenizer import BOS, EOS, TOOL_RESPONSE_START, TURN_END, TURN_START, Gemma4Tokenizer, load_tokenizer
+from gemma4.special_tokens import BOS, EOS, TOOL_RESPONSE_START, TURN_END, TURN_START
+from gemma4.tokenizer import Gemma4Tokenizer, load_tokenizer
 
 DATA = Path(__file__).parent / "data"
 LARGE_TEMPLATE = (DATA / "gemma4-large-interleaved.jinja").read_text(encoding="utf-8")

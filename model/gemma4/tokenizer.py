@@ -16,68 +16,9 @@ from tokenizers import Tokenizer
 
 from gemma4.chat import check_variant, render
 from gemma4.config import load_config
-from gemma4.special_tokens import (
-    ALL_SPECIAL_TOKENS,
-    AUDIO,
-    AUDIO_END,
-    AUDIO_START,
-    BOS,
-    CHANNEL_END,
-    CHANNEL_START,
-    DEFAULT_STOP_TOKENS,
-    EOS,
-    IMAGE,
-    IMAGE_END,
-    IMAGE_START,
-    MASK,
-    NEWLINE_ID,
-    PAD,
-    STRING_DELIMITER,
-    THINK,
-    TOOL_CALL_END,
-    TOOL_CALL_START,
-    TOOL_END,
-    TOOL_RESPONSE_END,
-    TOOL_RESPONSE_START,
-    TOOL_START,
-    TURN_END,
-    TURN_START,
-    UNK,
-    VIDEO,
-    SpecialToken,
-)
+from gemma4.special_tokens import BOS, DEFAULT_STOP_TOKENS, PAD
 
-__all__ = [
-    "ALL_SPECIAL_TOKENS",
-    "AUDIO",
-    "AUDIO_END",
-    "AUDIO_START",
-    "BOS",
-    "CHANNEL_END",
-    "CHANNEL_START",
-    "EOS",
-    "IMAGE",
-    "IMAGE_END",
-    "IMAGE_START",
-    "MASK",
-    "NEWLINE_ID",
-    "PAD",
-    "STRING_DELIMITER",
-    "THINK",
-    "TOOL_CALL_END",
-    "TOOL_CALL_START",
-    "TOOL_END",
-    "TOOL_RESPONSE_END",
-    "TOOL_RESPONSE_START",
-    "TOOL_START",
-    "TURN_END",
-    "TURN_START",
-    "UNK",
-    "VIDEO",
-    "Gemma4Tokenizer",
-    "SpecialToken",
-    "load_tokenizer",
-]
+__all__ = ["Gemma4Tokenizer", "load_tokenizer"]
 
 
 class Gemma4Tokenizer:
