@@ -1,0 +1,70 @@
+"""What the gateway sends to an engine, and the interface of whatever runs it.
+
+The gateway tokenizes and validates; a backend only runs token ids. In the Ray graph the backend is
+the pool of replica deployments (`gemma4_platform.graph`); `LocalBackend` runs an `AsyncEngine`
+in-process (tests of the front ends, the bare-engine benchmark).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+from gemma4.engine import AsyncEngine, EngineStats, RequestOutput, SamplingParams
+from gemma4.engine.async_engine import EngineDeadError
+
+from gemma4_platform.errors import Unavailable, invalid_from_value_error
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A validated, tokenized request (picklable: it crosses process boundaries)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    parse_chat: bool = False
+    trace_context: dict[str, str] = field(default_factory=dict)
+
+
+class GenerationBackend(Protocol):
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; closing the iterator aborts the request."""
+        ...
+
+
+async def stream_from_engine(engine: AsyncEngine, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+    """Run one request on an in-process engine, turning engine errors into serving errors."""
+    try:
+        stream = await engine.add_request(
+            request.prompt_token_ids,
+            request.params,
+            request_id=request.request_id,
+            priority=request.priority,
+            parse_chat=request.parse_chat,
+        )
+    except ValueError as exc:
+        raise invalid_from_value_error(exc) from exc
+    except EngineDeadError as exc:
+        raise Unavailable(f"the engine is not running: {exc}") from exc
+    try:
+        async for output in stream:
+            yield output
+    except EngineDeadError as exc:
+        raise Unavailable(str(exc)) from exc
+    finally:
+        await stream.aclose()
+
+
+class LocalBackend:
+    """An `AsyncEngine` in this process."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        return stream_from_engine(self.engine, request)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
