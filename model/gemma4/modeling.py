@@ -237,6 +237,9 @@ class DecoderLayer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
         self.has_moe = config.enable_moe_block
         if self.has_moe:
+            assert config.num_experts is not None
+            # Tokens routed to each expert since load (serving telemetry: per-expert load and imbalance).
+            self.register_buffer("expert_tokens", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
             self.router = Router(config)
             self.experts = Experts(config)
             self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
@@ -273,6 +276,7 @@ class DecoderLayer(nn.Module):
     def _moe(self, residual: torch.Tensor) -> torch.Tensor:
         flat = residual.reshape(-1, residual.shape[-1])
         weights, experts = self.router(flat)
+        self.expert_tokens += torch.bincount(experts.flatten(), minlength=self.expert_tokens.numel())
         out = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts)
         return self.post_feedforward_layernorm_2(out.reshape(residual.shape))
 
@@ -351,9 +355,15 @@ class Gemma4ForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RotaryEmbedding):
                 module.reset_buffers()
+            elif isinstance(module, DecoderLayer) and module.has_moe:
+                module.expert_tokens = torch.zeros_like(module.expert_tokens)
         self.placeholder_ids = torch.tensor(
             self.config.multimodal_placeholder_ids, dtype=torch.long, device=self.placeholder_ids.device
         )
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert so far, per MoE layer (empty for dense models)."""
+        return {i: layer.expert_tokens.tolist() for i, layer in enumerate(self.model.layers) if layer.has_moe}
 
     def text_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Multimodal placeholders are embedded as `<pad>` (soft tokens are scattered in later)."""

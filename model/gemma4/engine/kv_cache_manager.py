@@ -88,7 +88,7 @@ class GroupUsage:
         return self.used_blocks / self.num_blocks if self.num_blocks else 0.0
 
 
-def _chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     if parent is not None:
         h.update(parent)
@@ -138,7 +138,7 @@ class KVCacheManager:
         bs = self.block_size
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            hashes.append(_chain_hash(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(chain_hash(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
         return hashes
 
     def find_cached_prefix(self, token_ids: list[int]) -> int:

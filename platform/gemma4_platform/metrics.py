@@ -1,0 +1,189 @@
+"""Prometheus metrics of replicas and gateways, served together on the gateway's `/metrics`.
+
+Replicas keep their own registry (engine gauges refreshed from `stats()`, request histograms
+observed as requests finish) and publish its text to a small hub actor every few seconds; the
+gateway merges the latest text of every live replica with its own metrics. Names follow vLLM's where
+dashboards and autoscalers already use them (`vllm:*`); ours are `gemma4_*`. `docs/metrics.md` lists
+every one, and a test checks the list against a live scrape.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from gemma4.engine import EngineStats, FinishReason, RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192, 32768, 131072)
+STALE_AFTER_S = 30.0  # a replica that stopped publishing this long ago is gone
+
+
+class ReplicaMetrics:
+    """One replica's engine metrics (labels: model_name, replica)."""
+
+    def __init__(self, model_name: str, replica: str) -> None:
+        self.registry = CollectorRegistry()
+        self._labels = {"model_name": model_name, "replica": replica}
+        names = list(self._labels)
+        r = self.registry
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", names, registry=r)
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", names, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage of the fullest cache group (0-1).", names, registry=r)
+        self.group_usage = Gauge(
+            "gemma4_kv_cache_usage_ratio", "KV-cache usage per cache group (0-1).", names + ["group"], registry=r
+        )
+        self.group_blocks = Gauge(
+            "gemma4_kv_cache_blocks", "KV-cache blocks per cache group and state.", names + ["group", "state"], registry=r
+        )
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", names, registry=r
+        )
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", names, registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Requests preempted (recomputed later).", names, registry=r)
+        self._engine_totals = (0, 0, 0)  # last seen cumulative engine counts, to increment by the difference
+        self.expert_tokens = Gauge(
+            "gemma4_moe_expert_tokens", "Tokens routed to each expert (cumulative, MoE models).",
+            names + ["layer", "expert"], registry=r,
+        )
+        self.expert_imbalance = Gauge(
+            "gemma4_moe_expert_imbalance_ratio", "Max over mean tokens per expert, per MoE layer.",
+            names + ["layer"], registry=r,
+        )
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", names, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", names, registry=r)
+        self.request_success = Counter(
+            "vllm:request_success", "Finished requests by finish reason.", names + ["finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token.", names, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds", "Time between output tokens.", names, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "Request latency from arrival to finish.", names,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.request_prompt_tokens = Histogram(
+            "vllm:request_prompt_tokens", "Prompt length of finished requests.", names, buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.request_generation_tokens = Histogram(
+            "vllm:request_generation_tokens", "Output length of finished requests.", names, buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+
+    def observe_finished(self, output: RequestOutput) -> None:
+        """Record a finished request's tokens and timings."""
+        lab = self._labels
+        m = output.metrics
+        self.prompt_tokens.labels(**lab).inc(output.usage.prompt_tokens)
+        self.generation_tokens.labels(**lab).inc(output.usage.completion_tokens)
+        reason = output.finish_reason.value if output.finish_reason else FinishReason.ABORT.value
+        self.request_success.labels(**lab, finished_reason=reason).inc()
+        if m.time_to_first_token is not None:
+            self.ttft.labels(**lab).observe(m.time_to_first_token)
+        for gap in m.inter_token_times:
+            self.itl.labels(**lab).observe(gap)
+        end = m.last_token_time if m.last_token_time is not None else time.monotonic()
+        self.e2e.labels(**lab).observe(max(0.0, end - m.arrival_time))
+        self.request_prompt_tokens.labels(**lab).observe(output.usage.prompt_tokens)
+        self.request_generation_tokens.labels(**lab).observe(output.usage.completion_tokens)
+
+    def update_engine(self, stats: EngineStats, expert_load: dict[int, list[int]]) -> None:
+        lab = self._labels
+        self.waiting.labels(**lab).set(stats.num_waiting)
+        self.running.labels(**lab).set(stats.num_running)
+        self.kv_usage.labels(**lab).set(stats.kv_cache_usage)
+        for group in stats.kv_cache:
+            self.group_usage.labels(**lab, group=group.name).set(group.usage)
+            self.group_blocks.labels(**lab, group=group.name, state="used").set(group.used_blocks)
+            self.group_blocks.labels(**lab, group=group.name, state="total").set(group.num_blocks)
+        totals = (stats.prefix_query_tokens, stats.prefix_hit_tokens, stats.num_preemptions)
+        for counter, new, old in zip((self.prefix_queries, self.prefix_hits, self.preemptions), totals, self._engine_totals):
+            counter.labels(**lab).inc(max(0, new - old))
+        self._engine_totals = totals
+        for layer, counts in expert_load.items():
+            for expert, count in enumerate(counts):
+                self.expert_tokens.labels(**lab, layer=str(layer), expert=str(expert)).set(count)
+            mean = sum(counts) / len(counts) if counts else 0
+            self.expert_imbalance.labels(**lab, layer=str(layer)).set(max(counts) / mean if mean else 1.0)
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+class GatewayMetrics:
+    """Requests as clients see them, per protocol and status code, and the chat-format outcomes."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.model_name = model_name
+        self.requests = Counter(
+            "gemma4_gateway_requests", "Requests by protocol, method and status code.",
+            ["model_name", "protocol", "method", "code"], registry=r,
+        )
+        self.latency = Histogram(
+            "gemma4_gateway_request_latency_seconds", "Request latency at the gateway.",
+            ["model_name", "protocol", "method"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.pending = Gauge("gemma4_gateway_pending_requests", "Requests in flight at this gateway.", ["model_name"], registry=r)
+        self.thinking_tokens = Counter(
+            "gemma4_chat_thinking_tokens", "Output tokens inside thinking blocks.", ["model_name"], registry=r
+        )
+        self.tool_calls = Counter("gemma4_chat_tool_calls", "Tool calls parsed from model output.", ["model_name"], registry=r)
+        self.tool_call_failures = Counter(
+            "gemma4_chat_tool_call_parse_failures", "Malformed tool calls in model output.", ["model_name"], registry=r
+        )
+
+    def record(self, protocol: str, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(self.model_name, protocol, method, code).inc()
+        self.latency.labels(self.model_name, protocol, method).observe(seconds)
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+def merge_expositions(texts: Iterable[str]) -> bytes:
+    """One valid exposition from several (each family once, with every source's samples)."""
+    families: dict[str, Metric] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+            merged.samples.extend(family.samples)
+    registry = CollectorRegistry()
+    registry.register(_Static(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Static:
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+class MetricsHub:
+    """Latest metrics text of each replica (a Ray actor in the graph; plain class for tests)."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, tuple[float, str]] = {}
+
+    def publish(self, replica: str, text: str) -> None:
+        self._latest[replica] = (time.monotonic(), text)
+
+    def forget(self, replica: str) -> None:
+        self._latest.pop(replica, None)
+
+    def texts(self) -> list[str]:
+        now = time.monotonic()
+        self._latest = {k: v for k, v in self._latest.items() if now - v[0] < STALE_AFTER_S}
+        return [text for _, text in self._latest.values()]
