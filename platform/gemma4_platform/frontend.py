@@ -17,7 +17,14 @@ from gemma4.tokenizer import Gemma4Tokenizer
 
 from gemma4_platform import tracing
 from gemma4_platform.backend import EngineRequest, GenerationBackend
-from gemma4_platform.errors import InvalidArgument, QueueFull, ServingError, Unimplemented, invalid_from_value_error
+from gemma4_platform.errors import (
+    InvalidArgument,
+    QueueFull,
+    ServingError,
+    Unimplemented,
+    invalid_from_value_error,
+)
+from gemma4_platform.metrics import GatewayMetrics
 
 MEDIA_PART_TYPES = {"image", "image_url", "audio", "input_audio", "video", "video_url"}
 
@@ -42,8 +49,10 @@ class Frontend:
         *,
         max_pending_requests: int = 256,
         default_max_tokens: int = 1024,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.metrics = metrics
         self.model = model
         self.backend = backend
         self.max_pending_requests = max_pending_requests
@@ -161,13 +170,31 @@ class Frontend:
                 "retry later"
             )
         self.pending += 1
+        thinking: list[str] = []
         try:
             with tracing.span("gateway.generate", parent=trace_context, request_id=request.request_id) as carrier:
                 request = dataclasses.replace(request, trace_context=carrier)
                 async for output in self.backend.generate(request):
+                    thinking += [d.text for d in output.chat_deltas if d.kind == "thinking"]
+                    self._observe_chat(output)
                     yield output
         finally:
             self.pending -= 1
+            if self.metrics is not None and thinking:
+                self.metrics.thinking_tokens.labels(self.model.name).inc(self.count_tokens("".join(thinking)))
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a piece of output text (e.g. the thinking part, for usage and metrics)."""
+        return len(self.tokenizer.encode(text)) if text else 0
+
+    def _observe_chat(self, output: RequestOutput) -> None:
+        if self.metrics is None:
+            return
+        for delta in output.chat_deltas:
+            if delta.kind == "tool_call":
+                self.metrics.tool_calls.labels(self.model.name).inc()
+            elif delta.kind == "error":
+                self.metrics.tool_call_failures.labels(self.model.name).inc()
 
     async def run(self, request: EngineRequest, *, trace_context: Mapping[str, str] | None = None) -> RequestOutput:
         """Run to completion; returns the final output (whose `token_ids`/`text` are complete)."""

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 import ray
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
 from ray.exceptions import RayActorError
@@ -177,10 +177,21 @@ def _current() -> "Gateway":
 add_openai_routes(app, lambda: _current().frontend, lambda: _current().api_keys)
 
 
+@app.middleware("http")
+async def record_http(request: Request, call_next: Any) -> Any:
+    """Count every HTTP request by path and status (streams: when the response starts)."""
+    start = time.monotonic()
+    response = await call_next(request)
+    if _gateway is not None and request.url.path != "/metrics":
+        _gateway.metrics.record("http", request.url.path, str(response.status_code), time.monotonic() - start)
+    return response
+
+
 @app.get("/metrics")
 async def metrics() -> Response:
     """Prometheus text: this gateway's metrics plus every live replica's."""
     gateway = _current()
+    gateway.metrics.pending.labels(gateway.settings.model.name).set(gateway.frontend.pending)
     texts = await gateway.hub.texts.remote()
     body = merge_expositions([gateway.metrics.render(), *texts])
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -206,16 +217,17 @@ class Gateway:
         text = config.text
         max_len = min(self.settings.engine.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         self.replica = replica
+        self.metrics = GatewayMetrics(self.settings.model.name)
         self.frontend = Frontend(
             load_tokenizer(checkpoint),
             ModelDescription(self.settings.model.name, config.family, max_len, text.vocab_size),
             RayReplicaBackend(replica),
             max_pending_requests=self.settings.gateway.max_pending_requests,
             default_max_tokens=self.settings.gateway.default_max_tokens,
+            metrics=self.metrics,
         )
         self.api_keys = self.settings.api_keys()
         self.grpc = Gemma4ServingService(self.frontend, api_keys=self.api_keys, health=self.health)
-        self.metrics = GatewayMetrics(self.settings.model.name)
         self.hub = metrics_hub()
         _gateway = self
 
@@ -241,7 +253,6 @@ class Gateway:
 
     async def _stream(self, method: str, request: Any, context: Any) -> AsyncIterator[Any]:
         start, code = time.monotonic(), "OK"
-        self.metrics.pending.labels(self.settings.model.name).inc()
         try:
             async for message in getattr(self.grpc, method)(request, context):
                 yield message
@@ -254,7 +265,6 @@ class Gateway:
             code = "CANCELLED"
             raise
         finally:
-            self.metrics.pending.labels(self.settings.model.name).dec()
             self.metrics.record("grpc", method, code, time.monotonic() - start)
 
     async def Generate(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - RPC name

@@ -1,0 +1,255 @@
+"""Translation between the gRPC messages and what the `Frontend` speaks (chat dicts, sampling dicts, outputs).
+
+Requests become the same OpenAI-style dicts the HTTP routes produce, so the Frontend validates both
+doors alike; its error messages, which name dict paths (``messages[4].content[0]``), are rewritten
+to the proto paths the client sent (``messages[3].parts[0]``, ``sampling.temperature``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gemma4.engine import FinishReason, RequestOutput
+from gemma4.engine.outputs import Usage
+from gemma4.engine.sampler import TokenLogprobs
+from gemma4.tokenizer import Gemma4Tokenizer
+
+from gemma4_platform.api.v1 import serving_pb2 as pb
+from gemma4_platform.errors import InvalidArgument, ServingError
+
+_ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_MODEL: "assistant"}
+_FINISH_REASONS = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+_OPTIONAL_SAMPLING = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields if f.has_presence)
+_SAMPLING_FIELD = re.compile(
+    r"^(%s)\b" % "|".join(sorted(pb.SamplingParams.DESCRIPTOR.fields_by_name, key=len, reverse=True))
+)
+_MESSAGE_PATH = re.compile(r"messages\[(\d+)\](\.content)?")
+_FUNCTION_PATH = re.compile(r"\]\.function\.")  # tools[i].function.name -> tools[i].name, same for tool_calls
+
+
+# ---------------------------------------------------------------------- requests
+
+
+def sampling_from_proto(sampling: pb.SamplingParams) -> dict[str, Any]:
+    """SamplingParams fields; unset ones are None so the Frontend applies the model's defaults."""
+    fields: dict[str, Any] = {
+        name: getattr(sampling, name) if sampling.HasField(name) else None for name in _OPTIONAL_SAMPLING
+    }
+    fields["stop"] = list(sampling.stop) or None
+    fields["stop_token_ids"] = list(sampling.stop_token_ids) or None
+    fields["ignore_eos"] = sampling.ignore_eos or None
+    return fields
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A ChatRequest as chat dicts; `origins[i]` is where dict i came from: (proto path, name of its content)."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None
+    origins: list[tuple[str, str]]
+
+
+def chat_from_proto(request: pb.ChatRequest) -> ChatInput:
+    """Messages and tools as chat dicts; tool responses become role-"tool" messages after their message."""
+    messages: list[dict[str, Any]] = []
+    origins: list[tuple[str, str]] = []
+    for i, message in enumerate(request.messages):
+        where = f"messages[{i}]"
+        if message.role == pb.ROLE_TOOL:
+            if message.parts:
+                raise InvalidArgument(f"{where}.parts: a tool message carries its results in tool_responses", field=f"{where}.parts")
+            if not message.tool_responses:
+                raise InvalidArgument(f"{where}.tool_responses: a tool message needs at least one", field=f"{where}.tool_responses")
+        else:
+            messages.append(_message_from_proto(message, where))
+            origins.append((where, ".parts"))
+        for j, response in enumerate(message.tool_responses):
+            path = f"{where}.tool_responses[{j}]"
+            messages.append(_tool_response_from_proto(response, path))
+            origins.append((path, ".response_json"))
+    tools = [_tool_from_proto(tool, f"tools[{i}]") for i, tool in enumerate(request.tools)]
+    return ChatInput(messages, tools or None, origins)
+
+
+def _message_from_proto(message: pb.Message, where: str) -> dict[str, Any]:
+    role = _ROLES.get(message.role)
+    if role is None:
+        raise InvalidArgument(f"{where}.role: set ROLE_SYSTEM, ROLE_USER, ROLE_MODEL or ROLE_TOOL", field=f"{where}.role")
+    result: dict[str, Any] = {
+        "role": role,
+        "content": [_part_from_proto(part, f"{where}.parts[{j}]") for j, part in enumerate(message.parts)] or None,
+    }
+    if message.tool_calls:
+        if role != "assistant":
+            raise InvalidArgument(f"{where}.tool_calls: only model messages call tools", field=f"{where}.tool_calls")
+        result["tool_calls"] = [
+            _tool_call_from_proto(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(message.tool_calls)
+        ]
+    if message.reasoning:
+        result["reasoning_content"] = message.reasoning
+    return result
+
+
+def _part_from_proto(part: pb.Part, where: str) -> dict[str, Any]:
+    """Media parts keep their bytes; the Frontend decides whether this deployment accepts them."""
+    kind = part.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument(f"{where}: empty part (set text, image, audio or video)", field=where)
+    if kind == "video":
+        return {"type": "video", "video": {"frames": list(part.video.frames), "fps": part.video.fps}}
+    return {"type": kind, kind: getattr(part, kind)}
+
+
+def _tool_call_from_proto(call: pb.ToolCall, where: str) -> dict[str, Any]:
+    arguments = _json_field(call.arguments_json, f"{where}.arguments_json", empty={})
+    if not isinstance(arguments, dict):
+        raise InvalidArgument(f"{where}.arguments_json: expected a JSON object", field=f"{where}.arguments_json")
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+
+
+def _tool_response_from_proto(response: pb.ToolResponse, where: str) -> dict[str, Any]:
+    value = _json_field(response.response_json, f"{where}.response_json")
+    result: dict[str, Any] = {
+        "role": "tool",
+        # Gemma writes a non-object result as {value: ...}; wrapping it here also keeps a JSON array
+        # from being read as a list of content parts.
+        "content": value if isinstance(value, dict) else {"value": value},
+        "tool_call_id": response.tool_call_id or None,
+    }
+    if response.name:
+        result["name"] = response.name
+    return result
+
+
+def _tool_from_proto(tool: pb.Tool, where: str) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.parameters_json:
+        function["parameters"] = _json_field(tool.parameters_json, f"{where}.parameters_json")
+    return {"type": "function", "function": function}
+
+
+_REQUIRED = object()
+
+
+def _json_field(text: str, where: str, *, empty: Any = _REQUIRED) -> Any:
+    if not text and empty is not _REQUIRED:
+        return empty
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{where}: invalid JSON ({exc})", field=where) from exc
+
+
+def with_proto_paths(error: ServingError, origins: Sequence[tuple[str, str]] = ()) -> ServingError:
+    """The same error, naming proto fields instead of the Frontend's dict paths."""
+
+    def rewrite(text: str) -> str:
+        def message_path(match: re.Match[str]) -> str:
+            index = int(match.group(1))
+            if index >= len(origins):
+                return match.group(0)
+            path, content = origins[index]
+            return path + (content if match.group(2) else "")
+
+        text = _SAMPLING_FIELD.sub(r"sampling.\1", text)
+        return _FUNCTION_PATH.sub("].", _MESSAGE_PATH.sub(message_path, text))
+
+    renamed = type(error)(rewrite(error.message), field=rewrite(error.field) if error.field else None)
+    renamed.__cause__ = error.__cause__
+    return renamed
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+def generate_chunk(output: RequestOutput) -> pb.GenerateStreamResponse:
+    """One engine output as a stream message; the finishing one carries finish reason, stop reason, usage."""
+    chunk = pb.GenerateStreamResponse(
+        request_id=output.request_id,
+        delta_text=output.delta_text,
+        delta_token_ids=output.delta_token_ids,
+        logprobs=logprobs_to_proto(output.delta_logprobs),
+    )
+    if output.finished:
+        chunk.finish_reason = finish_reason_to_proto(output.finish_reason)
+        chunk.stop_reason = stop_reason_text(output.stop_reason)
+        chunk.usage.CopyFrom(usage_to_proto(output.usage))
+    return chunk
+
+
+class ChatChunker:
+    """Turns one request's outputs into ChatStream messages: one per chat delta, then a final one.
+
+    Tool calls get ids `call_<n>` (n counts this response's calls). Parser "error" deltas are dropped:
+    the unparsable text was already sent as answer text.
+    """
+
+    def __init__(self, tokenizer: Gemma4Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.thinking: list[str] = []
+        self.num_tool_calls = 0
+
+    def chunks(self, output: RequestOutput) -> list[pb.ChatStreamResponse]:
+        messages = []
+        for delta in output.chat_deltas:
+            if delta.kind == "thinking":
+                self.thinking.append(delta.text)
+                messages.append(pb.ChatStreamResponse(request_id=output.request_id, thinking=delta.text))
+            elif delta.kind == "content":
+                messages.append(pb.ChatStreamResponse(request_id=output.request_id, text=delta.text))
+            elif delta.kind == "tool_call" and delta.tool_call is not None:
+                call = pb.ToolCall(
+                    id=f"call_{self.num_tool_calls}",
+                    name=delta.tool_call.name,
+                    arguments_json=json.dumps(delta.tool_call.arguments, ensure_ascii=False),
+                )
+                self.num_tool_calls += 1
+                messages.append(pb.ChatStreamResponse(request_id=output.request_id, tool_call=call))
+        if output.finished:
+            messages.append(self._final(output))
+        return messages
+
+    def _final(self, output: RequestOutput) -> pb.ChatStreamResponse:
+        reason = finish_reason_to_proto(output.finish_reason)
+        if reason == pb.FINISH_REASON_STOP and self.num_tool_calls:
+            reason = pb.FINISH_REASON_TOOL_CALLS
+        # The engine does not count thinking tokens; re-tokenizing the thinking text approximates it.
+        thinking_tokens = len(self.tokenizer.encode("".join(self.thinking))) if self.thinking else 0
+        return pb.ChatStreamResponse(
+            request_id=output.request_id,
+            finish_reason=reason,
+            usage=usage_to_proto(output.usage, thinking_tokens=thinking_tokens),
+        )
+
+
+def finish_reason_to_proto(reason: FinishReason | None) -> pb.FinishReason:
+    return _FINISH_REASONS.get(reason, pb.FINISH_REASON_UNSPECIFIED) if reason is not None else pb.FINISH_REASON_UNSPECIFIED
+
+
+def stop_reason_text(reason: int | str | None) -> str:
+    """The stop token id or stop string that ended generation, as text ("" when none)."""
+    return "" if reason is None else str(reason)
+
+
+def usage_to_proto(usage: Usage, *, thinking_tokens: int = 0) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+        thinking_tokens=thinking_tokens,
+    )
+
+
+def logprobs_to_proto(logprobs: Sequence[TokenLogprobs] | None) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=lp.top) for lp in logprobs or ()]

@@ -1,0 +1,79 @@
+"""Prefix-affinity routing decisions (the router's policy, with stand-in replicas)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from gemma4.engine import SamplingParams
+from gemma4_platform.backend import EngineRequest
+from ray.serve.request_router import RequestRouter
+
+from gemma4_platform.routing import PrefixAffinityRouter, prefix_keys
+from gemma4.engine.kv_cache_manager import chain_hash
+
+BLOCK = 4
+
+
+@dataclass(frozen=True)
+class FakeReplica:
+    replica_id: str
+    max_ongoing_requests: int = 10
+
+
+@dataclass
+class FakePending:
+    args: list = field(default_factory=list)
+
+
+def make_router(queue: dict[str, int]) -> PrefixAffinityRouter:
+    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)  # the policy only, without Ray's plumbing
+    router.initialize_state(block_size=BLOCK, max_blocks=8, imbalance=2)
+
+    async def lengths(replicas):
+        return {r.replica_id: queue[r.replica_id] for r in replicas}
+
+    router._queue_lengths = lengths  # type: ignore[method-assign]
+    return router
+
+
+def request(tokens: list[int]) -> FakePending:
+    return FakePending([EngineRequest("r", tokens, SamplingParams())])
+
+
+def choose(router: PrefixAffinityRouter, replicas: list[FakeReplica], pending: FakePending) -> str:
+    ranks = asyncio.run(router.choose_replicas(replicas, pending))
+    return ranks[0][0].replica_id
+
+
+def test_keys_are_the_engines_block_hashes() -> None:
+    tokens = list(range(10))
+    keys = prefix_keys(tokens, BLOCK, 8)
+    assert len(keys) == 2  # only full blocks
+    assert keys[0] == chain_hash(None, tokens[:4]) and keys[1] == chain_hash(keys[0], tokens[4:8])
+
+
+def test_same_prefix_goes_to_the_same_replica_while_load_allows() -> None:
+    queue = {"a": 0, "b": 0, "c": 0}
+    replicas = [FakeReplica(x) for x in queue]
+    router = make_router(queue)
+    shared = list(range(100, 112))
+    router.on_request_routed(request(shared + [1, 2, 3, 4]), "b", None)
+    queue.update(a=0, b=2, c=1)
+    assert choose(router, replicas, request(shared + [9, 9, 9, 9])) == "b"  # affinity within imbalance 2
+    queue.update(b=3)
+    assert choose(router, replicas, request(shared + [9, 9, 9, 9])) == "a"  # too loaded: least loaded instead
+    assert choose(router, replicas, request(list(range(500, 520)))) == "a"  # no match: least loaded
+
+
+def test_longest_matching_prefix_wins_and_dead_replicas_are_forgotten(monkeypatch) -> None:
+    monkeypatch.setattr(RequestRouter, "on_replica_actor_died", lambda self, replica_id: None)  # Ray's bookkeeping
+    queue = {"a": 0, "b": 0}
+    replicas = [FakeReplica(x) for x in queue]
+    router = make_router(queue)
+    base = list(range(200, 216))
+    router.on_request_routed(request(base[:4]), "a", None)
+    router.on_request_routed(request(base), "b", None)
+    assert choose(router, replicas, request(base + [7] * 4)) == "b"
+    router.on_replica_actor_died("b")
+    assert choose(router, replicas, request(base + [7] * 4)) == "a"

@@ -1,0 +1,86 @@
+"""Platform settings and the CLI's config output: validation with clear errors, KubeRay Serve config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from gemma4_platform.cli import load_settings, serve_config
+from gemma4_platform.grpc_registration import SERVICER_FUNCTION
+from gemma4_platform.metrics import MetricsHub, merge_expositions
+from gemma4_platform.settings import API_KEYS_ENV, PlatformSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides(tmp_path: Path) -> None:
+    file = tmp_path / "settings.yaml"
+    file.write_text("engine:\n  max_num_seqs: 8\nreplica:\n  autoscaling: {max_replicas: 3}\n")
+    settings = load_settings(str(file), ["replica.num_gpus=1", "model.name=gemma-prod"], checkpoint="/models/x")
+    assert settings.engine.max_num_seqs == 8
+    assert settings.replica.autoscaling.max_replicas == 3 and settings.replica.num_gpus == 1
+    assert settings.model.path == "/models/x" and settings.model.name == "gemma-prod"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["engine.max_num_seqs=0"], "engine.max_num_seqs: Input should be greater than or equal to 1"),
+        (["engine.nonsense=1"], "engine.nonsense: Extra inputs are not permitted"),
+        (["replica.autoscaling.min_replicas=3"], "min_replicas \\(3\\) exceeds max_replicas \\(1\\)"),
+        (["model.dtype=int4"], "model.dtype: Input should be 'bfloat16', 'float16' or 'float32'"),
+        (["server.tls_cert_file=/nope.pem"], "tls_cert_file and tls_key_file must be given together"),
+        (["oops"], "--set expects section.field=value"),
+    ],
+)
+def test_invalid_settings_exit_with_the_field(overrides: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        load_settings(None, overrides, None)
+
+
+def test_api_keys_from_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert PlatformSettings().api_keys() is None
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nalpha\n\nbeta\n")
+    monkeypatch.setenv(API_KEYS_ENV, "gamma, delta")
+    settings = PlatformSettings.model_validate({"gateway": {"api_keys_file": str(keys)}})
+    assert settings.api_keys() == {"alpha", "beta", "gamma", "delta"}
+    with pytest.raises(ValidationError):
+        PlatformSettings.model_validate({"gateway": {"max_pending_requests": -1}})
+
+
+def test_config_command_writes_a_serve_config_that_round_trips() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gemma4_platform.cli", "config", "--set", "replica.num_gpus=1"],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+        env={"PYTHONPATH": f"{REPO / 'platform'}:{REPO / 'model'}", "PATH": "/usr/bin:/bin"},
+    )
+    config = yaml.safe_load(out.stdout)
+    app = config["applications"][0]
+    assert app["import_path"] == "gemma4_platform.graph:build_app"
+    assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER_FUNCTION]
+    assert PlatformSettings.model_validate(app["args"]).replica.num_gpus == 1
+    assert serve_config(PlatformSettings())["http_options"]["port"] == 8000
+    json.dumps(config)  # a RayService's serveConfigV2 is plain data
+
+
+def test_metrics_of_several_replicas_merge_into_one_exposition() -> None:
+    from gemma4_platform.metrics import ReplicaMetrics
+
+    hub = MetricsHub()
+    for name in ("r1", "r2"):
+        metrics = ReplicaMetrics("tiny", name)
+        metrics.running.labels(model_name="tiny", replica=name).set(3)
+        hub.publish(name, metrics.render())
+    text = merge_expositions(hub.texts()).decode()
+    assert text.count("# TYPE vllm:num_requests_running gauge") == 1
+    assert 'vllm:num_requests_running{model_name="tiny",replica="r1"} 3.0' in text
+    assert 'vllm:num_requests_running{model_name="tiny",replica="r2"} 3.0' in text
+    hub.forget("r1")
+    assert len(hub.texts()) == 1
