@@ -7,6 +7,7 @@ request is checked the same way whichever door it came through, and every failur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 from dataclasses import dataclass
@@ -174,10 +175,11 @@ class Frontend:
         try:
             with tracing.span("gateway.generate", parent=trace_context, request_id=request.request_id) as carrier:
                 request = dataclasses.replace(request, trace_context=carrier)
-                async for output in self.backend.generate(request):
-                    thinking += [d.text for d in output.chat_deltas if d.kind == "thinking"]
-                    self._observe_chat(output)
-                    yield output
+                async with contextlib.aclosing(self.backend.generate(request)) as outputs:
+                    async for output in outputs:
+                        thinking += [d.text for d in output.chat_deltas if d.kind == "thinking"]
+                        self._observe_chat(output)
+                        yield output
         finally:
             self.pending -= 1
             if self.metrics is not None and thinking:

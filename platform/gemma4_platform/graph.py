@@ -10,6 +10,7 @@ UNAVAILABLE; closing a stream cancels the replica-side generator, which aborts t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -232,12 +233,16 @@ class Gateway:
         _gateway = self
 
     async def health(self) -> dict[str, Any]:
+        """Ready when a replica answers; `ready_replicas` counts the replicas Serve reports running."""
         try:
             await asyncio.wait_for(self.replica.stats.remote(), timeout=5)
-            return {"ready": True}
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             logger.warning("health check failed: %s", exc)
-            return {"ready": False}
+            return {"ready": False, "ready_replicas": 0}
+        app = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        replicas = status.applications[app].deployments["Replica"].replica_states.get("RUNNING", 0)
+        return {"ready": True, "ready_replicas": replicas}
 
     async def _unary(self, method: str, request: Any, context: Any) -> Any:
         start, code = time.monotonic(), "OK"
@@ -254,8 +259,9 @@ class Gateway:
     async def _stream(self, method: str, request: Any, context: Any) -> AsyncIterator[Any]:
         start, code = time.monotonic(), "OK"
         try:
-            async for message in getattr(self.grpc, method)(request, context):
-                yield message
+            async with contextlib.aclosing(getattr(self.grpc, method)(request, context)) as messages:
+                async for message in messages:
+                    yield message
         except ServingError as exc:
             code = exc.grpc_code
             context.set_code(grpc.StatusCode[exc.grpc_code])

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gemma4.engine import FinishReason, RequestOutput
-from gemma4.engine.outputs import Usage
+from gemma4.engine import FinishReason, RequestOutput, Usage
 from gemma4.engine.sampler import TokenLogprobs
-from gemma4.tokenizer import Gemma4Tokenizer
 
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.errors import InvalidArgument, ServingError
@@ -28,9 +26,7 @@ _FINISH_REASONS = {
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
 _OPTIONAL_SAMPLING = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields if f.has_presence)
-_SAMPLING_FIELD = re.compile(
-    r"^(%s)\b" % "|".join(sorted(pb.SamplingParams.DESCRIPTOR.fields_by_name, key=len, reverse=True))
-)
+_SAMPLING_FIELD = re.compile(rf"^({'|'.join(pb.SamplingParams.DESCRIPTOR.fields_by_name)})\b")
 _MESSAGE_PATH = re.compile(r"messages\[(\d+)\](\.content)?")
 _FUNCTION_PATH = re.compile(r"\]\.function\.")  # tools[i].function.name -> tools[i].name, same for tool_calls
 
@@ -66,9 +62,13 @@ def chat_from_proto(request: pb.ChatRequest) -> ChatInput:
         where = f"messages[{i}]"
         if message.role == pb.ROLE_TOOL:
             if message.parts:
-                raise InvalidArgument(f"{where}.parts: a tool message carries its results in tool_responses", field=f"{where}.parts")
+                raise InvalidArgument(
+                    f"{where}.parts: a tool message carries its results in tool_responses", field=f"{where}.parts"
+                )
             if not message.tool_responses:
-                raise InvalidArgument(f"{where}.tool_responses: a tool message needs at least one", field=f"{where}.tool_responses")
+                raise InvalidArgument(
+                    f"{where}.tool_responses: a tool message needs at least one", field=f"{where}.tool_responses"
+                )
         else:
             messages.append(_message_from_proto(message, where))
             origins.append((where, ".parts"))
@@ -83,7 +83,9 @@ def chat_from_proto(request: pb.ChatRequest) -> ChatInput:
 def _message_from_proto(message: pb.Message, where: str) -> dict[str, Any]:
     role = _ROLES.get(message.role)
     if role is None:
-        raise InvalidArgument(f"{where}.role: set ROLE_SYSTEM, ROLE_USER, ROLE_MODEL or ROLE_TOOL", field=f"{where}.role")
+        raise InvalidArgument(
+            f"{where}.role: set ROLE_SYSTEM, ROLE_USER, ROLE_MODEL or ROLE_TOOL", field=f"{where}.role"
+        )
     result: dict[str, Any] = {
         "role": role,
         "content": [_part_from_proto(part, f"{where}.parts[{j}]") for j, part in enumerate(message.parts)] or None,
@@ -110,7 +112,7 @@ def _part_from_proto(part: pb.Part, where: str) -> dict[str, Any]:
 
 
 def _tool_call_from_proto(call: pb.ToolCall, where: str) -> dict[str, Any]:
-    arguments = _json_field(call.arguments_json, f"{where}.arguments_json", empty={})
+    arguments = _json_field(call.arguments_json, f"{where}.arguments_json") if call.arguments_json else {}
     if not isinstance(arguments, dict):
         raise InvalidArgument(f"{where}.arguments_json: expected a JSON object", field=f"{where}.arguments_json")
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
@@ -139,12 +141,7 @@ def _tool_from_proto(tool: pb.Tool, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-_REQUIRED = object()
-
-
-def _json_field(text: str, where: str, *, empty: Any = _REQUIRED) -> Any:
-    if not text and empty is not _REQUIRED:
-        return empty
+def _json_field(text: str, where: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -165,9 +162,7 @@ def with_proto_paths(error: ServingError, origins: Sequence[tuple[str, str]] = (
         text = _SAMPLING_FIELD.sub(r"sampling.\1", text)
         return _FUNCTION_PATH.sub("].", _MESSAGE_PATH.sub(message_path, text))
 
-    renamed = type(error)(rewrite(error.message), field=rewrite(error.field) if error.field else None)
-    renamed.__cause__ = error.__cause__
-    return renamed
+    return type(error)(rewrite(error.message), field=rewrite(error.field) if error.field else None)
 
 
 # ---------------------------------------------------------------------- outputs
@@ -195,8 +190,8 @@ class ChatChunker:
     the unparsable text was already sent as answer text.
     """
 
-    def __init__(self, tokenizer: Gemma4Tokenizer) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, count_tokens: Callable[[str], int]) -> None:
+        self.count_tokens = count_tokens
         self.thinking: list[str] = []
         self.num_tool_calls = 0
 
@@ -225,7 +220,7 @@ class ChatChunker:
         if reason == pb.FINISH_REASON_STOP and self.num_tool_calls:
             reason = pb.FINISH_REASON_TOOL_CALLS
         # The engine does not count thinking tokens; re-tokenizing the thinking text approximates it.
-        thinking_tokens = len(self.tokenizer.encode("".join(self.thinking))) if self.thinking else 0
+        thinking_tokens = self.count_tokens("".join(self.thinking))
         return pb.ChatStreamResponse(
             request_id=output.request_id,
             finish_reason=reason,
@@ -234,7 +229,7 @@ class ChatChunker:
 
 
 def finish_reason_to_proto(reason: FinishReason | None) -> pb.FinishReason:
-    return _FINISH_REASONS.get(reason, pb.FINISH_REASON_UNSPECIFIED) if reason is not None else pb.FINISH_REASON_UNSPECIFIED
+    return _FINISH_REASONS.get(reason, pb.FINISH_REASON_UNSPECIFIED)
 
 
 def stop_reason_text(reason: int | str | None) -> str:

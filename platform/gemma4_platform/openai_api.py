@@ -1,0 +1,273 @@
+"""OpenAI-compatible HTTP routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) over a `Frontend`.
+
+Routes are added to an existing FastAPI app (`add_openai_routes`) so that a Ray Serve ingress class can
+own the app; `build_openai_app` makes a standalone one. Every failure, including a malformed body or a
+missing API key, is answered in OpenAI's error format with the `ServingError`'s HTTP status.
+
+A client that goes away must not keep its request generating: streamed responses watch for the
+disconnect and always close the frontend stream (which aborts the engine request and frees its KV
+blocks), and unary requests are cancelled the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.types import Receive, Scope, Send
+
+from gemma4.engine import RequestOutput
+
+from gemma4_platform import tracing
+from gemma4_platform.backend import EngineRequest
+from gemma4_platform.errors import ServingError, Unauthenticated
+from gemma4_platform.frontend import Frontend
+from gemma4_platform.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseMeta,
+    TokenText,
+    chat_completion,
+    chat_completion_chunks,
+    error_body,
+    invalid_request,
+    models_body,
+    text_completion,
+    text_completion_chunks,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+Endpoint = Callable[[Request], Awaitable[Response]]
+Outputs = AsyncIterator[RequestOutput]
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left before the answer"
+
+
+def build_openai_app(get_frontend: Callable[[], Frontend], *, api_keys: frozenset[str] | None = None) -> FastAPI:
+    """A FastAPI app serving only the OpenAI routes."""
+    app = FastAPI(title="Gemma 4 OpenAI-compatible API")
+    add_openai_routes(app, get_frontend, lambda: api_keys)
+    return app
+
+
+def add_openai_routes(
+    app: FastAPI,
+    get_frontend: Callable[[], Frontend],
+    get_api_keys: Callable[[], frozenset[str] | None] = lambda: None,
+) -> None:
+    """Register the routes on `app`; `get_frontend` and `get_api_keys` are called per request (both may be
+    known only once the serving process has started).
+
+    With API keys (non-empty), every route needs `Authorization: Bearer <one of them>`.
+    """
+    created = int(time.time())
+
+    def route(path: str, method: str) -> Callable[[Endpoint], Endpoint]:
+        def register(handler: Endpoint) -> Endpoint:
+            endpoint = _openai_endpoint(handler, get_api_keys)
+            app.add_api_route(path, endpoint, methods=[method], response_class=Response)
+            return endpoint
+
+        return register
+
+    @route("/v1/models", "GET")
+    async def list_models(request: Request) -> Response:
+        model = get_frontend().model
+        return JSONResponse(models_body(model.name, model.max_model_len, created))
+
+    @route("/v1/chat/completions", "POST")
+    async def chat_completions(request: Request) -> Response:
+        body = await _parse(request, ChatCompletionRequest)
+        frontend = get_frontend()
+        meta = ResponseMeta.new("chatcmpl", frontend.model.name)
+        engine_request = frontend.chat(
+            body.messages,
+            body.sampling(),
+            tools=body.prompt_tools,
+            thinking=body.thinking_enabled,
+            request_id=meta.id,
+            priority=body.priority,
+        )
+        token_text = _token_text(frontend)
+        return await _respond(
+            request,
+            frontend,
+            engine_request,
+            stream=body.stream,
+            unary=lambda outputs: chat_completion(meta, outputs, token_text=token_text, logprobs=body.logprobs),
+            chunks=lambda outputs: chat_completion_chunks(
+                meta, outputs, token_text=token_text, logprobs=body.logprobs, include_usage=body.include_usage
+            ),
+        )
+
+    @route("/v1/completions", "POST")
+    async def completions(request: Request) -> Response:
+        body = await _parse(request, CompletionRequest)
+        frontend = get_frontend()
+        meta = ResponseMeta.new("cmpl", frontend.model.name)
+        engine_request = frontend.completion(
+            body.single_prompt(), body.sampling(), request_id=meta.id, priority=body.priority
+        )
+        token_text = _token_text(frontend)
+        return await _respond(
+            request,
+            frontend,
+            engine_request,
+            stream=body.stream,
+            unary=lambda outputs: text_completion(meta, outputs, token_text=token_text),
+            chunks=lambda outputs: text_completion_chunks(
+                meta, outputs, token_text=token_text, include_usage=body.include_usage
+            ),
+        )
+
+
+def _openai_endpoint(handler: Endpoint, get_api_keys: Callable[[], frozenset[str] | None]) -> Endpoint:
+    """Check the API key, then run `handler`, answering any failure in OpenAI's error format."""
+
+    @functools.wraps(handler)
+    async def endpoint(request: Request) -> Response:
+        try:
+            _authorize(request, get_api_keys())
+            return await handler(request)
+        except ServingError as exc:
+            return _error_response(exc)
+        except Exception:  # a client still gets a well-formed error
+            logger.exception("OpenAI route %s failed", request.url.path)
+            return _error_response(ServingError("internal server error"))
+
+    return endpoint
+
+
+def _authorize(request: Request, api_keys: frozenset[str] | None) -> None:
+    if not api_keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip().encode()
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, key.encode()) for key in api_keys):
+        raise Unauthenticated("missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+
+def _error_response(exc: ServingError) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=exc.http_status)
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise invalid_request(exc) from exc
+
+
+def _token_text(frontend: Frontend) -> TokenText:
+    """How logprobs name a token: its decoded text."""
+    return lambda token_id: frontend.tokenizer.decode([token_id])
+
+
+async def _respond(
+    request: Request,
+    frontend: Frontend,
+    engine_request: EngineRequest,
+    *,
+    stream: bool,
+    unary: Callable[[Outputs], Coroutine[Any, Any, dict[str, Any]]],
+    chunks: Callable[[Outputs], AsyncIterator[dict[str, Any]]],
+) -> Response:
+    """Run the request in the caller's trace; answer with `unary(outputs)` or an SSE stream of `chunks(outputs)`."""
+    outputs = frontend.stream(engine_request, trace_context=tracing.carrier_from_metadata(request.headers))
+    if not stream:
+        return await _unary(request, unary(outputs))
+    replay = await _unless_client_leaves(request.receive, _started(outputs))
+    if replay is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return _EventStream(chunks(replay), source=outputs)
+
+
+async def _started(outputs: Outputs) -> Outputs:
+    """Wait for the first output now, so that a request refused before generating (queue full, invalid
+    for the engine) gets its HTTP status instead of a 200 stream; returns an iterator that replays it."""
+    first = await anext(outputs)
+
+    async def replay() -> Outputs:
+        yield first
+        async for output in outputs:
+            yield output
+
+    return replay()
+
+
+async def _unary(request: Request, body: Coroutine[Any, Any, dict[str, Any]]) -> Response:
+    result = await _unless_client_leaves(request.receive, body)
+    return JSONResponse(result) if result is not None else Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def _unless_client_leaves(receive: Receive, work: Coroutine[Any, Any, T]) -> T | None:
+    """`work`'s result, or None if the client disconnects first: `work` is then cancelled, which closes
+    the frontend stream it iterates and so aborts the engine request."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_gone(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        task.cancel()
+        await asyncio.wait((task,))  # its cleanup (the engine abort) has run when we return
+    return None if task.cancelled() else task.result()
+
+
+async def _client_gone(receive: Receive) -> None:
+    """Returns once the server reports the client disconnected (the body has already been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events ending with `[DONE]`; errors after the first byte become an error event.
+
+    Unlike Starlette's own response, it watches for the disconnect whatever the server's ASGI version,
+    and closes both its chunk generator and the frontend stream `source` however it ends.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]], *, source: Outputs) -> None:
+        super().__init__(_sse(chunks), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._source = source
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await _unless_client_leaves(receive, self._send_all(send))
+        finally:
+            await self.body_iterator.aclose()
+            await self._source.aclose()
+
+    async def _send_all(self, send: Send) -> None:
+        try:
+            await self.stream_response(send)
+        except OSError:  # ASGI 2.4 servers raise on sending to a client that has gone
+            pass
+
+
+async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield _event(chunk)
+    except ServingError as exc:
+        yield _event(error_body(exc))
+    except Exception:  # the stream has started: report in-band
+        logger.exception("OpenAI stream failed")
+        yield _event(error_body(ServingError("internal server error")))
+    yield "data: [DONE]\n\n"
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
