@@ -140,6 +140,8 @@ class GatewayMetrics:
         self.tool_call_failures = Counter(
             "gemma4_chat_tool_call_parse_failures", "Malformed tool calls in model output.", ["model_name"], registry=r
         )
+        for metric in (self.pending, self.thinking_tokens, self.tool_calls, self.tool_call_failures):
+            metric.labels(model_name)  # export zeros from the start, so rates and ratios are defined
 
     def record(self, protocol: str, method: str, code: str, seconds: float) -> None:
         self.requests.labels(self.model_name, protocol, method, code).inc()
