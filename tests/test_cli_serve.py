@@ -1,0 +1,115 @@
+"""The README's serve command, as a user runs it: a real process with its own Ray, TLS and API keys on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from gemma4_platform.api.v1 import serving_pb2 as pb
+from gemma4_platform.api.v1 import serving_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("serve")
+    cert, key = self_signed(tmp)
+    keys = tmp / "api-keys"
+    keys.write_text(KEY + "\n")
+    ports = {"http": free_port(), "grpc": free_port(), "tls": free_port()}
+    cmd = [
+        sys.executable, "-m", "gemma4_platform.cli", "serve",
+        "--set", f"server.http_port={ports['http']}", "--set", f"server.grpc_port={ports['grpc']}",
+        "--set", f"server.grpc_tls_port={ports['tls']}",
+        "--set", f"server.tls_cert_file={cert}", "--set", f"server.tls_key_file={key}",
+        "--set", f"gateway.api_keys_file={keys}", "--set", "replica.num_cpus=0",
+        "--set", "engine.num_kv_blocks=256", "--set", "engine.max_num_batched_tokens=256",
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": f"{REPO / 'platform'}:{REPO / 'model'}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if "gemma4-platform is ready" in line:
+            break
+    else:
+        proc.kill()
+    if proc.poll() is not None or not any("is ready" in line for line in lines):
+        proc.kill()
+        pytest.fail("serve did not start:\n" + "".join(lines[-40:]))
+    yield {"ports": ports, "cert": cert, "proc": proc}
+    proc.send_signal(signal.SIGINT)  # graceful: drain and stop Ray
+    try:
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_command_answers_grpc_over_tls_and_plaintext(served) -> None:
+    ports = served["ports"]
+    credentials = grpc.ssl_channel_credentials(root_certificates=served["cert"].read_bytes())
+    metadata = (("authorization", f"Bearer {KEY}"),)
+    with grpc.secure_channel(f"localhost:{ports['tls']}", credentials) as channel:
+        stub = pb_grpc.Gemma4ServingStub(channel)
+        reply = stub.Generate(pb.GenerateRequest(text="Hello", sampling=pb.SamplingParams(max_tokens=4)), metadata=metadata, timeout=60)
+        assert reply.usage.completion_tokens >= 1
+        streamed = list(stub.GenerateStream(pb.GenerateRequest(text="Hello", sampling=pb.SamplingParams(max_tokens=4)), metadata=metadata, timeout=60))
+        assert streamed[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
+        stub = pb_grpc.Gemma4ServingStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(pb.GenerateRequest(text="Hello"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.Health(pb.HealthRequest(), metadata=(("x-api-key", KEY),), timeout=30).ready
+
+
+def test_serve_command_answers_openai_over_https(served) -> None:
+    http = httpx.Client(verify=str(served["cert"]), timeout=60)
+    base = f"https://localhost:{served['ports']['http']}/v1"
+    client = openai.OpenAI(base_url=base, api_key=KEY, http_client=http)
+    chunks = list(client.chat.completions.create(
+        model="gemma-4", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=True
+    ))
+    assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert http.get(base + "/models").status_code == 401  # no key
+
+
+def test_sigint_drains_and_exits(served) -> None:
+    proc = served["proc"]
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=90) == 0
