@@ -108,6 +108,17 @@ def test_serve_command_answers_openai_over_https(served) -> None:
     assert http.get(base + "/models").status_code == 401  # no key
 
 
+def test_example_grpc_client_runs_against_the_server(served) -> None:
+    out = subprocess.run(
+        [sys.executable, "examples/grpc_client.py", "--target", f"localhost:{served['ports']['tls']}",
+         "--tls-ca", str(served["cert"]), "--api-key", KEY, "--max-tokens", "4", "Hello"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": f"{REPO / 'platform'}:{REPO / 'model'}"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "-- FINISH_REASON_" in out.stdout and "completion:" in out.stdout
+
+
 def test_sigint_drains_and_exits(served) -> None:
     proc = served["proc"]
     assert proc.poll() is None
