@@ -10,7 +10,6 @@ prefix caching is off and EOS is ignored so every request runs to its output len
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -19,38 +18,10 @@ import time
 import torch
 
 from gemma4 import LLM, SamplingParams
-from gemma4.config import FULL, SLIDING, Gemma4Config, variant_config
+from gemma4.config import variant_config
+from gemma4.tiny import tiny_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def tiny_config(variant: str) -> Gemma4Config:
-    """The variant's features (PLE, KV sharing, MoE, K-as-V) at a size a CPU runs in seconds."""
-    real = variant_config(variant)
-    t = real.text
-    pattern = [SLIDING] * (4 if t.use_double_wide_mlp else 5) + [FULL]
-    layers = pattern * 2
-    text = dataclasses.replace(
-        t,
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=len(layers),
-        layer_types=tuple(layers),
-        num_attention_heads=4,
-        num_key_value_heads=min(t.num_key_value_heads, 2),
-        num_global_key_value_heads=1 if t.num_global_key_value_heads else None,
-        head_dim=64,
-        global_head_dim=128,
-        sliding_window=128,
-        num_kv_shared_layers=4 if t.num_kv_shared_layers else 0,
-        hidden_size_per_layer_input=32 if t.hidden_size_per_layer_input else 0,
-        vocab_size_per_layer_input=4096,
-        num_experts=16 if t.enable_moe_block else None,
-        top_k_experts=4 if t.enable_moe_block else None,
-        moe_intermediate_size=128 if t.enable_moe_block else None,
-    )
-    return dataclasses.replace(real, text=text)
 
 
 def main() -> None:
@@ -68,7 +39,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    config = tiny_config(args.variant) if args.tiny else variant_config(args.variant)
+    config = tiny_config(args.variant, vocab_size=4096) if args.tiny else variant_config(args.variant)
     llm = LLM(
         config,
         dtype=DTYPES[args.dtype],
