@@ -3,8 +3,8 @@
 The trace context travels as a W3C `traceparent` carrier (gRPC metadata, HTTP headers, and the
 `EngineRequest` between processes). Spans are not made "current" because they live across the yields
 of streaming generators. Exporters: `none`, `console`, or `jsonl:PATH` (each process appends one
-JSON object per finished span; used by tests and for local debugging); an OTLP exporter is used when
-`otlp` is configured and `opentelemetry-exporter-otlp` is installed.
+JSON object per finished span; used by tests and for local debugging), or `otlp` (OTLP over gRPC,
+configured by the standard `OTEL_EXPORTER_OTLP_*` environment variables).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _exporter(spec: str) -> SpanExporter:
     if spec.startswith("jsonl:"):
         return JsonLinesSpanExporter(spec.removeprefix("jsonl:"))
     if spec == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # optional extra
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         return OTLPSpanExporter()
     raise ValueError(f"unknown tracing exporter {spec!r} (none, console, otlp, jsonl:PATH)")
