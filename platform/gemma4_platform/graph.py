@@ -138,9 +138,11 @@ class Replica:
             raise RuntimeError("the engine loop is not running")
 
     def __del__(self) -> None:
+        """Serve calls this when the replica stops: stop stepping and withdraw this replica's metrics."""
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+            self.hub.forget.remote(self.replica_id)
 
 
 class RayReplicaBackend:
