@@ -330,6 +330,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         ),
         health_check_period_s=2,
         health_check_timeout_s=10,
+        # Drain: a stopping replica gets no new requests and finishes its streams for up to 30 s.
+        graceful_shutdown_wait_loop_s=1,
+        graceful_shutdown_timeout_s=30,
         **({"request_router_config": router} if router else {}),
     )
     gateway = serve.deployment(
