@@ -3,6 +3,7 @@
     gemma4-platform serve                       # tiny random-weight Gemma 4, HTTP :8000, gRPC :9000
     gemma4-platform serve --checkpoint /models/gemma-4-E4B-it --set replica.num_gpus=1
     gemma4-platform config --settings prod.yaml # a Serve config file (serveConfigV2) for KubeRay
+    gemma4-platform plan --variant 31b --dtype fp8 --max-model-len 32768   # GPUs and memory per replica
 
 Settings come from an optional YAML/JSON file, then `--set section.field=value` overrides; they are
 validated by `PlatformSettings`, and a bad value exits with a message naming the field.
@@ -22,6 +23,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from gemma4.accelerators import ACCELERATORS, GiB
+from gemma4.memory import KV_DTYPE_BYTES, WEIGHT_FORMATS, Plan, ServingSpec, plan
 from gemma4_platform.grpc_registration import SERVICER_FUNCTION, TLS_CERT_ENV, TLS_KEY_ENV, TLS_PORT_ENV
 from gemma4_platform.settings import PlatformSettings
 
@@ -108,6 +111,82 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
     ray.shutdown()
 
 
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def format_plan(result: Plan) -> str:
+    """The plan as a table: each memory item per GPU and per replica, then the verdict."""
+    spec, mem, gpus = result.spec, result.per_gpu, result.gpus_per_replica
+    rows = [("weights", mem.weights)]
+    rows += [(f"  {name}", size) for name, size in result.weights_per_gpu.items()]
+    rows += [
+        (f"KV cache ({spec.max_num_seqs} x {spec.max_model_len} tokens)", mem.kv_cache),
+        ("activations", mem.activations),
+        ("CUDA graphs", mem.cuda_graphs),
+        ("runtime overhead", mem.runtime_overhead),
+        ("headroom", mem.headroom),
+        ("total", mem.total),
+        ("usable", mem.capacity),
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = [
+        f"Gemma 4 {spec.variant} on {result.accelerator}: {spec.weight_dtype} weights, {spec.kv_dtype} KV cache, "
+        f"{spec.max_num_seqs} sequences x {spec.max_model_len} tokens",
+        f"Layout: {gpus} x {result.accelerator} per replica (tensor parallel {result.tensor_parallel}, "
+        f"expert parallel {result.expert_parallel})",
+        "",
+        f"{'':{width}}  {'per GPU':>11}  {'per replica':>11}",
+        *(f"{label:{width}}  {_gib(size):>11}  {_gib(size * gpus):>11}" for label, size in rows),
+        "",
+        f"KV cache budget per GPU: {_gib(result.kv_cache_bytes_per_gpu)} ("
+        + ", ".join(f"{name} {blocks} blocks" for name, blocks in result.kv_blocks.items())
+        + f" of {spec.block_size} tokens)",
+        f"Most sequences at {spec.max_model_len} tokens: {result.max_num_seqs_at_max_model_len}",
+        f"Pod memory request: {_gib(result.host_memory_bytes)}",
+        "",
+    ]
+    if result.feasible:
+        lines.append("Fits.")
+    else:
+        lines.append(f"Does not fit: {result.reason}")
+        lines += ["What would fit:", *(f"  - {s}" for s in result.suggestions)] if result.suggestions else []
+    return "\n".join(lines)
+
+
+def add_plan_parser(sub: Any) -> None:
+    p = sub.add_parser("plan", help="size a replica: GPUs, memory per GPU, KV cache, pod memory")
+    p.add_argument("--variant", required=True, help="e2b, e4b, 26b-a4b or 31b")
+    p.add_argument("--dtype", default="bf16", choices=list(WEIGHT_FORMATS), help="weight dtype")
+    p.add_argument("--kv-dtype", default="bf16", choices=list(KV_DTYPE_BYTES))
+    p.add_argument("--accelerator", default="h100-80gb", choices=list(ACCELERATORS))
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--gpus", type=int, help="devices per replica (default: the fewest that fit)")
+    p.add_argument("--modalities", default="text", help="comma-separated text,image,video,audio, or all")
+    p.add_argument("--ple-on-host", action="store_true", help="plan the E2B/E4B PLE table in host memory, not on the GPU")
+    p.add_argument("--gpu-memory-utilization", type=float, help="default: the accelerator's usable fraction")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan; 0 when it fits, 2 when it does not (or the spec is invalid)."""
+    modalities = args.modalities if args.modalities == "all" else tuple(args.modalities.split(","))
+    try:
+        result = plan(ServingSpec(
+            variant=args.variant, weight_dtype=args.dtype, kv_dtype=args.kv_dtype, accelerator=args.accelerator,
+            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, gpus=args.gpus, modalities=modalities,
+            ple_on_device=not args.ple_on_host, gpu_memory_utilization=args.gpu_memory_utilization,
+        ))
+    except ValueError as exc:
+        print(f"gemma4-platform plan: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0 if result.feasible else 2
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gemma4-platform", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--settings", help="YAML or JSON settings file")
         p.add_argument("--checkpoint", help="checkpoint directory (default: a tiny random-weight model)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    add_plan_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        sys.exit(run_plan(args))
     settings = load_settings(args.settings, args.overrides, args.checkpoint)
     if args.command == "config":
         yaml.safe_dump(serve_config(settings), sys.stdout, sort_keys=False)

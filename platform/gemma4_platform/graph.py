@@ -255,6 +255,9 @@ class Gateway:
             context.set_code(grpc.StatusCode[exc.grpc_code])
             context.set_details(exc.message)
             raise
+        except BaseException:
+            code = "INTERNAL"  # what Ray's proxy answers for an unexpected error
+            raise
         finally:
             self.metrics.record("grpc", method, code, time.monotonic() - start)
 
@@ -271,6 +274,9 @@ class Gateway:
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
+            raise
+        except BaseException:
+            code = "INTERNAL"
             raise
         finally:
             self.metrics.record("grpc", method, code, time.monotonic() - start)

@@ -34,7 +34,10 @@ class EngineSettings(_Strict):
     max_num_batched_tokens: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)
-    kv_cache_memory_bytes: int = Field(1 << 30, ge=1)
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV budget per replica; None = sized by gemma4.memory from the GPU (1 GiB on CPU)"
+    )
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
     enable_prefix_caching: bool = True
     seed: int = 0
 

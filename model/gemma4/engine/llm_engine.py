@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
+import torch
 
 from gemma4.chat import ChatDelta, StreamParser
 from gemma4.engine.detokenizer import IncrementalDetokenizer
@@ -24,11 +25,14 @@ from gemma4.engine.sampler import Sampler, TokenLogprobs
 from gemma4.engine.sampling_params import SamplingParams
 from gemma4.engine.scheduler import Scheduler, SchedulerConfig
 from gemma4.kv_layout import cache_groups, split_kv_budget
+from gemma4.memory import kv_cache_budget_bytes
 from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.tokenizer import Gemma4Tokenizer
 
 
 RECENT_METRICS = 1024  # finished requests whose timings stats() reports
+CPU_KV_CACHE_BYTES = 1 << 30  # the KV budget on the CPU, where device memory is the host's
+_WEIGHT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class EngineArgs:
 
     The KV pools are sized from `kv_cache_memory_bytes` (split across cache groups by
     `gemma4.kv_layout.split_kv_budget`) unless `num_kv_blocks` fixes the block count of every group.
+    `kv_cache_memory_bytes=None` sizes the budget from the device: on a GPU, what
+    `gemma4.memory.kv_cache_budget_bytes` leaves of `gpu_memory_utilization` of its memory (the
+    same arithmetic the planner sizes pods with); on the CPU, `CPU_KV_CACHE_BYTES`.
     """
 
     block_size: int = 16
@@ -56,19 +63,50 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     num_kv_blocks: int | None = None
-    kv_cache_memory_bytes: int = 1 << 30
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "num_kv_blocks"):
+        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+
+
+def resolve_kv_cache_bytes(model: Gemma4ForCausalLM, args: EngineArgs) -> int:
+    """The KV budget: the explicit `args.kv_cache_memory_bytes`, else sized from the model's device."""
+    if args.kv_cache_memory_bytes is not None:
+        return args.kv_cache_memory_bytes
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        return CPU_KV_CACHE_BYTES
+    if param.dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"cannot size a KV cache for {param.dtype} weights; pass kv_cache_memory_bytes")
+    budget = kv_cache_budget_bytes(
+        model.config,
+        weight_dtype=_WEIGHT_DTYPES[param.dtype],
+        device_memory_bytes=torch.cuda.get_device_properties(param.device).total_memory,
+        usable_fraction=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        ple_on_device=True,  # this model keeps the PLE table in its embedding on the device
+        cuda_graphs=False,  # the runner executes eagerly
+    )
+    if budget == 0:
+        raise ValueError(
+            f"the weights and step buffers leave no GPU memory for a KV cache at gpu_memory_utilization="
+            f"{args.gpu_memory_utilization} (max_num_seqs={args.max_num_seqs}, max_num_batched_tokens="
+            f"{args.max_num_batched_tokens}): use a larger GPU or a smaller model"
+        )
+    return budget
 
 
 @dataclass
@@ -97,7 +135,7 @@ class LLMEngine:
         else:
             num_blocks = split_kv_budget(
                 groups,
-                args.kv_cache_memory_bytes,
+                resolve_kv_cache_bytes(model, args),
                 block_size=args.block_size,
                 kv_dtype_bytes=next(model.parameters()).element_size(),
                 max_num_seqs=args.max_num_seqs,

@@ -1,0 +1,92 @@
+"""The whole platform on a local Ray Serve, for tests that need it served for real: free ports, the
+tiny MoE-shaped settings, bounded waits, and a context manager that starts and stops Ray and Serve."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import ray
+from ray import serve
+from ray.serve.config import HTTPOptions, gRPCOptions
+
+from gemma4_platform.graph import build_app
+from gemma4_platform.grpc_registration import SERVICER_FUNCTION
+from gemma4_platform.settings import PlatformSettings
+
+APP = "gemma4"
+T = TypeVar("T")
+
+# One CPU replica of a tiny random-weight 26B-A4B-shaped model (MoE layers, so the expert metrics exist).
+TINY_MOE_SETTINGS: dict[str, Any] = {
+    "model": {"name": "tiny-moe", "tiny_variant": "26b-a4b", "dtype": "float32", "device": "cpu"},
+    "engine": {"num_kv_blocks": 512, "max_num_batched_tokens": 256, "max_model_len": 1024, "max_num_seqs": 64},
+    "replica": {
+        "num_cpus": 0,
+        "max_ongoing_requests": 64,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2},
+    },
+    "telemetry": {"metrics_interval_s": 0.5},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.25, what: str = "condition") -> T:
+    """The predicate's first truthy value, polled until `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass(frozen=True)
+class ServedPlatform:
+    """Where the served platform listens (all on 127.0.0.1)."""
+
+    http: str  # base URL of the gateway's HTTP port (OpenAI API, /metrics)
+    grpc_target: str  # host:port of the gRPC ingress
+    ray_metrics: str | None  # Ray's Prometheus export URL, when a metrics port was asked for
+
+
+@contextlib.contextmanager
+def served_platform(
+    settings: dict[str, Any], *, ray_metrics_port: int | None = None, num_cpus: int = 4
+) -> Iterator[ServedPlatform]:
+    """Start Ray, Serve (HTTP and gRPC ingress) and the application; shut all down on exit.
+
+    With `ray_metrics_port`, Ray exports its metrics there and reports them every second.
+    """
+    http_port, grpc_port = free_port(), free_port()
+    metrics_options: dict[str, Any] = {}
+    if ray_metrics_port is not None:
+        metrics_options = {
+            "_metrics_export_port": ray_metrics_port,
+            "_system_config": {"metrics_report_interval_ms": 1000},
+        }
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **metrics_options)
+    try:
+        serve.start(
+            http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+            grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+        )
+        serve.run(build_app(PlatformSettings.model_validate(settings).model_dump()), name=APP, route_prefix="/")
+        yield ServedPlatform(
+            http=f"http://127.0.0.1:{http_port}",
+            grpc_target=f"127.0.0.1:{grpc_port}",
+            ray_metrics=f"http://127.0.0.1:{ray_metrics_port}/metrics" if ray_metrics_port is not None else None,
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
