@@ -21,7 +21,7 @@ import yaml
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1 import serving_pb2_grpc as pb_grpc
 from platform_fixtures import TINY_MOE_SETTINGS, ServedPlatform, free_port, served_platform, wait_until
-from test_dashboards import ALERTS, DASHBOARDS, load_dashboard, panels, substitute
+from test_dashboards import ALERTS, DASHBOARDS, EXTERNAL_METRICS, all_queries, load_dashboard, panels, selectors, substitute
 
 NAMESPACE, SERVICE = "gemma4-test", "tiny-moe-svc"  # the labels a ServiceMonitor would add
 VARIABLES = {
@@ -188,3 +188,16 @@ def test_alert_rules_evaluate_on_the_live_series(prometheus: Live) -> None:
 
     rules = wait_until(evaluated, 20, what="every alert rule evaluated")
     assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
+
+
+def test_every_metric_the_dashboards_use_is_in_the_live_scrape(prometheus: Live) -> None:
+    """Checked against what Prometheus really scraped from the running platform (gateway and Ray)."""
+    only_after_a_failure = {"ray_serve_health_check_failures_total"}
+    used = {name for _, expr in all_queries() for name, _ in selectors(expr)}
+    wanted = used - set(EXTERNAL_METRICS) - only_after_a_failure
+
+    def scraped() -> set[str]:
+        names = httpx.get(prometheus.url + "/api/v1/label/__name__/values", timeout=10).json()["data"]
+        return set(names)
+
+    wait_until(lambda: wanted <= scraped(), 30, what=f"live series for {sorted(wanted - scraped())}")
