@@ -26,7 +26,7 @@ EVERYTHING_ON = {
     "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
 }
 # Custom resources the chart renders, and the schemas they are checked against instead.
-CUSTOM_KINDS = {"Gemma4Service", "ServiceMonitor", "PodMonitor", "PrometheusRule", "ClusterKopfPeering"}
+CUSTOM_KINDS = {"Gemma4Service", "ServiceMonitor", "PodMonitor", "PrometheusRule", "ClusterKopfPeering", "KopfPeering"}
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +80,16 @@ def test_custom_resources_validate_against_their_schemas() -> None:
         elif kind == "ClusterKopfPeering":
             assert doc["apiVersion"] == "kopf.dev/v1" and set(doc) == {"apiVersion", "kind", "metadata"}
         seen.add(kind)
-    assert CUSTOM_KINDS <= seen
+    assert CUSTOM_KINDS - {"KopfPeering"} <= seen
+
+
+def test_peering_follows_the_watched_namespaces() -> None:
+    docs = render({"operator": {"replicas": 2, "watchNamespaces": ["a", "b"]}})
+    peerings = [d for d in docs if d["kind"] in ("KopfPeering", "ClusterKopfPeering")]
+    assert [(d["kind"], d["metadata"]["namespace"]) for d in peerings] == [("KopfPeering", "a"), ("KopfPeering", "b")]
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=a" in args and "--namespace=b" in args and any(a.startswith("--peering=") for a in args)
+    assert not [d for d in render({}) if "Peering" in d["kind"]]  # one replica: standalone
 
 
 def test_lint_strict_and_presets_pass_the_schema() -> None:
