@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,10 @@ import pytest
 
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1 import serving_pb2_grpc as pb_grpc
+from platform_fixtures import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -26,26 +25,11 @@ from gemma4_platform.api.v1 import serving_pb2_grpc as pb_grpc
 from gemma4_platform.graph import build_app, resolve_checkpoint
 from gemma4_platform.grpc_registration import SERVICER_FUNCTION
 from gemma4_platform.settings import PlatformSettings
+from platform_fixtures import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "gemma4"
 MAX_PENDING = 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
