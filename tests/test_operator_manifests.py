@@ -418,3 +418,15 @@ def test_conditions_keep_their_transition_time_until_the_status_changes() -> Non
 def test_ready_follows_kuberay(ray_service: dict[str, Any] | None, expected: tuple[str, str]) -> None:
     ready = status.ready_condition(ray_service)
     assert (ready["status"], ready["reason"]) == expected
+
+
+def test_formats_the_engine_cannot_run_yet_are_refused_with_a_reason() -> None:
+    from gemma4_operator.planner import unsupported_by_engine
+    from gemma4_operator.spec import Gemma4ServiceSpec
+
+    def spec(**model: str) -> Gemma4ServiceSpec:
+        return Gemma4ServiceSpec.model_validate({"model": {"variant": "31b", "checkpoint": {"uri": "hf://x/y"}, **model}})
+
+    assert unsupported_by_engine(spec()) is None
+    message = unsupported_by_engine(spec(dtype="fp8", kvDtype="fp8"))
+    assert message is not None and "spec.model.dtype fp8 and spec.model.kvDtype fp8" in message

@@ -30,3 +30,21 @@ def serving_spec(spec: Gemma4ServiceSpec) -> ServingSpec:
 
 def plan_for(spec: Gemma4ServiceSpec) -> Plan:
     return plan(serving_spec(spec))
+
+
+# What this release's engine runs; the memory model also plans the rest (fp8/int8/int4 weights, fp8 KV).
+ENGINE_WEIGHT_DTYPES = ("bf16",)
+ENGINE_KV_DTYPES = ("bf16",)
+
+
+def unsupported_by_engine(spec: Gemma4ServiceSpec) -> str | None:
+    """Why the serving engine cannot run `spec` yet (a plan alone would deploy pods that fail), else None."""
+    problems = []
+    if spec.model.dtype not in ENGINE_WEIGHT_DTYPES:
+        problems.append(f"spec.model.dtype {spec.model.dtype}")
+    if spec.model.kv_dtype not in ENGINE_KV_DTYPES:
+        problems.append(f"spec.model.kvDtype {spec.model.kv_dtype}")
+    if not problems:
+        return None
+    return (f"{' and '.join(problems)} can be planned but this release's engine serves bf16 weights with a "
+            "bf16 KV cache only; use bf16 (see `gemma4-platform plan` for the lighter formats' sizing)")
