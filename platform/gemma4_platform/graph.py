@@ -75,8 +75,13 @@ def _device(setting: str) -> str:
 
 
 def metrics_hub() -> Any:
-    """The graph's metrics hub actor (created on first use)."""
-    return ray.remote(MetricsHub).options(name=HUB_NAME, get_if_exists=True, num_cpus=0).remote()
+    """The graph's metrics hub actor, created on first use and detached, so that it does not share the
+    fate of whichever replica happened to create it."""
+    return (
+        ray.remote(MetricsHub)
+        .options(name=HUB_NAME, get_if_exists=True, num_cpus=0, lifetime="detached")
+        .remote()
+    )
 
 
 class Replica:
