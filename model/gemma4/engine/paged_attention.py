@@ -64,6 +64,14 @@ class SequenceSlice:
         return self.context_len - self.query_len
 
 
+@dataclass(frozen=True)
+class _KeyView:
+    rows: slice  # the sequence's query rows in the step
+    positions: torch.Tensor  # key positions it may attend to
+    slots: torch.Tensor  # their cache slots
+    mask: torch.Tensor  # [queries, keys]
+
+
 class PagedAttention:
     """`AttentionBackend` over `PagedKVCache` for one step (torch reference op, loops over sequences)."""
 
@@ -78,17 +86,38 @@ class PagedAttention:
         self.sequences = sequences
         self.positions = positions  # [T]
         self.key_from_value = key_from_value
-        bs = cache.block_size
-        device = positions.device
+        self._tables = [
+            [torch.tensor(seq.block_tables[gi], dtype=torch.long, device=positions.device) for seq in sequences]
+            for gi in range(len(cache.groups))
+        ]
         # Where each new token goes, per group.
-        self.slot_mapping = []
-        for gi in range(len(cache.groups)):
-            slots = []
-            for seq in sequences:
-                pos = torch.arange(seq.first_query_pos, seq.context_len)
-                table = torch.tensor(seq.block_tables[gi], dtype=torch.long)
-                slots.append(table[pos // bs] * bs + pos % bs)
-            self.slot_mapping.append(torch.cat(slots).to(device))
+        new_positions = [torch.arange(seq.first_query_pos, seq.context_len, device=positions.device) for seq in sequences]
+        self.slot_mapping = [
+            torch.cat([self._slots(table, pos) for table, pos in zip(tables, new_positions)]) for tables in self._tables
+        ]
+        self._views: dict[int, list[_KeyView]] = {}
+
+    def _slots(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        bs = self.cache.block_size
+        return table[positions // bs] * bs + positions % bs
+
+    def _key_views(self, gi: int) -> list[_KeyView]:
+        """Per sequence: the key positions it may see in group `gi`, their slots and the mask (once per step,
+        shared by every layer of the group)."""
+        if gi not in self._views:
+            window = self.cache.groups[gi].sliding_window
+            views = []
+            for seq, table in zip(self.sequences, self._tables[gi]):
+                rows = slice(seq.query_start, seq.query_start + seq.query_len)
+                q_pos = self.positions[rows]
+                lo = 0 if window is None else max(0, seq.first_query_pos - window + 1)
+                k_pos = torch.arange(lo, seq.context_len, device=q_pos.device)
+                mask = k_pos[None, :] <= q_pos[:, None]
+                if window is not None:
+                    mask &= q_pos[:, None] - k_pos[None, :] < window
+                views.append(_KeyView(rows, k_pos, self._slots(table, k_pos), mask))
+            self._views[gi] = views
+        return self._views[gi]
 
     def _write(self, gi: int, li: int, k: torch.Tensor, v: torch.Tensor) -> None:
         slots = self.slot_mapping[gi]
@@ -105,28 +134,19 @@ class PagedAttention:
         if k is not None and v is not None:
             self._write(gi, li, k, v)
         group = self.cache.groups[gi]
-        bs = self.cache.block_size
         values = self.cache.values[gi][li].view(-1, group.num_kv_heads, group.head_dim)
         keys_t = self.cache.keys[gi]
         keys = None if keys_t is None else keys_t[li].view(-1, group.num_kv_heads, group.head_dim)
         out = torch.empty_like(q[0])
-        for seq in self.sequences:
-            rows = slice(seq.query_start, seq.query_start + seq.query_len)
-            q_pos = self.positions[rows]
-            lo = 0 if group.sliding_window is None else max(0, seq.first_query_pos - group.sliding_window + 1)
-            k_pos = torch.arange(lo, seq.context_len, device=q.device)
-            table = torch.tensor(seq.block_tables[gi], dtype=torch.long, device=q.device)
-            slots = table[k_pos // bs] * bs + k_pos % bs
-            seq_v = values[slots]
-            seq_k = self.key_from_value(layer.kv_source, seq_v, k_pos) if keys is None else keys[slots]
-            mask = k_pos[None, :] <= q_pos[:, None]
-            if group.sliding_window is not None:
-                mask &= q_pos[:, None] - k_pos[None, :] < group.sliding_window
+        for view in self._key_views(gi):
+            rows = view.rows
+            seq_v = values[view.slots]
+            seq_k = self.key_from_value(layer.kv_source, seq_v, view.positions) if keys is None else keys[view.slots]
             attn = F.scaled_dot_product_attention(
                 q[0, rows].transpose(0, 1),
                 seq_k.transpose(0, 1),
                 seq_v.transpose(0, 1),
-                attn_mask=mask,
+                attn_mask=view.mask,
                 scale=1.0,
                 enable_gqa=True,
             )
