@@ -78,9 +78,9 @@ class LLM:
         if len(params) != len(batch):
             raise ValueError(f"got {len(params)} sampling params for {len(batch)} prompts")
         engine = self.engine
-        for prompt, p in zip(batch, params):  # fail before queueing anything
-            engine.check_request(prompt, p or SamplingParams())
-        ids = [engine.add_request(prompt, p) for prompt, p in zip(batch, params)]
+        params = [p or SamplingParams() for p in params]
+        checked = [engine.check_request(prompt, p) for prompt, p in zip(batch, params)]  # fail before queueing
+        ids = [engine.add_request(token_ids, p, parse_chat=chat) for (token_ids, chat), p in zip(checked, params)]
         final: dict[str, RequestOutput] = {}
         while engine.has_unfinished_requests():
             for output in engine.step():
