@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import grpc
 import ray
@@ -251,14 +251,19 @@ class Gateway:
         replicas = status.applications[app].deployments["Replica"].replica_states.get("RUNNING", 0)
         return {"ready": True, "ready_replicas": replicas}
 
-    async def _unary(self, method: str, request: Any, context: Any) -> Any:
+    @contextlib.contextmanager
+    def _rpc(self, method: str, context: Any) -> Iterator[None]:
+        """Map a ServingError onto Ray's gRPC context (Ray then answers with that code) and record the call."""
         start, code = time.monotonic(), "OK"
         try:
-            return await getattr(self.grpc, method)(request, context)
+            yield
         except ServingError as exc:
             code = exc.grpc_code
             context.set_code(grpc.StatusCode[exc.grpc_code])
             context.set_details(exc.message)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"  # the client went away or its deadline passed
             raise
         except BaseException:
             code = "INTERNAL"  # what Ray's proxy answers for an unexpected error
@@ -266,25 +271,15 @@ class Gateway:
         finally:
             self.metrics.record("grpc", method, code, time.monotonic() - start)
 
+    async def _unary(self, method: str, request: Any, context: Any) -> Any:
+        with self._rpc(method, context):
+            return await getattr(self.grpc, method)(request, context)
+
     async def _stream(self, method: str, request: Any, context: Any) -> AsyncIterator[Any]:
-        start, code = time.monotonic(), "OK"
-        try:
+        with self._rpc(method, context):
             async with contextlib.aclosing(getattr(self.grpc, method)(request, context)) as messages:
                 async for message in messages:
                     yield message
-        except ServingError as exc:
-            code = exc.grpc_code
-            context.set_code(grpc.StatusCode[exc.grpc_code])
-            context.set_details(exc.message)
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except BaseException:
-            code = "INTERNAL"
-            raise
-        finally:
-            self.metrics.record("grpc", method, code, time.monotonic() - start)
 
     async def Generate(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - RPC name
         return await self._unary("Generate", request, grpc_context)
