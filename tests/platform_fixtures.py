@@ -4,6 +4,7 @@ tiny MoE-shaped settings, bounded waits, and a context manager that starts and s
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -34,10 +35,36 @@ TINY_MOE_SETTINGS: dict[str, Any] = {
 }
 
 
+# Below the kernel's ephemeral range and above Ray's worker ports (10002-19999): a port the OS hands out
+# for `bind(0)` can be taken by one of Ray's own servers between our check and the proxy's bind.
+_PORT_RANGE = (20000, 32000)
+_rng = random.Random()
+
+
+def _wildcard_addresses() -> list[tuple[socket.AddressFamily, str]]:
+    addresses = [(socket.AF_INET, "0.0.0.0")]
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::", 0))
+        addresses.append((socket.AF_INET6, "::"))
+    except OSError:  # no IPv6 on this machine
+        pass
+    return addresses
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on every interface (Ray's gRPC proxy binds `[::]`), outside the ephemeral range."""
+    addresses = _wildcard_addresses()
+    for _ in range(200):
+        port = _rng.randrange(*_PORT_RANGE)
+        try:
+            for family, host in addresses:
+                with socket.socket(family) as s:
+                    s.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.25, what: str = "condition") -> T:

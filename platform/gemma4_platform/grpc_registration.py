@@ -2,7 +2,8 @@
 
 Ray's proxy imports this function by name (`grpc_servicer_functions`) and calls it on its server
 before starting it. Ray itself only opens a plaintext port, so when the platform has certificates
-this also opens `GEMMA4_GRPC_TLS_PORT` with them: same services, same proxy, encrypted.
+this also opens `GEMMA4_GRPC_TLS_PORT` with them: same services, same proxy, encrypted. Running in the
+proxy process, it also makes the proxy cancel abandoned streams (see `proxy_cancellation`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from gemma4_platform import proxy_cancellation
 from gemma4_platform.api.v1 import serving_pb2_grpc
 
 TLS_PORT_ENV = "GEMMA4_GRPC_TLS_PORT"
@@ -22,6 +24,7 @@ SERVICER_FUNCTION = "gemma4_platform.grpc_registration.add_servicer"
 
 
 def add_servicer(servicer: Any, server: Any) -> None:
+    proxy_cancellation.install()
     serving_pb2_grpc.add_Gemma4ServingServicer_to_server(servicer, server)
     port = os.environ.get(TLS_PORT_ENV)
     if port:
