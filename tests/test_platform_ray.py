@@ -171,6 +171,21 @@ def test_cancel_mid_stream_frees_the_kv(platform) -> None:
         wait_until(kv_free_and_aborted(platform["http"], before), 15, what="the cancelled request's KV to be freed")
 
 
+def test_http_client_leaving_a_stream_frees_the_kv(platform) -> None:
+    before = engine_totals(platform["http"])[1]
+    body = {
+        "model": "tiny-moe", "prompt": "count", "max_tokens": 900, "temperature": 0, "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", platform["http"] + "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            data = [line for line in (next(lines) for _ in range(6)) if line.startswith("data:")]
+            assert data, "no SSE event before leaving"
+    wait_until(kv_free_and_aborted(platform["http"], before), 15, what="the abandoned HTTP request's KV to be freed")
+
+
 def test_deadline_exceeded_aborts_the_request(platform) -> None:
     before = engine_totals(platform["http"])[1]
     with pytest.raises(grpc.RpcError) as info:
