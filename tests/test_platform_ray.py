@@ -17,18 +17,15 @@ import ray
 import torch
 from ray import serve
 from prometheus_client.parser import text_string_to_metric_families
-from ray.serve.config import HTTPOptions, gRPCOptions
 
 from gemma4 import LLM, SamplingParams
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1 import serving_pb2_grpc as pb_grpc
-from gemma4_platform.graph import build_app, resolve_checkpoint
-from gemma4_platform.grpc_registration import SERVICER_FUNCTION
+from gemma4_platform.graph import resolve_checkpoint
 from gemma4_platform.settings import PlatformSettings
-from platform_fixtures import free_port, wait_until
+from platform_fixtures import APP, served_platform, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-APP = "gemma4"
 MAX_PENDING = 40
 
 
@@ -53,27 +50,19 @@ def platform(tmp_path_factory: pytest.TempPathFactory, monkeypatch_module):
             "telemetry": {"tracing": f"jsonl:{spans}", "metrics_interval_s": 0.5},
         }
     )
-    http_port, grpc_port = free_port(), free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(
-        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
-    )
-    serve.run(build_app(settings.model_dump()), name=APP, route_prefix="/")
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    offline = LLM(resolve_checkpoint(settings), dtype=torch.float32, **settings.engine.model_dump())
-    try:
-        yield {
-            "stub": pb_grpc.Gemma4ServingStub(channel),
-            "http": f"http://127.0.0.1:{http_port}",
-            "offline": offline,
-            "spans": spans,
-            "settings": settings,
-        }
-    finally:
-        channel.close()
-        serve.shutdown()
-        ray.shutdown()
+    with served_platform(settings.model_dump()) as served:
+        channel = grpc.insecure_channel(served.grpc_target)
+        offline = LLM(resolve_checkpoint(settings), dtype=torch.float32, **settings.engine.model_dump())
+        try:
+            yield {
+                "stub": pb_grpc.Gemma4ServingStub(channel),
+                "http": served.http,
+                "offline": offline,
+                "spans": spans,
+                "settings": settings,
+            }
+        finally:
+            channel.close()
 
 
 @pytest.fixture(scope="module")
