@@ -4,6 +4,7 @@ tiny MoE-shaped settings, bounded waits, and a context manager that starts and s
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import socket
 import time
@@ -41,7 +42,9 @@ _PORT_RANGE = (20000, 32000)
 _rng = random.Random()
 
 
-def _wildcard_addresses() -> list[tuple[socket.AddressFamily, str]]:
+@functools.cache
+def _wildcard_addresses() -> tuple[tuple[socket.AddressFamily, str], ...]:
+    """The wildcard addresses this machine can bind (IPv6 only where it exists); probed once."""
     addresses = [(socket.AF_INET, "0.0.0.0")]
     try:
         with socket.socket(socket.AF_INET6) as s:
@@ -49,16 +52,15 @@ def _wildcard_addresses() -> list[tuple[socket.AddressFamily, str]]:
         addresses.append((socket.AF_INET6, "::"))
     except OSError:  # no IPv6 on this machine
         pass
-    return addresses
+    return tuple(addresses)
 
 
 def free_port() -> int:
     """A port free on every interface (Ray's gRPC proxy binds `[::]`), outside the ephemeral range."""
-    addresses = _wildcard_addresses()
     for _ in range(200):
         port = _rng.randrange(*_PORT_RANGE)
         try:
-            for family, host in addresses:
+            for family, host in _wildcard_addresses():
                 with socket.socket(family) as s:
                     s.bind((host, port))
             return port
