@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
 import socket
 import time
@@ -18,6 +19,7 @@ from ray.serve.config import HTTPOptions, gRPCOptions
 
 from gemma4_platform.graph import build_app
 from gemma4_platform.grpc_registration import SERVICER_FUNCTION
+from gemma4_platform.proxy_setup import proxy_environment
 from gemma4_platform.settings import PlatformSettings
 
 APP = "gemma4"
@@ -95,8 +97,10 @@ def served_platform(
 ) -> Iterator[ServedPlatform]:
     """Start Ray, Serve (HTTP and gRPC ingress) and the application; shut all down on exit.
 
-    With `ray_metrics_port`, Ray exports its metrics there and reports them every second.
+    Ray's processes inherit the proxy hardening's environment from this one (as `gemma4-platform serve`
+    sets it up). With `ray_metrics_port`, Ray exports its metrics there and reports them every second.
     """
+    validated = PlatformSettings.model_validate(settings)
     http_port, grpc_port = free_port(), free_port()
     metrics_options: dict[str, Any] = {}
     if ray_metrics_port is not None:
@@ -104,13 +108,18 @@ def served_platform(
             "_metrics_export_port": ray_metrics_port,
             "_system_config": {"metrics_report_interval_ms": 1000},
         }
+    environment = proxy_environment(validated)
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **metrics_options)
     try:
         serve.start(
             http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-            grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+            grpc_options=gRPCOptions(
+                port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION], enable_reflection=False
+            ),
         )
-        serve.run(build_app(PlatformSettings.model_validate(settings).model_dump()), name=APP, route_prefix="/")
+        serve.run(build_app(validated.model_dump()), name=APP, route_prefix="/")
         yield ServedPlatform(
             http=f"http://127.0.0.1:{http_port}",
             grpc_target=f"127.0.0.1:{grpc_port}",
@@ -119,3 +128,8 @@ def served_platform(
     finally:
         serve.shutdown()
         ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -26,6 +26,7 @@ from gemma4.engine.outputs import RequestMetrics
 from gemma4.tiny import write_tiny_checkpoint
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1.serving_pb2_grpc import Gemma4ServingStub
+from gemma4_platform.auth import ApiKeys
 from gemma4_platform.backend import EngineRequest, LocalBackend
 from gemma4_platform.errors import ServingError
 from gemma4_platform.frontend import Frontend, ModelDescription
@@ -152,7 +153,7 @@ def stub(servers: ServerLoop, frontend: Frontend) -> Gemma4ServingStub:
 
 @pytest.fixture(scope="module")
 def auth_stub(servers: ServerLoop, frontend: Frontend) -> Gemma4ServingStub:
-    return servers.serve(Gemma4ServingService(frontend, api_keys=frozenset({API_KEY})))
+    return servers.serve(Gemma4ServingService(frontend, api_keys=ApiKeys([API_KEY])))
 
 
 def greedy(max_tokens: int, **fields: Any) -> pb.SamplingParams:
@@ -247,7 +248,7 @@ def test_tokenize_model_info_and_health(stub: Gemma4ServingStub, frontend: Front
 
 
 def test_health_asks_the_host(servers: ServerLoop, frontend: Frontend) -> None:
-    async def none_ready() -> dict[str, Any]:
+    def none_ready() -> dict[str, Any]:
         return {"ready": False, "ready_replicas": 0}
 
     stub = servers.serve(Gemma4ServingService(frontend, health=none_ready))
@@ -298,7 +299,7 @@ def test_count_tokens_converts_a_tool_conversation(stub: Gemma4ServingStub, fron
     tools = [
         {"type": "function", "function": {"name": "weather", "description": "Current weather", "parameters": schema}}
     ]
-    expected = frontend.chat_token_ids(messages, tools=tools, thinking=True)
+    expected = asyncio.run(frontend.chat_token_ids(messages, tools=tools, thinking=True))
     assert stub.CountTokens(request, timeout=10).prompt_tokens == len(expected)
 
 
@@ -392,7 +393,7 @@ INVALID = {
     "no prompt": (generate(), "prompt"),
     "empty prompt": (generate(text=""), "prompt must not be empty"),
     "out of vocab": (generate(token_ids=pb.TokenIds(ids=[5, VOCAB])), "outside the vocabulary"),
-    "prompt too long": (generate(token_ids=pb.TokenIds(ids=[5] * MAX_MODEL_LEN)), "leaves no room"),
+    "prompt too long": (generate(token_ids=pb.TokenIds(ids=[5] * MAX_MODEL_LEN)), "exceeds the prompt limit"),
     "max_tokens too big": (generate(text="hi", sampling=greedy(MAX_MODEL_LEN)), "sampling.max_tokens"),
     "chat top_p": (chat(USER_HI, sampling=pb.SamplingParams(top_p=0)), "sampling.top_p"),
     "no messages": (chat([]), "messages"),
@@ -526,6 +527,9 @@ def test_expired_deadline_is_refused_before_running(frontend: Frontend) -> None:
 
         def time_remaining(self) -> float:
             return 0.0
+
+        def set_trailing_metadata(self, metadata: tuple) -> None:
+            pass
 
         async def abort(self, code: grpc.StatusCode, details: str) -> None:
             self.code = code

@@ -7,6 +7,7 @@ tool call or a thought on purpose.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import socket
@@ -29,6 +30,7 @@ from gemma4.engine import ChatPrompt, FinishReason, RequestOutput, SamplingParam
 from gemma4.engine.outputs import RequestMetrics
 from gemma4.tiny import write_tiny_checkpoint
 from gemma4.tokenizer import Gemma4Tokenizer, load_tokenizer
+from gemma4_platform.auth import ApiKeys
 from gemma4_platform.backend import EngineRequest, LocalBackend
 from gemma4_platform.errors import Unavailable
 from gemma4_platform.frontend import Frontend, ModelDescription
@@ -111,7 +113,7 @@ def served(checkpoint: Path) -> Iterator[Served]:
     llm = load_llm(checkpoint)
     engine = gemma4.AsyncEngine(llm.engine)
     frontend = Frontend(llm.tokenizer, model_description(), LocalBackend(engine))
-    app = build_openai_app(lambda: frontend, api_keys=frozenset({API_KEY}))
+    app = build_openai_app(lambda: frontend, api_keys=ApiKeys([API_KEY]))
     try:
         with serving(app) as url:
             yield Served(url, engine, frontend, load_llm(checkpoint))
@@ -434,7 +436,6 @@ def test_sampling_fields_reach_the_engine(scripted: Scripted) -> None:
         "stop": "END",
         "logprobs": True,
         "top_logprobs": 2,
-        "priority": 5,
     }
     with httpx.Client(base_url=scripted.url, timeout=10) as http:
         assert http.post("/v1/chat/completions", json=body).status_code == 200
@@ -442,7 +443,7 @@ def test_sampling_fields_reach_the_engine(scripted: Scripted) -> None:
     params = request.params
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k, params.min_p) == (7, 0.5, 0.9, 0, 0.1)
     assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, 0.25, 1.1)
-    assert (params.seed, params.stop, params.logprobs, request.priority) == (3, ("END",), 2, 5)
+    assert (params.seed, params.stop, params.logprobs, request.priority) == (3, ("END",), 2, 0)
     assert request.parse_chat
     assert request.prompt_token_ids == scripted.tokenizer.encode_chat(CHAT["messages"])  # tool_choice none: no tools
 
@@ -481,11 +482,13 @@ def test_failure_mid_stream_is_an_error_event(scripted: Scripted) -> None:
 
 
 def test_queue_full_is_429(scripted: Scripted) -> None:
-    scripted.frontend.max_pending_requests = 0
+    policy = scripted.frontend.policy
+    scripted.frontend.policy = dataclasses.replace(policy, max_pending_requests=0)
     try:
         with pytest.raises(openai.RateLimitError) as caught:
             scripted.client().completions.create(model="tiny", prompt="Hi")
     finally:
-        scripted.frontend.max_pending_requests = 256
+        scripted.frontend.policy = policy
     assert caught.value.status_code == 429
     assert caught.value.body["type"] == "rate_limit_error"
+    assert caught.value.response.headers["retry-after"] == "1"

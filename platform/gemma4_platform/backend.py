@@ -18,7 +18,12 @@ from gemma4_platform.errors import Unavailable, invalid_from_value_error
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """A validated, tokenized request (picklable: it crosses process boundaries)."""
+    """A validated, tokenized request (picklable: it crosses process boundaries).
+
+    `request_id` is the gateway's own unique id (what the engine tracks); `client_request_id` is what the
+    client sent or was given, echoed in responses, so one client can never collide with another's ids.
+    `cache_salt` is the prefix-cache namespace: KV is shared only between requests with the same salt.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -26,6 +31,8 @@ class EngineRequest:
     priority: int = 0
     parse_chat: bool = False
     trace_context: dict[str, str] = field(default_factory=dict)
+    client_request_id: str = ""
+    cache_salt: str | None = None
 
 
 class GenerationBackend(Protocol):

@@ -3,6 +3,7 @@
     gemma4-platform serve                       # tiny random-weight Gemma 4, HTTP :8000, gRPC :9000
     gemma4-platform serve --checkpoint /models/gemma-4-E4B-it --set replica.num_gpus=1
     gemma4-platform config --settings prod.yaml # a Serve config file (serveConfigV2) for KubeRay
+    gemma4-platform config --env                # the environment the Ray pods need (proxy hardening)
     gemma4-platform plan --variant 31b --dtype fp8 --max-model-len 32768   # GPUs and memory per replica
 
 Settings come from an optional YAML/JSON file, then `--set section.field=value` overrides; they are
@@ -25,7 +26,8 @@ from pydantic import ValidationError
 
 from gemma4.accelerators import ACCELERATORS, GiB
 from gemma4.memory import KV_DTYPE_BYTES, WEIGHT_FORMATS, Plan, ServingSpec, plan
-from gemma4_platform.grpc_registration import SERVICER_FUNCTION, TLS_CERT_ENV, TLS_KEY_ENV, TLS_PORT_ENV
+from gemma4_platform.grpc_registration import SERVICER_FUNCTION
+from gemma4_platform.proxy_setup import proxy_environment
 from gemma4_platform.settings import PlatformSettings
 
 APP_NAME = "gemma4"
@@ -55,12 +57,20 @@ def load_settings(path: str | None, overrides: list[str], checkpoint: str | None
 
 
 def serve_config(settings: PlatformSettings) -> dict[str, Any]:
-    """A Ray Serve config file (the `serveConfigV2` of a KubeRay RayService) for these settings."""
+    """A Ray Serve config file (the `serveConfigV2` of a KubeRay RayService) for these settings.
+
+    The proxies' hardening is configured by environment (`gemma4_platform.proxy_setup.proxy_environment`),
+    which the Ray pods must carry: the operator sets it; print it with `gemma4-platform config --env`.
+    """
     server = settings.server
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": server.http_port},
-        "grpc_options": {"port": server.grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+        "http_options": {"host": server.host, "port": server.http_port},
+        "grpc_options": {
+            "port": server.grpc_port,
+            "grpc_servicer_functions": [SERVICER_FUNCTION],
+            "enable_reflection": False,
+        },
         "applications": [
             {
                 "name": APP_NAME,
@@ -76,11 +86,8 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
     """Start Ray locally with the graph; block until SIGINT/SIGTERM, then drain and stop."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     server = settings.server
-    if server.grpc_tls_port is not None:
-        # Inherited by Ray's proxy process, where grpc_registration opens the TLS port.
-        os.environ[TLS_PORT_ENV] = str(server.grpc_tls_port)
-        os.environ[TLS_CERT_ENV] = str(server.tls_cert_file)
-        os.environ[TLS_KEY_ENV] = str(server.tls_key_file)
+    # Inherited by Ray's proxy processes, which proxy_setup and grpc_registration configure from it.
+    os.environ.update(proxy_environment(settings))
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -93,12 +100,15 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
         http |= {"ssl_certfile": server.tls_cert_file, "ssl_keyfile": server.tls_key_file}
     serve.start(
         http_options=HTTPOptions(**http),
-        grpc_options=gRPCOptions(port=server.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+        grpc_options=gRPCOptions(
+            port=server.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION], enable_reflection=False
+        ),
     )
     serve.run(build_app(settings.model_dump()), name=APP_NAME, route_prefix="/")
     scheme = "https" if server.tls_cert_file else "http"
     print(f"gemma4-platform is ready: OpenAI HTTP {scheme}://{server.host}:{server.http_port}/v1, "
-          f"gRPC {server.host}:{server.grpc_port}" + (f" (TLS :{server.grpc_tls_port})" if server.grpc_tls_port else ""),
+          f"gRPC {server.plaintext_grpc_host}:{server.grpc_port}"
+          + (f" (TLS {server.host}:{server.grpc_tls_port})" if server.grpc_tls_port else ""),
           flush=True)
     if not block:
         return
@@ -196,12 +206,16 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--settings", help="YAML or JSON settings file")
         p.add_argument("--checkpoint", help="checkpoint directory (default: a tiny random-weight model)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+        if name == "config":
+            p.add_argument("--env", action="store_true", help="print the Ray pods' environment (NAME=VALUE) instead")
     add_plan_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "plan":
         sys.exit(run_plan(args))
     settings = load_settings(args.settings, args.overrides, args.checkpoint)
-    if args.command == "config":
+    if args.command == "config" and args.env:
+        print("\n".join(f"{name}={value}" for name, value in proxy_environment(settings).items()))
+    elif args.command == "config":
         yaml.safe_dump(serve_config(settings), sys.stdout, sort_keys=False)
     else:
         run_serve(settings)

@@ -1,22 +1,33 @@
-"""The protocol-independent half of the gateway: validate, render, tokenize, bound, stream.
+"""The protocol-independent half of the gateway: admit, bound, render, tokenize, validate, stream.
 
 The gRPC servicer and the OpenAI HTTP routes both turn their wire format into calls here, so a
 request is checked the same way whichever door it came through, and every failure is a
 `ServingError` that each front end maps to its own status.
+
+Untrusted input is bounded before any costly work: counts and sizes (`LimitSettings`) and a cheap
+lower bound on the prompt's token count come first; rendering and tokenization of anything larger than
+a small inline budget then run on a thread pool (the tokenizer releases the GIL), so one huge request
+never stalls the event loop that every other stream is served from.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from gemma4.engine import RequestOutput, SamplingParams
 from gemma4.tokenizer import Gemma4Tokenizer
 
 from gemma4_platform import tracing
+from gemma4_platform.admission import Admission
+from gemma4_platform.auth import KeyGrant
 from gemma4_platform.backend import EngineRequest, GenerationBackend
 from gemma4_platform.errors import (
     InvalidArgument,
@@ -26,8 +37,18 @@ from gemma4_platform.errors import (
     invalid_from_value_error,
 )
 from gemma4_platform.metrics import GatewayMetrics
+from gemma4_platform.request_limits import (
+    check_chat,
+    check_prompt_bound,
+    check_sampling,
+    client_text_chars,
+)
+from gemma4_platform.settings import LimitSettings
 
 MEDIA_PART_TYPES = {"image", "image_url", "audio", "input_audio", "video", "video_url"}
+INLINE_CHARS = 16_384  # text up to this size is rendered and tokenized on the event loop (well under 1 ms)
+MAX_CACHE_SALT_CHARS = 256
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,17 @@ class ModelDescription:
     modalities: tuple[str, ...] = ("text",)
 
 
+@dataclass(frozen=True)
+class GatewayPolicy:
+    """How the gateway bounds and isolates requests (from `PlatformSettings`)."""
+
+    limits: LimitSettings = LimitSettings()
+    max_pending_requests: int = 256
+    default_max_tokens: int = 1024
+    cache_salt_per_key: bool = True
+    tokenizer_threads: int = 2
+
+
 class Frontend:
     def __init__(
         self,
@@ -48,30 +80,55 @@ class Frontend:
         model: ModelDescription,
         backend: GenerationBackend,
         *,
-        max_pending_requests: int = 256,
-        default_max_tokens: int = 1024,
+        policy: GatewayPolicy = GatewayPolicy(),
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.model = model
         self.backend = backend
-        self.max_pending_requests = max_pending_requests
-        self.default_max_tokens = default_max_tokens
+        self.policy = policy
+        self.limits = policy.limits
+        self.max_prompt_tokens = min(self.limits.max_prompt_tokens or model.max_model_len, model.max_model_len - 1)
+        self.longest_token_chars = max(len(tokenizer.id_to_token(i) or "") for i in range(tokenizer.vocab_size))
+        self.admission = Admission()
         self.pending = 0
+        self._pool = ThreadPoolExecutor(max_workers=policy.tokenizer_threads, thread_name_prefix="gemma4-tokenize")
+
+    # ------------------------------------------------------------------ admission
+    @contextlib.contextmanager
+    def admit(self, caller: KeyGrant) -> Iterator[None]:
+        """One request in flight for `caller`: within its key's rate and streams, and the gateway's queue."""
+        if self.pending >= self.policy.max_pending_requests:
+            raise QueueFull(
+                f"{self.pending} requests are in flight (max_pending_requests={self.policy.max_pending_requests}); "
+                "retry later",
+                retry_after_s=1.0,
+            )
+        with self.admission.admit(caller):
+            self.pending += 1
+            try:
+                yield
+            finally:
+                self.pending -= 1
 
     # ------------------------------------------------------------------ building requests
-    def completion(
+    async def completion(
         self,
         prompt: str | Sequence[int],
         sampling: Mapping[str, Any],
         *,
+        caller: KeyGrant,
         request_id: str | None = None,
-        priority: int = 0,
+        priority: int | None = None,
+        cache_salt: str | None = None,
     ) -> EngineRequest:
         """A text or token-id prompt; `sampling` holds SamplingParams fields (None = unset)."""
+        check_sampling(sampling, self.limits, self.model.max_model_len)
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
+            check_prompt_bound(len(prompt), self.longest_token_chars, self.max_prompt_tokens, "prompt")
+            encode = self.tokenizer.encode_plain if self.limits.strict_raw_prompts else self.tokenizer.encode
+            token_ids = await self._offload(encode, len(prompt), prompt)
         else:
             token_ids = list(prompt)
         if not token_ids:
@@ -81,36 +138,64 @@ class Frontend:
             raise InvalidArgument(
                 f"prompt token id {bad} is outside the vocabulary [0, {self.model.vocab_size})", field="prompt"
             )
-        return self._request(token_ids, sampling, request_id, priority, parse_chat=False)
+        return self._request(token_ids, sampling, caller, request_id, priority, cache_salt, parse_chat=False)
 
-    def chat(
+    async def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
         sampling: Mapping[str, Any],
         *,
+        caller: KeyGrant,
         tools: Sequence[Mapping[str, Any]] | None = None,
         thinking: bool = False,
         request_id: str | None = None,
-        priority: int = 0,
+        priority: int | None = None,
+        cache_salt: str | None = None,
     ) -> EngineRequest:
         """A conversation rendered with the checkpoint's chat template; the output is chat-parsed."""
-        token_ids = self.chat_token_ids(messages, tools=tools, thinking=thinking)
-        return self._request(token_ids, sampling, request_id, priority, parse_chat=True)
+        check_sampling(sampling, self.limits, self.model.max_model_len)
+        token_ids = await self.chat_token_ids(messages, tools=tools, thinking=thinking)
+        return self._request(token_ids, sampling, caller, request_id, priority, cache_salt, parse_chat=True)
 
-    def chat_token_ids(
+    async def chat_token_ids(
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         thinking: bool = False,
     ) -> list[int]:
+        """The prompt ids of a conversation; client text never becomes special tokens."""
         if not messages:
             raise InvalidArgument("messages must not be empty", field="messages")
+        messages, tools = check_chat(messages, tools, self.limits)
         self._reject_media(messages)
-        try:
-            return self.tokenizer.encode_chat(messages, tools=tools, thinking=thinking)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc), field=_leading_field(str(exc), "messages")) from exc
+        chars = client_text_chars(messages) + client_text_chars(tools)
+        check_prompt_bound(chars, self.longest_token_chars, self.max_prompt_tokens, "messages")
+
+        def encode() -> list[int]:
+            try:
+                return self.tokenizer.encode_chat(messages, tools=tools, thinking=thinking)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc), field=_leading_field(str(exc), "messages")) from None
+
+        return await self._offload(encode, chars)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """Token ids of a raw text (the Tokenize RPC), as a Generate text prompt would be tokenized."""
+        check_prompt_bound(len(text), self.longest_token_chars, self.model.max_model_len, "text")
+        encode = self.tokenizer.encode_plain if self.limits.strict_raw_prompts else self.tokenizer.encode
+        return await self._offload(encode, len(text), text)
+
+    async def count_tokens(self, text: str) -> int:
+        """Tokens of a piece of output text (e.g. the thinking part, for usage and metrics)."""
+        if not text:
+            return 0
+        return len(await self._offload(self.tokenizer.encode_plain, len(text), text))
+
+    async def _offload(self, fn: Callable[..., T], size: int, *args: Any) -> T:
+        if size <= INLINE_CHARS:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _reject_media(self, messages: Sequence[Mapping[str, Any]]) -> None:
         for i, message in enumerate(messages):
@@ -127,50 +212,65 @@ class Frontend:
                     )
 
     def _request(
-        self, token_ids: list[int], sampling: Mapping[str, Any], request_id: str | None, priority: int, *, parse_chat: bool
+        self,
+        token_ids: list[int],
+        sampling: Mapping[str, Any],
+        caller: KeyGrant,
+        request_id: str | None,
+        priority: int | None,
+        cache_salt: str | None,
+        *,
+        parse_chat: bool,
     ) -> EngineRequest:
-        fields = {k: v for k, v in sampling.items() if v is not None}
-        room = self.model.max_model_len - len(token_ids)
-        if room < 1:
+        if len(token_ids) > self.max_prompt_tokens:
             raise InvalidArgument(
-                f"prompt ({len(token_ids)} tokens) leaves no room for output in max_model_len "
-                f"({self.model.max_model_len})",
+                f"prompt ({len(token_ids)} tokens) exceeds the prompt limit ({self.max_prompt_tokens} tokens)",
                 field="prompt",
             )
-        fields.setdefault("max_tokens", min(self.default_max_tokens, room))
+        fields = {k: v for k, v in sampling.items() if v is not None}
+        room = self.model.max_model_len - len(token_ids)
+        fields.setdefault("max_tokens", min(self.policy.default_max_tokens, room))
         try:
             params = SamplingParams(**fields)
         except TypeError as exc:
-            raise InvalidArgument(f"unknown sampling field: {exc}", field="sampling") from exc
+            raise InvalidArgument(f"unknown sampling field: {exc}", field="sampling") from None
         except ValueError as exc:
-            raise invalid_from_value_error(exc) from exc
+            raise invalid_from_value_error(exc) from None
         if params.max_tokens > room:
             raise InvalidArgument(
                 f"max_tokens ({params.max_tokens}) + prompt ({len(token_ids)} tokens) exceeds max_model_len "
                 f"({self.model.max_model_len})",
                 field="max_tokens",
             )
-        if not isinstance(priority, int) or isinstance(priority, bool):
+        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
             raise InvalidArgument(f"priority must be an integer, got {priority!r}", field="priority")
         return EngineRequest(
-            request_id=request_id or f"req-{uuid.uuid4().hex}",
+            request_id=f"req-{uuid.uuid4().hex}",
+            client_request_id=_client_request_id(request_id),
             prompt_token_ids=token_ids,
             params=params,
-            priority=priority,
+            priority=caller.priority(priority),
             parse_chat=parse_chat,
+            cache_salt=self._cache_salt(caller, cache_salt),
         )
+
+    def _cache_salt(self, caller: KeyGrant, requested: str | None) -> str | None:
+        """The prefix-cache namespace: the caller's key's own (when isolated) combined with the request's."""
+        if requested is not None and (not isinstance(requested, str) or len(requested) > MAX_CACHE_SALT_CHARS):
+            raise InvalidArgument(
+                f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters", field="cache_salt"
+            )
+        key_salt = caller.cache_salt or (caller.name if self.policy.cache_salt_per_key else None)
+        if key_salt is None:
+            return requested or None
+        # Hashing keeps one key's namespace out of every other's whatever salt a request sends.
+        return hashlib.sha256(f"{key_salt}\0{requested or ''}".encode()).hexdigest()
 
     # ------------------------------------------------------------------ running
     async def stream(
         self, request: EngineRequest, *, trace_context: Mapping[str, str] | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Run a request, at most `max_pending_requests` at once per gateway (else QueueFull)."""
-        if self.pending >= self.max_pending_requests:
-            raise QueueFull(
-                f"{self.pending} requests are in flight (max_pending_requests={self.max_pending_requests}); "
-                "retry later"
-            )
-        self.pending += 1
+        """Run an admitted request on the backend."""
         thinking: list[str] = []
         try:
             with tracing.span("gateway.generate", parent=trace_context, request_id=request.request_id) as carrier:
@@ -181,13 +281,12 @@ class Frontend:
                         self._observe_chat(output)
                         yield output
         finally:
-            self.pending -= 1
-            if self.metrics is not None and thinking:
-                self.metrics.thinking_tokens.labels(self.model.name).inc(self.count_tokens("".join(thinking)))
+            if self.metrics is not None and thinking:  # counted off the loop, whenever the pool gets to it
+                self._pool.submit(self._count_thinking, "".join(thinking))
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens of a piece of output text (e.g. the thinking part, for usage and metrics)."""
-        return len(self.tokenizer.encode(text)) if text else 0
+    def _count_thinking(self, text: str) -> None:
+        assert self.metrics is not None
+        self.metrics.thinking_tokens.labels(self.model.name).inc(len(self.tokenizer.encode_plain(text)))
 
     def _observe_chat(self, output: RequestOutput) -> None:
         if self.metrics is None:
@@ -206,6 +305,18 @@ class Frontend:
         if final is None:
             raise ServingError("the engine returned no output")
         return final
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _client_request_id(request_id: str | None) -> str:
+    """The id echoed to the client: its own (bounded, printable) or a fresh one."""
+    if not request_id:
+        return f"req-{uuid.uuid4().hex}"
+    if len(request_id) > 128 or not request_id.isprintable():
+        raise InvalidArgument("request_id must be at most 128 printable characters", field="request_id")
+    return request_id
 
 
 def _leading_field(message: str, default: str) -> str:

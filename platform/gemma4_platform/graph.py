@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import tempfile
@@ -21,9 +22,9 @@ from typing import Any, AsyncIterator, Iterator
 import grpc
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -31,13 +32,21 @@ from ray.serve.handle import DeploymentHandle
 from gemma4.config import load_config
 from gemma4.engine import RequestOutput
 
-from gemma4_platform import tracing
+from gemma4_platform import log_filters, tracing
+from gemma4_platform.auth import ApiKeys
 from gemma4_platform.backend import EngineRequest, stream_from_engine
-from gemma4_platform.errors import QueueFull, ServingError, Unavailable
-from gemma4_platform.frontend import Frontend, ModelDescription
-from gemma4_platform.grpc_service import Gemma4ServingService
-from gemma4_platform.metrics import GatewayMetrics, MetricsHub, ReplicaMetrics, merge_expositions
-from gemma4_platform.openai_api import add_openai_routes
+from gemma4_platform.errors import (
+    QueueFull,
+    ServingError,
+    Unauthenticated,
+    Unavailable,
+    internal_error,
+    log_client_error,
+)
+from gemma4_platform.frontend import Frontend, GatewayPolicy, ModelDescription
+from gemma4_platform.grpc_service import Gemma4ServingService, retry_metadata
+from gemma4_platform.metrics import GatewayMetrics, MetricsHub, ReplicaMetrics, ReplicaReport, merge_expositions
+from gemma4_platform.openai_api import add_openai_routes, error_response
 from gemma4_platform.routing import PrefixAffinityRouter
 from gemma4_platform.settings import PlatformSettings
 
@@ -106,8 +115,11 @@ class Replica:
         self.model = llm.engine.model
         self.engine = AsyncEngine(llm.engine)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.metrics = ReplicaMetrics(self.settings.model.name, self.replica_id)
+        self.metrics = ReplicaMetrics(
+            self.settings.model.name, self.replica_id, moe_top_experts=self.settings.telemetry.moe_top_experts
+        )
         self.hub = metrics_hub()
+        log_filters.install()
         self._publisher = asyncio.get_event_loop().create_task(self._publish_forever())
 
     async def _publish_forever(self) -> None:
@@ -116,8 +128,10 @@ class Replica:
             await asyncio.sleep(self.settings.telemetry.metrics_interval_s)
 
     def publish_metrics(self) -> None:
-        self.metrics.update_engine(self.engine.stats(), self.model.expert_load())
-        self.hub.publish.remote(self.replica_id, self.metrics.render())
+        expert_load = self.model.expert_load()
+        self.metrics.update_engine(self.engine.stats(), expert_load)
+        report = ReplicaReport(self.metrics.render(), ready=self.engine.is_running, expert_load=expert_load)
+        self.hub.publish.remote(self.replica_id, report)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -163,16 +177,22 @@ class RayReplicaBackend:
             async for output in response:
                 finished = output.finished
                 yield output
-        except BackPressureError as exc:
-            raise QueueFull(f"all replicas are at capacity: {exc}") from exc
+        except BackPressureError:
+            raise QueueFull("all replicas are at capacity; retry later", retry_after_s=1.0) from None
+        except RayTaskError as exc:
+            # An error the replica raised, wrapped by Ray: a ServingError is passed on as itself (a fresh
+            # instance: Ray's wrapper class cannot be rebuilt), anything else is the replica's failure.
+            if isinstance(exc.cause, ServingError):
+                raise exc.cause.with_message(exc.cause.message, field=exc.cause.field) from None
+            raise Unavailable(f"the replica serving request {request.request_id} failed") from exc
         except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
-            raise Unavailable(f"the replica serving request {request.request_id} is unavailable: {exc}") from exc
+            raise Unavailable(f"the replica serving request {request.request_id} is unavailable") from exc
         finally:
             if not finished:
                 response.cancel()
 
 
-app = FastAPI(title="Gemma 4 serving platform")
+app = FastAPI(title="Gemma 4 serving platform", docs_url=None, redoc_url=None, openapi_url=None)
 _gateway: "Gateway | None" = None  # this process's gateway (one per gateway replica process)
 
 
@@ -190,24 +210,60 @@ async def record_http(request: Request, call_next: Any) -> Any:
     """Count every HTTP request by path and status (streams: when the response starts)."""
     start = time.monotonic()
     response = await call_next(request)
-    if _gateway is not None and request.url.path != "/metrics":
+    if _gateway is not None and request.url.path in _gateway.recorded_paths:
         _gateway.metrics.record("http", request.url.path, str(response.status_code), time.monotonic() - start)
     return response
 
 
+def _operator_endpoint(handler: Any) -> Any:
+    """/metrics and /debug: the scrape token when one is configured; errors in OpenAI's format."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            gateway = _current()
+            gateway.check_scrape_token(request)
+            return await handler(gateway)
+        except ServingError as exc:
+            return error_response(exc)
+
+    endpoint.__name__ = handler.__name__
+    return endpoint
+
+
 @app.get("/metrics")
-async def metrics() -> Response:
+@_operator_endpoint
+async def metrics(gateway: "Gateway") -> Response:
     """Prometheus text: this gateway's metrics plus every live replica's."""
-    gateway = _current()
     gateway.metrics.pending.labels(gateway.settings.model.name).set(gateway.frontend.pending)
     texts = await gateway.hub.texts.remote()
     body = merge_expositions([gateway.metrics.render(), *texts])
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+@app.get("/debug/moe/experts")
+@_operator_endpoint
+async def expert_load(gateway: "Gateway") -> Response:
+    """The full per-replica, per-layer, per-expert token counts (Prometheus gets only a bounded top-N)."""
+    return JSONResponse({"replicas": await gateway.hub.expert_load.remote()})
+
+
 @app.get("/healthz")
 async def healthz() -> dict[str, Any]:
-    return await _current().health()
+    """Readiness and ready replicas, from state refreshed in the background (no replica call per probe)."""
+    return _current().health()
+
+
+@app.get("/livez")
+async def livez() -> dict[str, Any]:
+    """The gateway process answers: nothing else is checked."""
+    return {"live": True}
+
+
+@app.get("/readyz")
+async def readyz() -> Response:
+    """200 when at least one replica is ready to serve, 503 otherwise."""
+    health = _current().health()
+    return JSONResponse(health, status_code=200 if health["ready"] else 503)
 
 
 @serve.ingress(app)
@@ -217,57 +273,82 @@ class Gateway:
     def __init__(self, replica: DeploymentHandle, settings: dict[str, Any]) -> None:
         global _gateway
         self.settings = PlatformSettings.model_validate(settings)
+        self.api_keys = ApiKeys(self.settings.api_key_entries())
+        check_exposure(self.settings, self.api_keys)
+        self.scrape_token = self.settings.metrics_token()
         tracing.configure("gemma4-gateway", self.settings.telemetry.tracing)
+        log_filters.install()
         checkpoint = resolve_checkpoint(self.settings)
         from gemma4.tokenizer import load_tokenizer
 
         config = load_config(checkpoint)
         text = config.text
         max_len = min(self.settings.engine.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
-        self.replica = replica
+        gateway = self.settings.gateway
         self.metrics = GatewayMetrics(self.settings.model.name)
         self.frontend = Frontend(
             load_tokenizer(checkpoint),
             ModelDescription(self.settings.model.name, config.family, max_len, text.vocab_size),
             RayReplicaBackend(replica),
-            max_pending_requests=self.settings.gateway.max_pending_requests,
-            default_max_tokens=self.settings.gateway.default_max_tokens,
+            policy=GatewayPolicy(
+                limits=self.settings.limits,
+                max_pending_requests=gateway.max_pending_requests,
+                default_max_tokens=gateway.default_max_tokens,
+                cache_salt_per_key=gateway.cache_salt_per_key,
+                tokenizer_threads=gateway.tokenizer_threads,
+            ),
             metrics=self.metrics,
         )
-        self.api_keys = self.settings.api_keys()
+        self.recorded_paths = {route.path for route in app.routes} - {"/metrics"}  # unknown paths: one series
         self.grpc = Gemma4ServingService(self.frontend, api_keys=self.api_keys, health=self.health)
         self.hub = metrics_hub()
+        self._health = {"ready": False, "ready_replicas": 0}
+        self._health_refresher = asyncio.get_event_loop().create_task(self._refresh_health_forever())
         _gateway = self
 
-    async def health(self) -> dict[str, Any]:
-        """Ready when a replica answers; `ready_replicas` counts the replicas Serve reports running."""
-        try:
-            await asyncio.wait_for(self.replica.stats.remote(), timeout=5)
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            logger.warning("health check failed: %s", exc)
-            return {"ready": False, "ready_replicas": 0}
-        app = serve.get_replica_context().app_name
-        status = await asyncio.to_thread(serve.status)
-        replicas = status.applications[app].deployments["Replica"].replica_states.get("RUNNING", 0)
-        return {"ready": True, "ready_replicas": replicas}
+    def health(self) -> dict[str, Any]:
+        """Ready when a replica reported a running engine lately (refreshed every `health_refresh_s`)."""
+        return dict(self._health)
+
+    async def _refresh_health_forever(self) -> None:
+        while True:
+            try:
+                ready = await asyncio.wait_for(self.hub.ready_replicas.remote(), timeout=5)
+                self._health = {"ready": ready > 0, "ready_replicas": ready}
+            except Exception as exc:  # noqa: BLE001 - any failure means not ready
+                logger.warning("health refresh failed: %s", exc)
+                self._health = {"ready": False, "ready_replicas": 0}
+            await asyncio.sleep(self.settings.gateway.health_refresh_s)
+
+    def check_scrape_token(self, request: Request) -> None:
+        if self.scrape_token is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.scrape_token.encode()):
+            raise Unauthenticated("this endpoint needs the metrics scrape token ('Authorization: Bearer TOKEN')")
 
     @contextlib.contextmanager
     def _rpc(self, method: str, context: Any) -> Iterator[None]:
-        """Map a ServingError onto Ray's gRPC context (Ray then answers with that code) and record the call."""
+        """Map every failure onto Ray's gRPC context (Ray then answers with that code) and record the call.
+
+        A ServingError keeps its code and message; anything else is logged once with an error id and
+        answered INTERNAL with only that id. Either way no traceback reaches the client.
+        """
         start, code = time.monotonic(), "OK"
         try:
             yield
-        except ServingError as exc:
-            code = exc.grpc_code
-            context.set_code(grpc.StatusCode[exc.grpc_code])
-            context.set_details(exc.message)
-            raise
         except (asyncio.CancelledError, GeneratorExit):
             code = "CANCELLED"  # the client went away or its deadline passed
             raise
-        except BaseException:
-            code = "INTERNAL"  # what Ray's proxy answers for an unexpected error
-            raise
+        except Exception as exc:  # noqa: BLE001
+            error = exc if isinstance(exc, ServingError) else internal_error(logger, f"gRPC {method}", exc)
+            if error.is_client_error:
+                log_client_error(logger, f"gRPC {method}", error)
+            code = error.grpc_code
+            context.set_code(grpc.StatusCode[error.grpc_code])
+            context.set_details(error.message)
+            context.set_trailing_metadata(list(retry_metadata(error)))
+            raise error from None
         finally:
             self.metrics.record("grpc", method, code, time.monotonic() - start)
 
@@ -306,6 +387,19 @@ class Gateway:
 
     async def Health(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
         return await self._unary("Health", request, grpc_context)
+
+
+def check_exposure(settings: PlatformSettings, api_keys: ApiKeys) -> None:
+    """Serving anyone who can reach a non-loopback port takes `gateway.allow_unauthenticated: true`."""
+    if api_keys.enabled or not settings.server.exposed:
+        return
+    where = f"HTTP on {settings.server.host}, gRPC on {settings.server.plaintext_grpc_host}"
+    if not settings.gateway.allow_unauthenticated:
+        raise ValueError(
+            f"no API keys are configured and the platform listens beyond this machine ({where}): set "
+            "gateway.api_keys_file or GEMMA4_API_KEYS, or gateway.allow_unauthenticated: true to serve anyone"
+        )
+    logger.warning("serving WITHOUT authentication on %s (gateway.allow_unauthenticated is true)", where)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -349,4 +443,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_ongoing_requests=settings.gateway.max_pending_requests * 2,
     )
     os.environ.setdefault(tracing.TRACING_ENV, settings.telemetry.tracing)
+    check_exposure(settings, ApiKeys(settings.api_key_entries()))  # fail at deploy time, naming the fix
     return gateway.bind(replica.bind(dumped), dumped)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from gemma4.engine.sampler import TokenLogprobs
 
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.errors import InvalidArgument, ServingError
+from gemma4_platform.request_limits import parse_client_json
 
 _ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_MODEL: "assistant"}
 _FINISH_REASONS = {
@@ -29,6 +30,7 @@ _OPTIONAL_SAMPLING = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields i
 _SAMPLING_FIELD = re.compile(rf"^({'|'.join(pb.SamplingParams.DESCRIPTOR.fields_by_name)})\b")
 _MESSAGE_PATH = re.compile(r"messages\[(\d+)\](\.content)?")
 _FUNCTION_PATH = re.compile(r"\]\.function\.")  # tools[i].function.name -> tools[i].name, same for tool_calls
+_JSON_FIELDS = re.compile(r"\.(parameters|arguments)\b")  # JSON values travel as *_json text fields
 
 
 # ---------------------------------------------------------------------- requests
@@ -142,10 +144,7 @@ def _tool_from_proto(tool: pb.Tool, where: str) -> dict[str, Any]:
 
 
 def _json_field(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"{where}: invalid JSON ({exc})", field=where) from exc
+    return parse_client_json(text, where)
 
 
 def with_proto_paths(error: ServingError, origins: Sequence[tuple[str, str]] = ()) -> ServingError:
@@ -160,18 +159,18 @@ def with_proto_paths(error: ServingError, origins: Sequence[tuple[str, str]] = (
             return path + (content if match.group(2) else "")
 
         text = _SAMPLING_FIELD.sub(r"sampling.\1", text)
-        return _FUNCTION_PATH.sub("].", _MESSAGE_PATH.sub(message_path, text))
+        return _JSON_FIELDS.sub(r".\1_json", _FUNCTION_PATH.sub("].", _MESSAGE_PATH.sub(message_path, text)))
 
-    return type(error)(rewrite(error.message), field=rewrite(error.field) if error.field else None)
+    return error.with_message(rewrite(error.message), field=rewrite(error.field) if error.field else None)
 
 
 # ---------------------------------------------------------------------- outputs
 
 
-def generate_chunk(output: RequestOutput) -> pb.GenerateStreamResponse:
+def generate_chunk(output: RequestOutput, request_id: str) -> pb.GenerateStreamResponse:
     """One engine output as a stream message; the finishing one carries finish reason, stop reason, usage."""
     chunk = pb.GenerateStreamResponse(
-        request_id=output.request_id,
+        request_id=request_id,
         delta_text=output.delta_text,
         delta_token_ids=output.delta_token_ids,
         logprobs=logprobs_to_proto(output.delta_logprobs),
@@ -190,19 +189,20 @@ class ChatChunker:
     the unparsable text was already sent as answer text.
     """
 
-    def __init__(self, count_tokens: Callable[[str], int]) -> None:
+    def __init__(self, request_id: str, count_tokens: Callable[[str], Awaitable[int]]) -> None:
+        self.request_id = request_id
         self.count_tokens = count_tokens
         self.thinking: list[str] = []
         self.num_tool_calls = 0
 
-    def chunks(self, output: RequestOutput) -> list[pb.ChatStreamResponse]:
+    async def chunks(self, output: RequestOutput) -> list[pb.ChatStreamResponse]:
         messages = []
         for delta in output.chat_deltas:
             if delta.kind == "thinking":
                 self.thinking.append(delta.text)
-                messages.append(pb.ChatStreamResponse(request_id=output.request_id, thinking=delta.text))
+                messages.append(pb.ChatStreamResponse(request_id=self.request_id, thinking=delta.text))
             elif delta.kind == "content":
-                messages.append(pb.ChatStreamResponse(request_id=output.request_id, text=delta.text))
+                messages.append(pb.ChatStreamResponse(request_id=self.request_id, text=delta.text))
             elif delta.kind == "tool_call" and delta.tool_call is not None:
                 call = pb.ToolCall(
                     id=f"call_{self.num_tool_calls}",
@@ -210,19 +210,19 @@ class ChatChunker:
                     arguments_json=json.dumps(delta.tool_call.arguments, ensure_ascii=False),
                 )
                 self.num_tool_calls += 1
-                messages.append(pb.ChatStreamResponse(request_id=output.request_id, tool_call=call))
+                messages.append(pb.ChatStreamResponse(request_id=self.request_id, tool_call=call))
         if output.finished:
-            messages.append(self._final(output))
+            messages.append(await self._final(output))
         return messages
 
-    def _final(self, output: RequestOutput) -> pb.ChatStreamResponse:
+    async def _final(self, output: RequestOutput) -> pb.ChatStreamResponse:
         reason = finish_reason_to_proto(output.finish_reason)
         if reason == pb.FINISH_REASON_STOP and self.num_tool_calls:
             reason = pb.FINISH_REASON_TOOL_CALLS
         # The engine does not count thinking tokens; re-tokenizing the thinking text approximates it.
-        thinking_tokens = self.count_tokens("".join(self.thinking))
+        thinking_tokens = await self.count_tokens("".join(self.thinking))
         return pb.ChatStreamResponse(
-            request_id=output.request_id,
+            request_id=self.request_id,
             finish_reason=reason,
             usage=usage_to_proto(output.usage, thinking_tokens=thinking_tokens),
         )

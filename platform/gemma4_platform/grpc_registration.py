@@ -2,32 +2,59 @@
 
 Ray's proxy imports this function by name (`grpc_servicer_functions`) and calls it on its server
 before starting it. Ray itself only opens a plaintext port, so when the platform has certificates
-this also opens `GEMMA4_GRPC_TLS_PORT` with them: same services, same proxy, encrypted. Running in the
-proxy process, it also makes the proxy cancel abandoned streams (see `proxy_cancellation`).
+this also opens `GEMMA4_GRPC_TLS_PORT` (on `GEMMA4_GRPC_TLS_HOST`) with them: same services, same
+proxy, encrypted. The rest of the proxy's hardening happens earlier, in `proxy_setup.configure_proxy`;
+this hook checks that it ran (and at least guards the proxy's streams when it did not).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from gemma4_platform import proxy_cancellation
 from gemma4_platform.api.v1 import serving_pb2_grpc
+from gemma4_platform.settings import PlatformSettings
 
 TLS_PORT_ENV = "GEMMA4_GRPC_TLS_PORT"
+TLS_HOST_ENV = "GEMMA4_GRPC_TLS_HOST"
 TLS_CERT_ENV = "GEMMA4_TLS_CERT_FILE"
 TLS_KEY_ENV = "GEMMA4_TLS_KEY_FILE"
 SERVICER_FUNCTION = "gemma4_platform.grpc_registration.add_servicer"
+logger = logging.getLogger(__name__)
+
+
+def tls_environment(settings: PlatformSettings) -> dict[str, str]:
+    """The proxy's TLS port settings, as environment variables (empty without a TLS port)."""
+    server = settings.server
+    if server.grpc_tls_port is None:
+        return {}
+    return {
+        TLS_PORT_ENV: str(server.grpc_tls_port),
+        TLS_HOST_ENV: server.host,
+        TLS_CERT_ENV: str(server.tls_cert_file),
+        TLS_KEY_ENV: str(server.tls_key_file),
+    }
 
 
 def add_servicer(servicer: Any, server: Any) -> None:
-    proxy_cancellation.install()
+    from gemma4_platform import proxy_streams
+    from gemma4_platform.proxy_setup import CALLBACK, CALLBACK_ENV, grpc_address, stream_policy
+
+    proxy_streams.install(stream_policy())  # a no-op when configure_proxy already did it
+    if os.environ.get(CALLBACK_ENV) != CALLBACK:
+        logger.warning(
+            "%s is not %s: this proxy serves Ray's own gRPC services, binds every interface and has no "
+            "request size or stalled-stream limits (set the environment from gemma4_platform.proxy_setup)",
+            CALLBACK_ENV, CALLBACK,
+        )
     serving_pb2_grpc.add_Gemma4ServingServicer_to_server(servicer, server)
     port = os.environ.get(TLS_PORT_ENV)
     if port:
         key = Path(os.environ[TLS_KEY_ENV]).read_bytes()
         cert = Path(os.environ[TLS_CERT_ENV]).read_bytes()
-        server.add_secure_port(f"[::]:{port}", grpc.ssl_server_credentials([(key, cert)]))
+        host = os.environ.get(TLS_HOST_ENV, "::")
+        server.add_secure_port(grpc_address(host, port), grpc.ssl_server_credentials([(key, cert)]))

@@ -9,7 +9,8 @@ local mode). Streams are closed when their consumer stops, which aborts the engi
 from __future__ import annotations
 
 import functools
-import hmac
+import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, contextmanager
 from typing import Any, Protocol
@@ -19,7 +20,8 @@ import grpc
 from gemma4_platform import tracing
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1 import serving_pb2_grpc
-from gemma4_platform.errors import DeadlineExceeded, InvalidArgument, ServingError, Unauthenticated
+from gemma4_platform.auth import ApiKeys, KeyGrant, presented_keys
+from gemma4_platform.errors import DeadlineExceeded, InvalidArgument, ServingError, internal_error, log_client_error
 from gemma4_platform.frontend import Frontend
 from gemma4_platform.grpc_convert import (
     ChatChunker,
@@ -28,6 +30,9 @@ from gemma4_platform.grpc_convert import (
     sampling_from_proto,
     with_proto_paths,
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 class RpcContext(Protocol):
@@ -39,17 +44,18 @@ class RpcContext(Protocol):
 class Gemma4ServingService:
     """One method per RPC, `(request, context)`; streaming RPCs are async generators.
 
-    `api_keys=None` turns auth off; otherwise every RPC needs `authorization: Bearer KEY` or
-    `x-api-key: KEY`. `health` returns HealthResponse fields (the host knows its replicas); without
-    it this process is the one ready replica.
+    Every RPC needs a known API key (`authorization: Bearer KEY` or `x-api-key: KEY`) when `api_keys`
+    has any; the key's grant decides the priorities it may ask for and its rate and stream limits.
+    `health` returns HealthResponse fields from the host's cached state; without it this process is
+    the one ready replica.
     """
 
     def __init__(
         self,
         frontend: Frontend,
         *,
-        api_keys: frozenset[str] | None = None,
-        health: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
+        api_keys: ApiKeys = ApiKeys(()),
+        health: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.frontend = frontend
         self.api_keys = api_keys
@@ -76,17 +82,19 @@ class Gemma4ServingService:
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: RpcContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        trace_context = tracing.carrier_from_metadata(self._authenticate(context))
-        with _proto_paths():  # the engine validates too, when the request is added
-            engine_request = self.frontend.completion(
+        caller, trace_context = self._authenticate(context)
+        with self.frontend.admit(caller), _proto_paths():  # the engine validates too, when the request is added
+            engine_request = await self.frontend.completion(
                 _prompt(request),
                 sampling_from_proto(request.sampling),
+                caller=caller,
                 request_id=request.request_id or None,
-                priority=request.priority,
+                priority=request.priority if request.HasField("priority") else None,
+                cache_salt=request.cache_salt or None,
             )
             async with aclosing(self.frontend.stream(engine_request, trace_context=trace_context)) as outputs:
                 async for output in outputs:
-                    yield generate_chunk(output)
+                    yield generate_chunk(output, engine_request.client_request_id)
 
     async def Chat(self, request: pb.ChatRequest, context: RpcContext) -> pb.ChatResponse:
         """ChatStream folded into one message (thinking, text and tool calls in order)."""
@@ -110,33 +118,38 @@ class Gemma4ServingService:
         return response
 
     async def ChatStream(self, request: pb.ChatRequest, context: RpcContext) -> AsyncIterator[pb.ChatStreamResponse]:
-        trace_context = tracing.carrier_from_metadata(self._authenticate(context))
-        chat = chat_from_proto(request)
-        chunker = ChatChunker(self.frontend.count_tokens)
-        with _proto_paths(chat.origins):
-            engine_request = self.frontend.chat(
-                chat.messages,
-                sampling_from_proto(request.sampling),
-                tools=chat.tools,
-                thinking=request.thinking,
-                request_id=request.request_id or None,
-                priority=request.priority,
-            )
-            async with aclosing(self.frontend.stream(engine_request, trace_context=trace_context)) as outputs:
-                async for output in outputs:
-                    for chunk in chunker.chunks(output):
-                        yield chunk
+        caller, trace_context = self._authenticate(context)
+        with self.frontend.admit(caller):
+            chat = chat_from_proto(request)
+            with _proto_paths(chat.origins):
+                engine_request = await self.frontend.chat(
+                    chat.messages,
+                    sampling_from_proto(request.sampling),
+                    caller=caller,
+                    tools=chat.tools,
+                    thinking=request.thinking,
+                    request_id=request.request_id or None,
+                    priority=request.priority if request.HasField("priority") else None,
+                    cache_salt=request.cache_salt or None,
+                )
+                chunker = ChatChunker(engine_request.client_request_id, self.frontend.count_tokens)
+                async with aclosing(self.frontend.stream(engine_request, trace_context=trace_context)) as outputs:
+                    async for output in outputs:
+                        for chunk in await chunker.chunks(output):
+                            yield chunk
 
     # ------------------------------------------------------------------ utilities
     async def Tokenize(self, request: pb.TokenizeRequest, context: RpcContext) -> pb.TokenizeResponse:
-        self._authenticate(context)
-        return pb.TokenizeResponse(token_ids=self.frontend.tokenizer.encode(request.text))
+        caller, _ = self._authenticate(context)
+        with self.frontend.admit(caller), _proto_paths():
+            return pb.TokenizeResponse(token_ids=await self.frontend.tokenize(request.text))
 
     async def CountTokens(self, request: pb.ChatRequest, context: RpcContext) -> pb.CountTokensResponse:
-        self._authenticate(context)
-        chat = chat_from_proto(request)
-        with _proto_paths(chat.origins):
-            token_ids = self.frontend.chat_token_ids(chat.messages, tools=chat.tools, thinking=request.thinking)
+        caller, _ = self._authenticate(context)
+        with self.frontend.admit(caller):
+            chat = chat_from_proto(request)
+            with _proto_paths(chat.origins):
+                token_ids = await self.frontend.chat_token_ids(chat.messages, tools=chat.tools, thinking=request.thinking)
         return pb.CountTokensResponse(prompt_tokens=len(token_ids))
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: RpcContext) -> pb.ModelInfo:
@@ -154,33 +167,13 @@ class Gemma4ServingService:
         self._authenticate(context)
         if self.health is None:
             return pb.HealthResponse(ready=True, ready_replicas=1)
-        return pb.HealthResponse(**await self.health())
+        return pb.HealthResponse(**self.health())
 
     # ------------------------------------------------------------------ helpers
-    def _authenticate(self, context: RpcContext) -> list[tuple[str, Any]]:
-        """The call's metadata, once its API key checks out (when keys are configured)."""
+    def _authenticate(self, context: RpcContext) -> tuple[KeyGrant, dict[str, str]]:
+        """The caller's grant, once its API key checks out, and the trace context it sent."""
         metadata = list(context.invocation_metadata() or ())
-        if self.api_keys is not None and not any(self._is_known(key) for key in _presented_keys(metadata)):
-            raise Unauthenticated("a valid API key is required: send 'authorization: Bearer KEY' or 'x-api-key: KEY'")
-        return metadata
-
-    def _is_known(self, key: str) -> bool:
-        # Constant-time comparisons against every key: timing reveals neither a prefix nor which key matched.
-        matches = [hmac.compare_digest(key.encode(), known.encode()) for known in self.api_keys or ()]
-        return any(matches)
-
-
-def _presented_keys(metadata: Sequence[tuple[str, Any]]) -> Iterator[str]:
-    for name, value in metadata:
-        if not isinstance(value, str):
-            continue
-        name = name.lower()
-        if name == "authorization":
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer":
-                yield token.strip()
-        elif name == "x-api-key":
-            yield value.strip()
+        return self.api_keys.authenticate(presented_keys(metadata)), tracing.carrier_from_metadata(metadata)
 
 
 def _prompt(request: pb.GenerateRequest) -> str | list[int]:
@@ -208,14 +201,33 @@ def _check_deadline(context: grpc.aio.ServicerContext) -> None:
         raise DeadlineExceeded("the deadline passed before the request started")
 
 
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    """End the call with the error's status (an unexpected one as INTERNAL with an error id)."""
+    error = exc if isinstance(exc, ServingError) else internal_error(logger, f"gRPC {method}", exc)
+    if error.is_client_error:
+        log_client_error(logger, f"gRPC {method}", error)
+    context.set_trailing_metadata(retry_metadata(error))
+    await context.abort(grpc.StatusCode[error.grpc_code], error.message)
+
+
+def retry_metadata(error: ServingError) -> tuple[tuple[str, str], ...]:
+    """`retry-after` (whole seconds) and gRPC's own retry pushback, when the error says when to retry."""
+    if error.retry_after_s is None:
+        return ()
+    return (
+        ("retry-after", str(max(1, math.ceil(error.retry_after_s)))),
+        ("grpc-retry-pushback-ms", str(max(1, round(error.retry_after_s * 1000)))),
+    )
+
+
 def _unary(method: Callable[[Gemma4ServingService, Any, Any], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(method)
     async def handler(self: GrpcServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             _check_deadline(context)
             return await method(self.service, request, context)
-        except ServingError as exc:
-            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+        except Exception as exc:  # noqa: BLE001 - every failure gets a status, none a traceback
+            await _abort(context, exc, method.__name__)
 
     return handler
 
@@ -232,8 +244,8 @@ def _streaming(
             async with aclosing(method(self.service, request, context)) as responses:
                 async for response in responses:
                     yield response
-        except ServingError as exc:
-            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, exc, method.__name__)
 
     return handler
 

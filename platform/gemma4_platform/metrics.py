@@ -9,7 +9,9 @@ every one, and a test checks the list against a live scrape.
 
 from __future__ import annotations
 
+import heapq
 import time
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -26,7 +28,7 @@ STALE_AFTER_S = 10.0  # a replica that stopped publishing this long ago is gone 
 class ReplicaMetrics:
     """One replica's engine metrics (labels: model_name, replica)."""
 
-    def __init__(self, model_name: str, replica: str) -> None:
+    def __init__(self, model_name: str, replica: str, *, moe_top_experts: int = 8) -> None:
         self.registry = CollectorRegistry()
         self._labels = {"model_name": model_name, "replica": replica}
         names = list(self._labels)
@@ -46,10 +48,18 @@ class ReplicaMetrics:
         self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", names, registry=r)
         self.preemptions = Counter("vllm:num_preemptions", "Requests preempted (recomputed later).", names, registry=r)
         self._engine_totals = (0, 0, 0)  # last seen cumulative engine counts, to increment by the difference
-        self.expert_tokens = Gauge(
-            "gemma4_moe_expert_tokens", "Tokens routed to each expert (cumulative, MoE models).",
+        # Per-expert load with bounded cardinality: layer totals and imbalance (one series per MoE layer) and
+        # the `moe_top_experts` hottest (layer, expert) pairs; the full matrix is on /debug/moe/experts.
+        self.moe_top_experts = moe_top_experts
+        self.layer_tokens = Gauge(
+            "gemma4_moe_layer_tokens", "Expert assignments per MoE layer (cumulative; tokens x top-k).",
+            names + ["layer"], registry=r,
+        )
+        self.hot_expert_tokens = Gauge(
+            "gemma4_moe_hot_expert_tokens", "Tokens routed to the replica's hottest (layer, expert) pairs (cumulative).",
             names + ["layer", "expert"], registry=r,
         )
+        self.num_experts = Gauge("gemma4_moe_num_experts", "Experts per MoE layer.", names, registry=r)
         self.expert_imbalance = Gauge(
             "gemma4_moe_expert_imbalance_ratio", "Max over mean tokens per expert, per MoE layer.",
             names + ["layer"], registry=r,
@@ -107,11 +117,20 @@ class ReplicaMetrics:
         for counter, new, old in zip((self.prefix_queries, self.prefix_hits, self.preemptions), totals, self._engine_totals):
             counter.labels(**lab).inc(max(0, new - old))
         self._engine_totals = totals
+        self._update_experts(expert_load)
+
+    def _update_experts(self, expert_load: dict[int, list[int]]) -> None:
+        lab = self._labels
         for layer, counts in expert_load.items():
-            for expert, count in enumerate(counts):
-                self.expert_tokens.labels(**lab, layer=str(layer), expert=str(expert)).set(count)
-            mean = sum(counts) / len(counts) if counts else 0
+            total = sum(counts)
+            self.layer_tokens.labels(**lab, layer=str(layer)).set(total)
+            mean = total / len(counts) if counts else 0
             self.expert_imbalance.labels(**lab, layer=str(layer)).set(max(counts) / mean if mean else 1.0)
+            self.num_experts.labels(**lab).set(len(counts))
+        pairs = [(count, layer, expert) for layer, counts in expert_load.items() for expert, count in enumerate(counts)]
+        self.hot_expert_tokens.clear()  # the hottest pairs change: only the current top N are exported
+        for count, layer, expert in heapq.nlargest(self.moe_top_experts, pairs):
+            self.hot_expert_tokens.labels(**lab, layer=str(layer), expert=str(expert)).set(count)
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()
@@ -173,19 +192,41 @@ class _Static:
         return self._families
 
 
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What a replica publishes every metrics interval."""
+
+    metrics_text: str
+    ready: bool
+    expert_load: dict[int, list[int]] = field(default_factory=dict)
+
+
 class MetricsHub:
-    """Latest metrics text of each replica (a Ray actor in the graph; plain class for tests)."""
+    """Latest report of each replica (a Ray actor in the graph; plain class for tests).
+
+    The gateway reads metrics texts for /metrics, readiness for its health state and the expert-load
+    matrices for /debug/moe/experts from here, so none of those costs a call to a replica.
+    """
 
     def __init__(self) -> None:
-        self._latest: dict[str, tuple[float, str]] = {}
+        self._latest: dict[str, tuple[float, ReplicaReport]] = {}
 
-    def publish(self, replica: str, text: str) -> None:
-        self._latest[replica] = (time.monotonic(), text)
+    def publish(self, replica: str, report: ReplicaReport) -> None:
+        self._latest[replica] = (time.monotonic(), report)
 
     def forget(self, replica: str) -> None:
         self._latest.pop(replica, None)
 
-    def texts(self) -> list[str]:
+    def _live(self) -> list[tuple[str, ReplicaReport]]:
         now = time.monotonic()
         self._latest = {k: v for k, v in self._latest.items() if now - v[0] < STALE_AFTER_S}
-        return [text for _, text in self._latest.values()]
+        return [(replica, report) for replica, (_, report) in self._latest.items()]
+
+    def texts(self) -> list[str]:
+        return [report.metrics_text for _, report in self._live()]
+
+    def ready_replicas(self) -> int:
+        return sum(report.ready for _, report in self._live())
+
+    def expert_load(self) -> dict[str, dict[int, list[int]]]:
+        return {replica: report.expert_load for replica, report in self._live() if report.expert_load}

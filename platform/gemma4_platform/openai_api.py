@@ -7,15 +7,20 @@ missing API key, is answered in OpenAI's error format with the `ServingError`'s 
 A client that goes away must not keep its request generating: streamed responses watch for the
 disconnect and always close the frontend stream (which aborts the engine request and frees its KV
 blocks), and unary requests are cancelled the same way.
+
+Bodies are read only up to `limits.max_request_bytes` (413 beyond it, as soon as the excess arrives)
+and parsed off the event loop when large; a request names a model, and a name other than the served
+one is 404 as OpenAI answers it. Only these routes exist: no `/docs` or `/openapi.json`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-import hmac
 import json
 import logging
+import math
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
 
@@ -27,8 +32,15 @@ from starlette.types import Receive, Scope, Send
 from gemma4.engine import RequestOutput
 
 from gemma4_platform import tracing
+from gemma4_platform.auth import ApiKeys, KeyGrant, presented_keys
 from gemma4_platform.backend import EngineRequest
-from gemma4_platform.errors import ServingError, Unauthenticated
+from gemma4_platform.errors import (
+    ModelNotFound,
+    PayloadTooLarge,
+    ServingError,
+    internal_error,
+    log_client_error,
+)
 from gemma4_platform.frontend import Frontend
 from gemma4_platform.openai_schemas import (
     ChatCompletionRequest,
@@ -48,14 +60,16 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[Request, KeyGrant], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 Outputs = AsyncIterator[RequestOutput]
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left before the answer"
+INLINE_PARSE_BYTES = 65_536  # larger bodies are parsed on a worker thread
 
 
-def build_openai_app(get_frontend: Callable[[], Frontend], *, api_keys: frozenset[str] | None = None) -> FastAPI:
+def build_openai_app(get_frontend: Callable[[], Frontend], *, api_keys: ApiKeys = ApiKeys(())) -> FastAPI:
     """A FastAPI app serving only the OpenAI routes."""
-    app = FastAPI(title="Gemma 4 OpenAI-compatible API")
+    app = FastAPI(title="Gemma 4 OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     add_openai_routes(app, get_frontend, lambda: api_keys)
     return app
 
@@ -63,17 +77,17 @@ def build_openai_app(get_frontend: Callable[[], Frontend], *, api_keys: frozense
 def add_openai_routes(
     app: FastAPI,
     get_frontend: Callable[[], Frontend],
-    get_api_keys: Callable[[], frozenset[str] | None] = lambda: None,
+    get_api_keys: Callable[[], ApiKeys] = lambda: ApiKeys(()),
 ) -> None:
     """Register the routes on `app`; `get_frontend` and `get_api_keys` are called per request (both may be
     known only once the serving process has started).
 
-    With API keys (non-empty), every route needs `Authorization: Bearer <one of them>`.
+    With API keys configured, every route needs `Authorization: Bearer <key>` (or `x-api-key`).
     """
     created = int(time.time())
 
-    def route(path: str, method: str) -> Callable[[Endpoint], Endpoint]:
-        def register(handler: Endpoint) -> Endpoint:
+    def route(path: str, method: str) -> Callable[[Handler], Endpoint]:
+        def register(handler: Handler) -> Endpoint:
             endpoint = _openai_endpoint(handler, get_api_keys)
             app.add_api_route(path, endpoint, methods=[method], response_class=Response)
             return endpoint
@@ -81,91 +95,115 @@ def add_openai_routes(
         return register
 
     @route("/v1/models", "GET")
-    async def list_models(request: Request) -> Response:
+    async def list_models(request: Request, caller: KeyGrant) -> Response:
         model = get_frontend().model
         return JSONResponse(models_body(model.name, model.max_model_len, created))
 
     @route("/v1/chat/completions", "POST")
-    async def chat_completions(request: Request) -> Response:
-        body = await _parse(request, ChatCompletionRequest)
+    async def chat_completions(request: Request, caller: KeyGrant) -> Response:
         frontend = get_frontend()
-        meta = ResponseMeta.new("chatcmpl", frontend.model.name)
-        engine_request = frontend.chat(
-            body.messages,
-            body.sampling(),
-            tools=body.prompt_tools,
-            thinking=body.thinking_enabled,
-            request_id=meta.id,
-            priority=body.priority,
-        )
-        token_text = _token_text(frontend)
-        return await _respond(
-            request,
-            frontend,
-            engine_request,
-            stream=body.stream,
-            unary=lambda outputs: chat_completion(meta, outputs, token_text=token_text, logprobs=body.logprobs),
-            chunks=lambda outputs: chat_completion_chunks(
-                meta, outputs, token_text=token_text, logprobs=body.logprobs, include_usage=body.include_usage
-            ),
-        )
+        with contextlib.ExitStack() as admitted:
+            admitted.enter_context(frontend.admit(caller))
+            body = await _parse(request, ChatCompletionRequest, frontend)
+            meta = ResponseMeta.new("chatcmpl", frontend.model.name)
+            engine_request = await frontend.chat(
+                body.messages,
+                body.sampling(),
+                caller=caller,
+                tools=body.prompt_tools,
+                thinking=body.thinking_enabled,
+                priority=body.priority,
+                cache_salt=body.cache_salt,
+            )
+            token_text = _token_text(frontend)
+            return await _respond(
+                request,
+                frontend,
+                engine_request,
+                admitted.pop_all(),
+                stream=body.stream,
+                unary=lambda outputs: chat_completion(meta, outputs, token_text=token_text, logprobs=body.logprobs),
+                chunks=lambda outputs: chat_completion_chunks(
+                    meta, outputs, token_text=token_text, logprobs=body.logprobs, include_usage=body.include_usage
+                ),
+            )
 
     @route("/v1/completions", "POST")
-    async def completions(request: Request) -> Response:
-        body = await _parse(request, CompletionRequest)
+    async def completions(request: Request, caller: KeyGrant) -> Response:
         frontend = get_frontend()
-        meta = ResponseMeta.new("cmpl", frontend.model.name)
-        engine_request = frontend.completion(
-            body.single_prompt(), body.sampling(), request_id=meta.id, priority=body.priority
-        )
-        token_text = _token_text(frontend)
-        return await _respond(
-            request,
-            frontend,
-            engine_request,
-            stream=body.stream,
-            unary=lambda outputs: text_completion(meta, outputs, token_text=token_text),
-            chunks=lambda outputs: text_completion_chunks(
-                meta, outputs, token_text=token_text, include_usage=body.include_usage
-            ),
-        )
+        with contextlib.ExitStack() as admitted:
+            admitted.enter_context(frontend.admit(caller))
+            body = await _parse(request, CompletionRequest, frontend)
+            meta = ResponseMeta.new("cmpl", frontend.model.name)
+            engine_request = await frontend.completion(
+                body.single_prompt(), body.sampling(), caller=caller, priority=body.priority, cache_salt=body.cache_salt
+            )
+            token_text = _token_text(frontend)
+            return await _respond(
+                request,
+                frontend,
+                engine_request,
+                admitted.pop_all(),
+                stream=body.stream,
+                unary=lambda outputs: text_completion(meta, outputs, token_text=token_text),
+                chunks=lambda outputs: text_completion_chunks(
+                    meta, outputs, token_text=token_text, include_usage=body.include_usage
+                ),
+            )
 
 
-def _openai_endpoint(handler: Endpoint, get_api_keys: Callable[[], frozenset[str] | None]) -> Endpoint:
+def _openai_endpoint(handler: Handler, get_api_keys: Callable[[], ApiKeys]) -> Endpoint:
     """Check the API key, then run `handler`, answering any failure in OpenAI's error format."""
 
     @functools.wraps(handler)
     async def endpoint(request: Request) -> Response:
         try:
-            _authorize(request, get_api_keys())
-            return await handler(request)
+            caller = get_api_keys().authenticate(presented_keys(request.headers))
+            return await handler(request, caller)
         except ServingError as exc:
-            return _error_response(exc)
-        except Exception:  # a client still gets a well-formed error
-            logger.exception("OpenAI route %s failed", request.url.path)
-            return _error_response(ServingError("internal server error"))
+            if exc.is_client_error:
+                log_client_error(logger, f"{request.method} {request.url.path}", exc)
+            return error_response(exc)
+        except Exception as exc:  # noqa: BLE001 - a client still gets a well-formed error, never a traceback
+            return error_response(internal_error(logger, f"{request.method} {request.url.path}", exc))
 
     return endpoint
 
 
-def _authorize(request: Request, api_keys: frozenset[str] | None) -> None:
-    if not api_keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    given = token.strip().encode()
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, key.encode()) for key in api_keys):
-        raise Unauthenticated("missing or invalid API key (send 'Authorization: Bearer <key>')")
+def error_response(exc: ServingError) -> JSONResponse:
+    """The OpenAI error body with the error's status (and `Retry-After` when it says when to retry)."""
+    headers = {} if exc.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return JSONResponse(error_body(exc), status_code=exc.http_status, headers=headers)
 
 
-def _error_response(exc: ServingError) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=exc.http_status)
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `max_bytes`."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"the request body has {declared} bytes, more than the limit ({max_bytes})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the request body exceeds the limit ({max_bytes} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-async def _parse(request: Request, model: type[M]) -> M:
+async def _parse(request: Request, model: type[M], frontend: Frontend) -> M:
+    """The body as `model`, after the size limit; a `model` field naming another model is 404."""
+    body = await read_body(request, frontend.limits.max_request_bytes)
     try:
-        return model.model_validate_json(await request.body())
+        if len(body) <= INLINE_PARSE_BYTES:
+            parsed = model.model_validate_json(body)
+        else:
+            parsed = await asyncio.get_running_loop().run_in_executor(None, model.model_validate_json, body)
     except ValidationError as exc:
-        raise invalid_request(exc) from exc
+        raise invalid_request(exc) from None
+    name = getattr(parsed, "model", None)
+    if name is not None and name != frontend.model.name:
+        raise ModelNotFound(f"The model `{name}` does not exist (this deployment serves `{frontend.model.name}`)", field="model")
+    return parsed
 
 
 def _token_text(frontend: Frontend) -> TokenText:
@@ -177,19 +215,26 @@ async def _respond(
     request: Request,
     frontend: Frontend,
     engine_request: EngineRequest,
+    admitted: contextlib.ExitStack,
     *,
     stream: bool,
     unary: Callable[[Outputs], Coroutine[Any, Any, dict[str, Any]]],
     chunks: Callable[[Outputs], AsyncIterator[dict[str, Any]]],
 ) -> Response:
-    """Run the request in the caller's trace; answer with `unary(outputs)` or an SSE stream of `chunks(outputs)`."""
-    outputs = frontend.stream(engine_request, trace_context=tracing.carrier_from_metadata(request.headers))
-    if not stream:
-        return await _unary(request, unary(outputs))
-    replay = await _unless_client_leaves(request.receive, _started(outputs))
-    if replay is None:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    return _EventStream(chunks(replay), source=outputs)
+    """Run the request in the caller's trace; answer with `unary(outputs)` or an SSE stream of `chunks(outputs)`.
+
+    `admitted` (the request's admission slot) is released when the answer is complete: after the unary
+    body, or when the event stream ends however it ends.
+    """
+    with contextlib.ExitStack() as cleanup:
+        cleanup.push(admitted)
+        outputs = frontend.stream(engine_request, trace_context=tracing.carrier_from_metadata(request.headers))
+        if not stream:
+            return await _unary(request, unary(outputs))
+        replay = await _unless_client_leaves(request.receive, _started(outputs))
+        if replay is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return _EventStream(chunks(replay), source=outputs, release=cleanup.pop_all())
 
 
 async def _started(outputs: Outputs) -> Outputs:
@@ -239,16 +284,18 @@ class _EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[dict[str, Any]], *, source: Outputs) -> None:
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]], *, source: Outputs, release: contextlib.ExitStack) -> None:
         super().__init__(_sse(chunks), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._source = source
+        self._release = release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await _unless_client_leaves(receive, self._send_all(send))
-        finally:
-            await self.body_iterator.aclose()
-            await self._source.aclose()
+        with self._release:
+            try:
+                await _unless_client_leaves(receive, self._send_all(send))
+            finally:
+                await self.body_iterator.aclose()
+                await self._source.aclose()
 
     async def _send_all(self, send: Send) -> None:
         try:
@@ -263,9 +310,8 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
             yield _event(chunk)
     except ServingError as exc:
         yield _event(error_body(exc))
-    except Exception:  # the stream has started: report in-band
-        logger.exception("OpenAI stream failed")
-        yield _event(error_body(ServingError("internal server error")))
+    except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
+        yield _event(error_body(internal_error(logger, "OpenAI stream", exc)))
     yield "data: [DONE]\n\n"
 
 

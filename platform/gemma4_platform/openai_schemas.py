@@ -4,8 +4,8 @@ Requests are validated strictly (a string where a number belongs is a 400 naming
 silent coercion) but unknown fields are ignored, as OpenAI does. Fields that would change the meaning of
 a request and that this server cannot honour (`n > 1`, `echo`, JSON mode, logit bias, forced tool
 choice) are rejected rather than ignored. Range checks are left to `SamplingParams`, so every front
-end reports them the same way. `model` is not checked: a deployment serves one model, whatever the
-client calls it. Nothing here does I/O: `gemma4_platform.openai_api` serves it.
+end reports them the same way. `model`, when given, must name the served model (checked by
+`gemma4_platform.openai_api`, which serves all of this; nothing here does I/O).
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class _GenerationRequest(_Strict):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
-    priority: int = 0
+    priority: int | None = None  # only API keys granted a priority range may set it
+    cache_salt: str | None = None  # vLLM's prefix-cache isolation field
     logit_bias: dict[str, float] | None = None
 
     @field_validator("top_k")
@@ -203,9 +204,8 @@ class ResponseMeta:
 
 
 def error_body(exc: ServingError) -> dict[str, Any]:
-    return {
-        "error": {"message": exc.message, "type": exc.openai_type, "param": exc.field, "code": exc.grpc_code.lower()}
-    }
+    code = exc.openai_code or exc.grpc_code.lower()
+    return {"error": {"message": exc.message, "type": exc.openai_type, "param": exc.field, "code": code}}
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:

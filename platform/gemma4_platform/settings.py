@@ -7,13 +7,15 @@ that builds exactly the graph `gemma4-platform serve` runs.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-API_KEYS_ENV = "GEMMA4_API_KEYS"  # comma-separated keys; or api_keys_file
+API_KEYS_ENV = "GEMMA4_API_KEYS"  # comma- or newline-separated key entries; or api_keys_file
+METRICS_TOKEN_ENV = "GEMMA4_METRICS_TOKEN"
 
 
 class _Strict(BaseModel):
@@ -63,16 +65,49 @@ class ReplicaSettings(_Strict):
     autoscaling: AutoscalingSettings = AutoscalingSettings()
 
 
+class LimitSettings(_Strict):
+    """Bounds on what one request may carry or ask for; beyond them: INVALID_ARGUMENT / HTTP 400 naming the
+    field (413 for the body). Checked at the gateway before anything is rendered or tokenized."""
+
+    max_request_bytes: int = Field(8 << 20, ge=1024, description="HTTP body / gRPC message, bytes")
+    max_messages: int = Field(1024, ge=1)
+    max_content_parts: int = Field(1024, ge=1, description="content parts over all messages")
+    max_tools: int = Field(128, ge=0)
+    max_json_depth: int = Field(32, ge=2, description="nesting of tool schemas, arguments and results")
+    max_stop_strings: int = Field(16, ge=0)
+    max_stop_string_chars: int = Field(256, ge=1)
+    max_stop_token_ids: int = Field(64, ge=0)
+    max_output_tokens: int | None = Field(None, ge=1, description="cap on max_tokens; None = the context length")
+    max_logprobs: int = Field(20, ge=0, le=20, description="top-n logprobs; the engine's own ceiling is 20")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="None = the context length minus one")
+    strict_raw_prompts: bool = Field(
+        False, description="tokenize Generate text prompts as plain text too (special-token strings stay text)"
+    )
+
+
 class GatewaySettings(_Strict):
     num_replicas: int = Field(1, ge=1)
     max_pending_requests: int = Field(256, ge=1, description="per gateway replica; beyond it: RESOURCE_EXHAUSTED / 429")
     default_max_tokens: int = Field(1024, ge=1)
-    api_keys_file: str | None = None
+    api_keys_file: str | None = Field(None, description="one key per line, with optional attributes (see auth)")
+    allow_unauthenticated: bool = Field(
+        False, description="serve without API keys on a non-loopback address (refused otherwise)"
+    )
+    cache_salt_per_key: bool = Field(True, description="prefix-cache hits only between requests of the same key")
     prefix_affinity: bool = True
+    tokenizer_threads: int = Field(2, ge=1, description="threads that render and tokenize large requests")
+    health_refresh_s: float = Field(2.0, gt=0, description="how often /healthz state is refreshed")
+    stalled_stream_timeout_s: float = Field(
+        30.0, gt=0, description="a stream whose client reads nothing this long is aborted (KV freed)"
+    )
+    stream_buffer_messages: int = Field(256, ge=1, description="messages buffered for a client that is not reading")
 
 
 class ServerSettings(_Strict):
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="address of the HTTP port")
+    grpc_host: str | None = Field(
+        None, description="address of the plaintext gRPC port; None = 127.0.0.1 with a TLS port, else `host`"
+    )
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=1, le=65535)
     grpc_tls_port: int | None = Field(None, ge=1, le=65535, description="extra TLS port for gRPC")
@@ -91,10 +126,26 @@ class ServerSettings(_Strict):
             raise ValueError("grpc_tls_port needs tls_cert_file and tls_key_file")
         return self
 
+    @property
+    def plaintext_grpc_host(self) -> str:
+        """Where the plaintext gRPC port listens: loopback when clients have a TLS port, unless set."""
+        if self.grpc_host is not None:
+            return self.grpc_host
+        return "127.0.0.1" if self.grpc_tls_port is not None else self.host
+
+    @property
+    def exposed(self) -> bool:
+        """Whether any API port listens beyond this machine (HTTP and the gRPC TLS port use `host`)."""
+        return not all(is_loopback(host) for host in (self.host, self.plaintext_grpc_host))
+
 
 class TelemetrySettings(_Strict):
     tracing: str = Field("none", description="none | console | otlp | jsonl:PATH")
     metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas publish engine metrics")
+    metrics_token_file: str | None = Field(
+        None, description="file holding a bearer token that /metrics and /debug require (or GEMMA4_METRICS_TOKEN)"
+    )
+    moe_top_experts: int = Field(8, ge=0, description="hottest (layer, expert) pairs exported per replica")
 
 
 class PlatformSettings(_Strict):
@@ -102,17 +153,37 @@ class PlatformSettings(_Strict):
     engine: EngineSettings = EngineSettings()
     replica: ReplicaSettings = ReplicaSettings()
     gateway: GatewaySettings = GatewaySettings()
+    limits: LimitSettings = LimitSettings()
     server: ServerSettings = ServerSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
 
-    def api_keys(self) -> frozenset[str] | None:
-        """Keys from the keys file (one per line) and GEMMA4_API_KEYS; None when auth is off."""
-        keys: set[str] = set()
+    def api_key_entries(self) -> list[str]:
+        """The raw key entries: lines of the keys file, then the comma- or newline-separated GEMMA4_API_KEYS."""
+        entries: list[str] = []
         if self.gateway.api_keys_file:
-            try:
-                text = Path(self.gateway.api_keys_file).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ValueError(f"gateway.api_keys_file: cannot read {self.gateway.api_keys_file}: {exc}") from None
-            keys.update(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
-        keys.update(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip())
-        return frozenset(keys) or None
+            entries += _read_secret(self.gateway.api_keys_file, "gateway.api_keys_file").splitlines()
+        entries += os.environ.get(API_KEYS_ENV, "").replace(",", "\n").splitlines()
+        return [e.strip() for e in entries if e.strip() and not e.strip().startswith("#")]
+
+    def metrics_token(self) -> str | None:
+        """The bearer token /metrics and /debug require, or None when they are open."""
+        if self.telemetry.metrics_token_file:
+            return _read_secret(self.telemetry.metrics_token_file, "telemetry.metrics_token_file").strip() or None
+        return os.environ.get(METRICS_TOKEN_ENV, "").strip() or None
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and "localhost"; wildcard and other addresses are reachable from elsewhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume it resolves beyond this machine
+
+
+def _read_secret(path: str, field: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{field}: cannot read {path}: {exc}") from None

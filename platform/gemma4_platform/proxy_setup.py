@@ -1,0 +1,77 @@
+"""Hardening of Ray Serve's proxy processes: only our contract, on the addresses we chose, with our limits.
+
+Ray starts its proxies itself, so the platform reaches them in two ways: environment variables
+(`proxy_environment(settings)`: set before `ray.init` locally, in the pod spec on Kubernetes) and
+Ray's HTTP-proxy callback, `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH = configure_proxy`, which each
+proxy calls while it starts, before its servers bind. `configure_proxy`:
+
+* binds the plaintext gRPC port to `GEMMA4_GRPC_HOST` (Ray itself always binds `[::]`),
+* drops Ray's own `RayServeAPIService` (ListApplications, Healthz), which would answer outside our
+  API keys, and caps gRPC messages at `GEMMA4_MAX_REQUEST_BYTES` (Ray allows 2 GiB),
+* cancels abandoned and stalled streams (`proxy_streams`),
+* keeps client errors out of the proxy log's tracebacks,
+* returns the HTTP middleware that refuses oversized bodies (413) and hides `/-/routes`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from gemma4_platform.settings import PlatformSettings
+
+CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+CALLBACK = "gemma4_platform.proxy_setup.configure_proxy"
+GRPC_HOST_ENV = "GEMMA4_GRPC_HOST"
+MAX_REQUEST_BYTES_ENV = "GEMMA4_MAX_REQUEST_BYTES"
+STALLED_TIMEOUT_ENV = "GEMMA4_STALLED_STREAM_TIMEOUT_S"
+DEFAULT_MAX_REQUEST_BYTES = PlatformSettings().limits.max_request_bytes
+
+
+def proxy_environment(settings: PlatformSettings) -> dict[str, str]:
+    """What every Ray process of this platform needs in its environment for the proxies to be hardened."""
+    from gemma4_platform.grpc_registration import tls_environment
+
+    return {
+        CALLBACK_ENV: CALLBACK,
+        GRPC_HOST_ENV: settings.server.plaintext_grpc_host,
+        MAX_REQUEST_BYTES_ENV: str(settings.limits.max_request_bytes),
+        STALLED_TIMEOUT_ENV: str(settings.gateway.stalled_stream_timeout_s),
+        **tls_environment(settings),
+    }
+
+
+def stream_policy() -> "proxy_streams.StreamPolicy":
+    from gemma4_platform import proxy_streams
+
+    return proxy_streams.StreamPolicy(stalled_timeout_s=float(os.environ.get(STALLED_TIMEOUT_ENV, "30")))
+
+
+def grpc_address(host: str, port: int | str) -> str:
+    """`host:port` as gRPC expects it (IPv6 literals in brackets)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def configure_proxy() -> list[Any]:
+    """Ray's HTTP-proxy callback: runs in each proxy process before its servers start."""
+    from ray.serve._private import constants, default_impl, grpc_util
+    from starlette.middleware import Middleware
+
+    from gemma4_platform import log_filters, proxy_streams
+    from gemma4_platform.body_limit import BodyLimit
+
+    max_bytes = int(os.environ.get(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES))
+    host = os.environ.get(GRPC_HOST_ENV)
+    if host:
+        port_of = lambda address: address.rsplit(":", 1)[1]  # noqa: E731 - Ray passes "[::]:PORT"
+        default_impl.add_grpc_address = lambda server, address: server.add_insecure_port(
+            grpc_address(host, port_of(address))
+        )
+    grpc_util.add_RayServeAPIServiceServicer_to_server = lambda servicer, server: None
+    constants.DEFAULT_GRPC_SERVER_OPTIONS[:] = [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+    ]
+    proxy_streams.install(stream_policy())
+    log_filters.install()
+    return [Middleware(BodyLimit, max_bytes=max_bytes)]
