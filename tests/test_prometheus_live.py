@@ -20,6 +20,7 @@ import yaml
 
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1 import serving_pb2_grpc as pb_grpc
+from gemma4_platform.settings import PlatformSettings
 from platform_fixtures import TINY_MOE_SETTINGS, ServedPlatform, free_port, served_platform, wait_until
 from test_dashboards import ALERTS, DASHBOARDS, EXTERNAL_METRICS, all_queries, load_dashboard, panels, selectors, substitute
 
@@ -36,8 +37,8 @@ MAIN_PANELS = {
         "Replicas: desired, target, healthy",
     ],
     "moe.json": [
-        "Expert load over time (tokens/s per expert)", "Share of tokens per expert (time range)",
-        "Expert imbalance per layer",
+        "Hottest experts over time (tokens/s)", "Hottest experts' share of their layer (time range)",
+        "Expert load per layer (recent imbalance)", "Expert imbalance per layer",
     ],
     "thinking-tools.json": ["Reasoning-token share", "Tool calls", "Chat requests"],
 }
@@ -173,8 +174,11 @@ def test_series_carry_cache_groups_and_experts(prometheus: Live) -> None:
     result = wait_until(lambda: prometheus.finite_result(promql), 30, what="KV usage per cache group")
     assert {series["metric"]["group"] for series in result} == {"sliding", "full"}
     assert all(0 <= float(series["value"][1]) <= 1 for series in result)
-    experts = query(prometheus.url, f'count(count by (expert) (gemma4_moe_expert_tokens{{namespace="{NAMESPACE}"}}))')
-    assert float(experts[0]["value"][1]) > 1
+    # Bounded expert series: one per MoE layer, and at most the top N (layer, expert) pairs per replica.
+    hot = query(prometheus.url, f'count(gemma4_moe_hot_expert_tokens{{namespace="{NAMESPACE}"}})')
+    assert 1 < float(hot[0]["value"][1]) <= PlatformSettings().telemetry.moe_top_experts
+    layers = query(prometheus.url, f'count(gemma4_moe_layer_tokens{{namespace="{NAMESPACE}"}})')
+    assert float(layers[0]["value"][1]) >= 1
 
 
 def test_alert_rules_evaluate_on_the_live_series(prometheus: Live) -> None:

@@ -83,7 +83,12 @@ def serve_config(settings: PlatformSettings) -> dict[str, Any]:
 
 
 def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
-    """Start Ray locally with the graph; block until SIGINT/SIGTERM, then drain and stop."""
+    """Start Ray locally with the graph; block until SIGINT/SIGTERM, then drain and stop.
+
+    Stopping takes at most the drain time plus a few seconds, also when the signal reached Ray's own
+    processes too (a signal to the whole process group kills the GCS, and Serve's shutdown then waits
+    for a controller that cannot answer): each step gets a deadline.
+    """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     server = settings.server
     # Inherited by Ray's proxy processes, which proxy_setup and grpc_registration configure from it.
@@ -92,7 +97,13 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from gemma4_platform.graph import build_app
+    from gemma4_platform.auth import ApiKeys
+    from gemma4_platform.graph import DRAIN_S, build_app, check_exposure
+
+    try:
+        check_exposure(settings, ApiKeys(settings.api_key_entries()))  # before starting anything
+    except ValueError as exc:
+        raise SystemExit(f"gemma4-platform serve: {exc}") from None
 
     ray.init(include_dashboard=False, ignore_reinit_error=True)
     http = {"host": server.host, "port": server.http_port}
@@ -117,8 +128,18 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     print("draining...", flush=True)
-    serve.shutdown()
-    ray.shutdown()
+    if not _finishes_within(DRAIN_S + 5, serve.shutdown):
+        print("Serve did not stop within the drain time (are Ray's processes gone?): stopping Ray", flush=True)
+    if not _finishes_within(10, ray.shutdown):
+        print("Ray did not stop within 10 s: exiting anyway", flush=True)
+
+
+def _finishes_within(seconds: float, step: Any) -> bool:
+    """Run `step` in a daemon thread; whether it returned within `seconds` (if not, it is abandoned)."""
+    thread = threading.Thread(target=step, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive()
 
 
 def _gib(n: int) -> str:

@@ -52,6 +52,7 @@ from gemma4_platform.settings import PlatformSettings
 
 logger = logging.getLogger(__name__)
 HUB_NAME = "gemma4-metrics-hub"
+DRAIN_S = 30  # a stopping deployment finishes its in-flight streams for up to this long
 
 
 def resolve_checkpoint(settings: PlatformSettings) -> str:
@@ -181,10 +182,10 @@ class RayReplicaBackend:
             raise QueueFull("all replicas are at capacity; retry later", retry_after_s=1.0) from None
         except RayTaskError as exc:
             # An error the replica raised, wrapped by Ray: a ServingError is passed on as itself (a fresh
-            # instance: Ray's wrapper class cannot be rebuilt), anything else is the replica's failure.
+            # instance: Ray's wrapper class cannot be rebuilt); anything else stays an internal error.
             if isinstance(exc.cause, ServingError):
                 raise exc.cause.with_message(exc.cause.message, field=exc.cause.field) from None
-            raise Unavailable(f"the replica serving request {request.request_id} failed") from exc
+            raise
         except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
             raise Unavailable(f"the replica serving request {request.request_id} is unavailable") from exc
         finally:
@@ -299,7 +300,8 @@ class Gateway:
             ),
             metrics=self.metrics,
         )
-        self.recorded_paths = {route.path for route in app.routes} - {"/metrics"}  # unknown paths: one series
+        # Unknown paths are not recorded: their names are the client's choice, unbounded series.
+        self.recorded_paths = {path for route in app.routes if (path := getattr(route, "path", None))} - {"/metrics"}
         self.grpc = Gemma4ServingService(self.frontend, api_keys=self.api_keys, health=self.health)
         self.hub = metrics_hub()
         self._health = {"ready": False, "ready_replicas": 0}
@@ -430,9 +432,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         ),
         health_check_period_s=2,
         health_check_timeout_s=10,
-        # Drain: a stopping replica gets no new requests and finishes its streams for up to 30 s.
+        # Drain: a stopping replica gets no new requests and finishes its streams for up to DRAIN_S.
         graceful_shutdown_wait_loop_s=1,
-        graceful_shutdown_timeout_s=30,
+        graceful_shutdown_timeout_s=DRAIN_S,
         **({"request_router_config": router} if router else {}),
     )
     gateway = serve.deployment(
@@ -441,6 +443,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         num_replicas=settings.gateway.num_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=settings.gateway.max_pending_requests * 2,
+        # Serve stops the gateway first, then the replicas: the gateway's drain covers the streams.
+        graceful_shutdown_wait_loop_s=1,
+        graceful_shutdown_timeout_s=DRAIN_S,
     )
     os.environ.setdefault(tracing.TRACING_ENV, settings.telemetry.tracing)
     check_exposure(settings, ApiKeys(settings.api_key_entries()))  # fail at deploy time, naming the fix

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -153,9 +152,11 @@ def add_openai_routes(
 
 
 def _openai_endpoint(handler: Handler, get_api_keys: Callable[[], ApiKeys]) -> Endpoint:
-    """Check the API key, then run `handler`, answering any failure in OpenAI's error format."""
+    """Check the API key, then run `handler`, answering any failure in OpenAI's error format.
 
-    @functools.wraps(handler)
+    (Not `functools.wraps`: FastAPI would read the handler's own signature and take `caller` for a body.)
+    """
+
     async def endpoint(request: Request) -> Response:
         try:
             caller = get_api_keys().authenticate(presented_keys(request.headers))
@@ -167,6 +168,7 @@ def _openai_endpoint(handler: Handler, get_api_keys: Callable[[], ApiKeys]) -> E
         except Exception as exc:  # noqa: BLE001 - a client still gets a well-formed error, never a traceback
             return error_response(internal_error(logger, f"{request.method} {request.url.path}", exc))
 
+    endpoint.__name__ = endpoint.__qualname__ = handler.__name__
     return endpoint
 
 
