@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers.utils import chat_template_utils
 
 from gemma4.chat import normalize_messages, render
 
@@ -295,7 +296,6 @@ def test_golden_prompt(golden: Golden, variant: str, use_template: bool) -> None
 @pytest.mark.parametrize("template", [LARGE_TEMPLATE, SMALL_TEMPLATE], ids=["large", "small"])
 @pytest.mark.parametrize("golden", GOLDENS, ids=lambda golden: golden.name)
 def test_template_path_matches_transformers(golden: Golden, template: str) -> None:
-    chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
     rendered, _ = chat_template_utils.render_jinja_template(
         [normalize_messages(golden.messages)],
         tools=golden.tools,

@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import pytest
+import transformers
 
 from gemma4.config import variant_config
 from gemma4.special_tokens import ALL_SPECIAL_TOKENS, NEWLINE_ID
@@ -208,7 +209,6 @@ def test_missing_and_malformed_files_are_named(tmp_path: Path) -> None:
 
 
 def test_transformers_reads_the_tiny_tokenizer_identically(tiny_dir: Path, tokenizer: Gemma4Tokenizer) -> None:
-    transformers = pytest.importorskip("transformers")
     reference = transformers.AutoTokenizer.from_pretrained(tiny_dir)
     text = "<|turn>user\nHello 世界 🤖, the weather?<turn|>\n"
     assert reference.encode(text) == tokenizer.encode(text)

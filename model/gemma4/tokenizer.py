@@ -5,6 +5,10 @@ server needs is spread over other files, gathered here once: stop ids from ``gen
 special tokens from ``tokenizer_config.json``, and the chat template from ``chat_template.jinja`` (which
 wins) or ``tokenizer_config.json``. Checkpoints without a template get the built-in renderer of their
 variant's flavour (``gemma4.chat.render``).
+
+Chat prompts are encoded injection-proof (``gemma4.chat.safe_tokenize``): control tokens come only from
+the template's structure, never from client text. ``encode`` parses control tokens written in its text,
+for trusted text such as raw ``Generate`` prompts; ``encode_plain`` is the strict form for untrusted text.
 """
 
 import json
@@ -15,6 +19,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from gemma4.chat import check_variant, render
+from gemma4.chat.safe_tokenize import SafeEncoder
 from gemma4.config import load_config
 from gemma4.special_tokens import BOS, DEFAULT_STOP_TOKENS, PAD
 
@@ -35,6 +40,7 @@ class Gemma4Tokenizer:
         pad_token: str = PAD.text,
     ) -> None:
         self._tokenizer = tokenizer
+        self._safe = SafeEncoder(tokenizer)
         self._variant = check_variant(variant)
         self._chat_template = chat_template
         self._bos_token_id = self._require_id(bos_token)
@@ -77,9 +83,22 @@ class Gemma4Tokenizer:
     def variant(self) -> str:
         return self._variant
 
+    @property
+    def control_token_ids(self) -> frozenset[int]:
+        """Ids of the special tokens and Gemma 4 markers: in ``encode_chat`` only the template writes them."""
+        return self._safe.control_ids
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special tokens written in it become their single ids, no BOS is added."""
+        """Token ids of ``text``; special tokens written in it become their single ids, no BOS is added.
+
+        For trusted text only (raw prompts that spell out their own chat format keep working this way):
+        whoever writes the text controls the turn structure. Use ``encode_plain`` for untrusted text.
+        """
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` with no control token: marker strings in it are spelled as ordinary text."""
+        return self._safe.encode_plain(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -98,7 +117,12 @@ class Gemma4Tokenizer:
         thinking: bool = False,
         add_generation_prompt: bool = True,
     ) -> str:
-        """The prompt text, with the checkpoint's template if it has one, else the built-in renderer."""
+        """The prompt text, with the checkpoint's template if it has one, else the built-in renderer.
+
+        Marker text in client strings is in there verbatim, indistinguishable from the template's own: do
+        not tokenize this text with ``encode`` when the conversation is untrusted; ``encode_chat`` is the
+        safe way to its ids.
+        """
         return render(
             messages,
             tools=tools,
@@ -116,11 +140,19 @@ class Gemma4Tokenizer:
         thinking: bool = False,
         add_generation_prompt: bool = True,
     ) -> list[int]:
-        """Prompt token ids (starting with ``<bos>``, which the chat format writes)."""
-        return self.encode(
-            self.apply_chat_template(
-                messages, tools=tools, thinking=thinking, add_generation_prompt=add_generation_prompt
-            )
+        """Prompt token ids (starting with ``<bos>``, which the chat format writes).
+
+        Control tokens come only from the template: marker strings in client text (contents, names, schemas,
+        arguments, responses, reasoning) are encoded as plain text. Without such text the ids equal
+        ``encode(apply_chat_template(...))``.
+        """
+        return self._safe.encode_chat(
+            messages,
+            tools=tools,
+            thinking=thinking,
+            variant=self._variant,
+            add_generation_prompt=add_generation_prompt,
+            template=self._chat_template,
         )
 
 

@@ -75,14 +75,37 @@ def render(
     template: str | None = None,
 ) -> str:
     """The prompt text for ``messages``: rendered with ``template`` if given, else by the built-in renderer."""
+    check_variant(variant)
+    return render_normalized(
+        normalize_messages(messages),
+        normalize_tools(tools),
+        thinking=thinking,
+        variant=variant,
+        add_generation_prompt=add_generation_prompt,
+        template=template,
+    )
+
+
+def render_normalized(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    *,
+    thinking: bool,
+    variant: str,
+    add_generation_prompt: bool,
+    template: str | None,
+) -> str:
+    """``render`` for messages and tools that already went through ``normalize_messages``/``normalize_tools``.
+
+    Safe tokenization (``gemma4.chat.safe_tokenize``) rewrites the client strings of the normalized
+    conversation before rendering it, so it needs this step on its own.
+    """
     flavour = _FLAVOURS[check_variant(variant)]
-    normalized = normalize_messages(messages)
-    normalized_tools = normalize_tools(tools)
     if template is not None:
         return render_template(
-            template, normalized, tools=normalized_tools, thinking=thinking, add_generation_prompt=add_generation_prompt
+            template, messages, tools=tools, thinking=thinking, add_generation_prompt=add_generation_prompt
         )
-    return _render_builtin(normalized, normalized_tools, thinking, flavour, add_generation_prompt)
+    return _render_builtin(messages, tools, thinking, flavour, add_generation_prompt)
 
 
 def strip_thinking(text: str) -> str:
