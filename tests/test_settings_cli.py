@@ -45,12 +45,13 @@ def test_invalid_settings_exit_with_the_field(overrides: list[str], message: str
 
 
 def test_api_keys_from_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert PlatformSettings().api_keys() is None
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    assert PlatformSettings().api_key_entries() == []
     keys = tmp_path / "keys"
-    keys.write_text("# comment\nalpha\n\nbeta\n")
-    monkeypatch.setenv(API_KEYS_ENV, "gamma, delta")
+    keys.write_text("# comment\nalpha name=a priority=0..3\n\nbeta\n")
+    monkeypatch.setenv(API_KEYS_ENV, "gamma, delta rate=2\nepsilon")
     settings = PlatformSettings.model_validate({"gateway": {"api_keys_file": str(keys)}})
-    assert settings.api_keys() == {"alpha", "beta", "gamma", "delta"}
+    assert settings.api_key_entries() == ["alpha name=a priority=0..3", "beta", "gamma", "delta rate=2", "epsilon"]
     with pytest.raises(ValidationError):
         PlatformSettings.model_validate({"gateway": {"max_pending_requests": -1}})
 
@@ -66,7 +67,29 @@ def test_config_command_writes_a_serve_config_that_round_trips() -> None:
     assert app["import_path"] == "gemma4_platform.graph:build_app"
     assert config["grpc_options"]["grpc_servicer_functions"] == [SERVICER_FUNCTION]
     assert PlatformSettings.model_validate(app["args"]).replica.num_gpus == 1
+    assert config["grpc_options"]["enable_reflection"] is False
     assert serve_config(PlatformSettings())["http_options"]["port"] == 8000
+
+
+def test_config_env_prints_the_proxy_environment() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gemma4_platform.cli", "config", "--env", "--set", "limits.max_request_bytes=65536"],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+        env={"PYTHONPATH": f"{REPO / 'platform'}:{REPO / 'model'}", "PATH": "/usr/bin:/bin"},
+    )
+    env = dict(line.split("=", 1) for line in out.stdout.splitlines())
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "gemma4_platform.proxy_setup.configure_proxy"
+    assert env["GEMMA4_MAX_REQUEST_BYTES"] == "65536" and env["GEMMA4_GRPC_HOST"] == "127.0.0.1"
+
+
+def test_serve_refuses_to_expose_without_keys() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gemma4_platform.cli", "serve", "--set", "server.host=0.0.0.0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": f"{REPO / 'platform'}:{REPO / 'model'}", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode != 0
+    assert "allow_unauthenticated" in out.stderr and "Traceback" not in out.stderr
     json.dumps(config)  # a RayService's serveConfigV2 is plain data
 
 

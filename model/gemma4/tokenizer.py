@@ -94,7 +94,9 @@ class Gemma4Tokenizer:
         For trusted text only (raw prompts that spell out their own chat format keep working this way):
         whoever writes the text controls the turn structure. Use ``encode_plain`` for untrusted text.
         """
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode does not): a long text on a worker thread leaves the
+        # serving event loop free.
+        return self._tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of ``text`` with no control token: marker strings in it are spelled as ordinary text."""
