@@ -144,7 +144,7 @@ def serve_config(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": HTTP_PORT},
-        "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+        "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION], "enable_reflection": False},
         "applications": [{
             "name": APP_NAME,
             "route_prefix": "/",
