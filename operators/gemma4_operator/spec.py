@@ -114,8 +114,16 @@ class Autoscaling(_Spec):
 
 class Gateway(_Spec):
     replicas: int = Field(1, ge=1)
-    tls_secret_name: str | None = Field(None, description="kubernetes.io/tls Secret: gRPC over TLS on port 9443")
+    tls_secret_name: str | None = Field(None, min_length=1, description="kubernetes.io/tls Secret: gRPC over TLS "
+                                        "on port 9443 (plaintext gRPC then listens on loopback only, see plaintextGrpc)")
+    plaintext_grpc: bool = Field(False, description="with tlsSecretName: keep plaintext gRPC on port 9000 "
+                                 "open to the cluster too")
     api_key_secret_name: str | None = Field(None, description="Secret with key 'api-keys' (comma-separated)")
+
+    @property
+    def plaintext_grpc_exposed(self) -> bool:
+        """Whether plaintext gRPC listens beyond the pod: clients with a TLS port get only that one by default."""
+        return self.tls_secret_name is None or self.plaintext_grpc
 
 
 class PodResources(_Spec):
