@@ -68,7 +68,8 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.kmock(cls=ApiServer)]
 
 def gemma4_service(name: str, **spec: Any) -> dict[str, Any]:
     body = {"model": {"variant": "e4b", "checkpoint": {"pvc": {"claimName": "models", "path": "gemma-4-e4b-it"}}},
-            "accelerator": {"type": "h100-80gb"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2}}
+            "accelerator": {"type": "h100-80gb"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2},
+            "gateway": {"apiKeySecretName": f"{name}-keys"}}
     body.update(spec)
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": NS}, "spec": body}
 
@@ -298,3 +299,19 @@ async def test_infeasible_update_keeps_the_last_good_deployment(cluster: Kuberne
     assert planned["message"].endswith("The last feasible spec keeps serving.")
     assert versions(cluster, keys) == before
     assert condition(cluster, name, "Deployed")["status"] == "True"
+
+
+async def test_a_service_without_api_keys_is_refused_unless_it_allows_anyone(cluster: KubernetesEmulator) -> None:
+    async with operator():
+        await create(cluster, gemma4_service("open", gateway={}))
+        await create(cluster, gemma4_service("anyone", gateway={"allowUnauthenticated": True}))
+        refused = await eventually(lambda: condition(cluster, "open", "Planned"))
+        await eventually(lambda: condition(cluster, "anyone", "Deployed"))
+    # kopf writes the condition after the handler returned, and the handler applies objects before
+    # returning: once the condition is there, nothing more can come from that handling.
+    assert (refused["status"], refused["reason"]) == ("False", "Unauthenticated")
+    assert "spec.gateway.apiKeySecretName" in refused["message"]
+    assert "spec.gateway.allowUnauthenticated: true" in refused["message"]
+    assert owned(cluster, "open") == {}
+    assert [c["type"] for c in live(cluster, GEMMA, "open")["status"]["conditions"]] == ["Planned"]
+    assert serve_args(live(cluster, RAY, "anyone"))["gateway"]["allow_unauthenticated"] is True

@@ -33,8 +33,8 @@ TLS = {"tlsSecretName": "gemma-tls", **KEYS}
 
 
 def sample(**spec: Any) -> dict[str, Any]:
-    """A Gemma4Service spec as a user writes it (camelCase, defaults left out)."""
-    body: dict[str, Any] = {"model": {"variant": "e4b", "checkpoint": PVC}}
+    """A Gemma4Service spec as a user writes it (camelCase, defaults left out), with API keys."""
+    body: dict[str, Any] = {"model": {"variant": "e4b", "checkpoint": PVC}, "gateway": KEYS}
     body.update(spec)
     return body
 
@@ -220,7 +220,7 @@ def test_crd_shape_printer_columns_and_status_subresource() -> None:
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
-@pytest.mark.parametrize("spec", [{}, {"gateway": TLS}])
+@pytest.mark.parametrize("spec", [{"gateway": {"allowUnauthenticated": True}}, {"gateway": TLS}])
 def test_builtin_objects_and_pod_templates_validate_strictly(version: str, spec: dict[str, Any]) -> None:
     _, _, objects = build(**spec, model={"variant": "e4b", "checkpoint": {
         "uri": "hf://google/gemma-4-E4B-it", "credentialsSecretName": "hf-token"}})
@@ -306,7 +306,7 @@ def test_serve_config_is_the_platforms_shape_with_the_plans_engine_settings() ->
 
     _, result, objects = build(serving={"maxModelLen": 32768, "maxConcurrentSequences": 24},
                                autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetOngoingRequests": 8},
-                               gateway={"replicas": 2})
+                               gateway={**KEYS, "replicas": 2})
     ours = yaml.safe_load(by_kind(objects, "RayService")[0]["spec"]["serveConfigV2"])
     settings = args_settings(objects)
     assert ours == {**serve_config(settings), "applications": [{
@@ -376,6 +376,22 @@ def test_without_tls_plaintext_grpc_is_open_to_the_cluster() -> None:
     assert {p["port"] for p in by_kind(objects, "NetworkPolicy")[0]["spec"]["ingress"][1]["ports"]} == {8000, 9000}
     assert manifests.endpoints(OWNER, parsed) == {"grpc": "chat-grpc.serving.svc:9000", "http": "http://chat-http.serving.svc:8000"}
     assert args_settings(objects).server.plaintext_grpc_host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("gateway,keys", [(KEYS, ["key-1"]), ({"allowUnauthenticated": True}, [])])
+def test_the_platforms_gateway_accepts_what_the_operator_deploys(gateway: dict[str, Any], keys: list[str]) -> None:
+    """The gateway refuses to serve anyone on the pods' addresses unless the args allow it (the operator
+    refuses such a spec before that: `Unauthenticated`, see the kmock tests)."""
+    from gemma4_platform.auth import ApiKeys
+    from gemma4_platform.graph import check_exposure
+
+    settings = args_settings(build(gateway=gateway)[2])
+    assert settings.server.exposed and settings.gateway.allow_unauthenticated == (gateway != KEYS)
+    check_exposure(settings, ApiKeys(keys))
+    if not keys:
+        with pytest.raises(ValueError, match="allow_unauthenticated: true"):
+            check_exposure(settings.model_copy(update={"gateway": settings.gateway.model_copy(
+                update={"allow_unauthenticated": False})}), ApiKeys([]))
 
 
 def test_checkpoint_from_a_uri_is_downloaded_by_an_init_container() -> None:

@@ -156,6 +156,7 @@ def platform_args(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
         },
         "gateway": {
             "num_replicas": spec.gateway.replicas,
+            "allow_unauthenticated": spec.gateway.allow_unauthenticated,
             "stalled_stream_timeout_s": STALLED_STREAM_TIMEOUT_S,
         },
         "limits": {"max_request_bytes": MAX_REQUEST_BYTES},

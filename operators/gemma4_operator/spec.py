@@ -118,7 +118,11 @@ class Gateway(_Spec):
                                         "on port 9443 (plaintext gRPC then listens on loopback only, see plaintextGrpc)")
     plaintext_grpc: bool = Field(False, description="with tlsSecretName: keep plaintext gRPC on port 9000 "
                                  "open to the cluster too")
-    api_key_secret_name: str | None = Field(None, description="Secret with key 'api-keys' (comma-separated)")
+    api_key_secret_name: str | None = Field(None, min_length=1,
+                                            description="Secret with key 'api-keys' (comma-separated)")
+    allow_unauthenticated: bool = Field(False, description="serve without API keys: anyone who reaches the "
+                                        "Services may call the model (without it or apiKeySecretName, the "
+                                        "operator deploys nothing)")
 
     @property
     def plaintext_grpc_exposed(self) -> bool:
