@@ -21,9 +21,10 @@ CHART = REPO / "deploy" / "helm" / "gemma4-platform"
 KUBE_VERSIONS = ("1.31.0", "1.33.0")
 PRESETS = ("values-gke.yaml", "values-eks.yaml", "values-amd.yaml")
 EVERYTHING_ON = {
-    "example": {"enabled": True},
+    "example": {"enabled": True, "metricsTokenSecretName": "gemma4-scrape-token"},
     "operator": {"replicas": 2},
-    "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    "monitoring": {"serviceMonitor": {"enabled": True, "metricsTokenSecretName": "gemma4-scrape-token"},
+                   "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
 }
 # Custom resources the chart renders, and the schemas they are checked against instead.
 CUSTOM_KINDS = {"Gemma4Service", "ServiceMonitor", "PodMonitor", "PrometheusRule", "ClusterKopfPeering", "KopfPeering"}
@@ -89,9 +90,14 @@ def example(values: dict[str, Any]) -> dict[str, Any]:
 
 def test_example_authenticates_by_default_and_serves_anyone_only_when_asked() -> None:
     assert example({})["spec"]["gateway"] == {"apiKeySecretName": "gemma4-api-keys", "allowUnauthenticated": False}
+    assert "monitoring" not in example({})["spec"]
     assert example({"apiKeySecretName": "", "allowUnauthenticated": True})["spec"]["gateway"] == {"allowUnauthenticated": True}
     with pytest.raises(HelmError, match="set example.apiKeySecretName"):
         example({"apiKeySecretName": ""})
+    monitor = next(d for d in render(EVERYTHING_ON) if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["authorization"] == {
+        "type": "Bearer", "credentials": {"name": "gemma4-scrape-token", "key": "token"}}
+    assert example(EVERYTHING_ON["example"])["spec"]["monitoring"] == {"metricsTokenSecretName": "gemma4-scrape-token"}
 
 
 def test_peering_follows_the_watched_namespaces() -> None:

@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 KUBE_VERSIONS = ("1.31", "1.33")
 OWNER = Owner(name="chat", namespace="serving", uid="5b1f0c8e-0000-4000-8000-000000000001")
 KUBERAY_SCHEMA = yaml.safe_load((Path(__file__).parent / "data" / "kuberay-rayservice-v1.schema.yaml").read_text())
+# The strict Prometheus Operator subset the Helm chart's tests use for the same kinds.
+PROMETHEUS_OPERATOR_SCHEMAS = yaml.safe_load(
+    (Path(__file__).parent / "data" / "prometheus-operator-subset.schema.yaml").read_text())
 PVC = {"pvc": {"claimName": "models", "path": "gemma-4-e4b-it"}}
 KEYS = {"apiKeySecretName": "gemma-keys"}
 TLS = {"tlsSecretName": "gemma-tls", **KEYS}
@@ -126,7 +129,7 @@ def test_constants_shared_with_the_platform_agree() -> None:
             manifests.MAX_REQUEST_BYTES_ENV, manifests.STALLED_TIMEOUT_ENV) == (
         proxy_setup.CALLBACK_ENV, proxy_setup.CALLBACK, proxy_setup.GRPC_HOST_ENV,
         proxy_setup.MAX_REQUEST_BYTES_ENV, proxy_setup.STALLED_TIMEOUT_ENV)
-    assert manifests.API_KEYS_ENV == settings.API_KEYS_ENV
+    assert (manifests.API_KEYS_ENV, manifests.METRICS_TOKEN_ENV) == (settings.API_KEYS_ENV, settings.METRICS_TOKEN_ENV)
     assert manifests.APP_NAME == cli.APP_NAME
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["platform"]
     assert f"ray[serve]=={manifests.RAY_VERSION}" in pins
@@ -220,7 +223,8 @@ def test_crd_shape_printer_columns_and_status_subresource() -> None:
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
-@pytest.mark.parametrize("spec", [{"gateway": {"allowUnauthenticated": True}}, {"gateway": TLS}])
+@pytest.mark.parametrize("spec", [{"gateway": {"allowUnauthenticated": True}},
+                                  {"gateway": TLS, "monitoring": {"metricsTokenSecretName": "scrape-token"}}])
 def test_builtin_objects_and_pod_templates_validate_strictly(version: str, spec: dict[str, Any]) -> None:
     _, _, objects = build(**spec, model={"variant": "e4b", "checkpoint": {
         "uri": "hf://google/gemma-4-E4B-it", "credentialsSecretName": "hf-token"}})
@@ -420,14 +424,26 @@ def test_service_monitor_only_when_asked() -> None:
     result = planner.plan_for(parsed)
     kinds = [o["kind"] for o in manifests.desired_objects(OWNER, parsed, result, with_service_monitor=False)]
     assert "ServiceMonitor" not in kinds
-    monitor = manifests.service_monitor(OWNER)
+    monitor = manifests.service_monitor(OWNER, parsed)
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http", "metrics"]
-    # The strict Prometheus Operator subset the Helm chart's tests use for the same kind.
-    schemas = yaml.safe_load((Path(__file__).parent / "data" / "prometheus-operator-subset.schema.yaml").read_text())
-    jsonschema.Draft202012Validator(schemas["ServiceMonitor"]).validate(monitor)
+    assert not any("authorization" in e for e in monitor["spec"]["endpoints"])
+    jsonschema.Draft202012Validator(PROMETHEUS_OPERATOR_SCHEMAS["ServiceMonitor"]).validate(monitor)
     http = manifests.http_service(OWNER)
     assert monitor["spec"]["selector"]["matchLabels"].items() <= http["metadata"]["labels"].items()
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in http["spec"]["ports"]}
+
+
+def test_metrics_token_reaches_the_gateway_and_the_service_monitor() -> None:
+    _, _, objects = build(monitoring={"metricsTokenSecretName": "scrape-token"})
+    for template in pod_templates(objects):
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["GEMMA4_METRICS_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "scrape-token", "key": "token"}}
+    (monitor,) = by_kind(objects, "ServiceMonitor")
+    jsonschema.Draft202012Validator(PROMETHEUS_OPERATOR_SCHEMAS["ServiceMonitor"]).validate(monitor)
+    gateway, ray = monitor["spec"]["endpoints"]
+    assert gateway["authorization"] == {"type": "Bearer", "credentials": {"name": "scrape-token", "key": "token"}}
+    assert "authorization" not in ray  # Ray's own metrics port knows no token
+    assert "GEMMA4_METRICS_TOKEN" not in {e["name"] for t in pod_templates(build()[2]) for e in t["spec"]["containers"][0]["env"]}
 
 
 # ---------------------------------------------------------------------------- planning and status

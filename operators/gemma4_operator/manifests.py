@@ -52,7 +52,7 @@ GCS_PORT, DASHBOARD_PORT, DASHBOARD_AGENT_PORT, CLIENT_PORT = 6379, 8265, 52365,
 APP_NAME = "gemma4"
 IMPORT_PATH = "gemma4_platform.graph:build_app"
 SERVICER_FUNCTION = "gemma4_platform.grpc_registration.add_servicer"
-API_KEYS_ENV = "GEMMA4_API_KEYS"
+API_KEYS_ENV, METRICS_TOKEN_ENV = "GEMMA4_API_KEYS", "GEMMA4_METRICS_TOKEN"
 TLS_PORT_ENV, TLS_HOST_ENV = "GEMMA4_GRPC_TLS_PORT", "GEMMA4_GRPC_TLS_HOST"
 TLS_CERT_ENV, TLS_KEY_ENV = "GEMMA4_TLS_CERT_FILE", "GEMMA4_TLS_KEY_FILE"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
@@ -65,7 +65,7 @@ MAX_REQUEST_BYTES = 8 << 20
 STALLED_STREAM_TIMEOUT_S = 30.0
 
 ANY_ADDRESS, LOOPBACK = "0.0.0.0", "127.0.0.1"
-API_KEYS_SECRET_KEY = "api-keys"
+API_KEYS_SECRET_KEY, METRICS_TOKEN_SECRET_KEY = "api-keys", "token"
 CHECKPOINT_DIR = "/models"
 TLS_DIR = "/etc/gemma4/tls"
 WORKER_GROUP = "gpu"
@@ -216,13 +216,13 @@ def proxy_environment(spec: Gemma4ServiceSpec) -> dict[str, str]:
 
 
 def _env(spec: Gemma4ServiceSpec) -> list[dict[str, Any]]:
-    """The proxies' environment, and the gateway's API keys: every Ray pod runs a proxy, and Ray may place
-    the gateway on any of them."""
-    env = [{"name": name, "value": value} for name, value in proxy_environment(spec).items()]
-    if spec.gateway.api_key_secret_name:
-        env.append({"name": API_KEYS_ENV, "valueFrom": {"secretKeyRef": {
-            "name": spec.gateway.api_key_secret_name, "key": API_KEYS_SECRET_KEY}}})
-    return env
+    """The proxies' environment, and the gateway's secrets (API keys, scrape token): every Ray pod runs a
+    proxy, and Ray may place the gateway on any of them."""
+    secrets = [(API_KEYS_ENV, spec.gateway.api_key_secret_name, API_KEYS_SECRET_KEY),
+               (METRICS_TOKEN_ENV, spec.monitoring.metrics_token_secret_name, METRICS_TOKEN_SECRET_KEY)]
+    return [{"name": name, "value": value} for name, value in proxy_environment(spec).items()] + [
+        {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        for name, secret, key in secrets if secret]
 
 
 def _volumes(spec: Gemma4ServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -429,16 +429,20 @@ def network_policy(owner: Owner, spec: Gemma4ServiceSpec) -> dict[str, Any]:
     }
 
 
-def service_monitor(owner: Owner) -> dict[str, Any]:
-    """Prometheus Operator scraping: the platform's /metrics on the HTTP port, and Ray's own."""
+def service_monitor(owner: Owner, spec: Gemma4ServiceSpec) -> dict[str, Any]:
+    """Prometheus Operator scraping: the platform's /metrics on the HTTP port (with the scrape token when the
+    gateway requires one; `authorization` is the successor of the deprecated `bearerTokenSecret`), and Ray's own."""
+    gateway: dict[str, Any] = {"port": "http", "path": "/metrics", "interval": "15s"}
+    if spec.monitoring.metrics_token_secret_name:
+        gateway["authorization"] = {"type": "Bearer", "credentials": {
+            "name": spec.monitoring.metrics_token_secret_name, "key": METRICS_TOKEN_SECRET_KEY}}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
         "metadata": _metadata(owner, owner.name, "metrics"),
         "spec": {
             "selector": {"matchLabels": {**instance_labels(owner), "app.kubernetes.io/component": "http"}},
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"},
-                          {"port": "metrics", "path": "/metrics", "interval": "15s"}],
+            "endpoints": [gateway, {"port": "metrics", "path": "/metrics", "interval": "15s"}],
         },
     }
 
@@ -457,5 +461,5 @@ def desired_objects(owner: Owner, spec: Gemma4ServiceSpec, plan: Plan, *, with_s
     objects = [ray_service(owner, spec, plan), grpc_service(owner, spec), http_service(owner),
                pod_disruption_budget(owner), network_policy(owner, spec)]
     if with_service_monitor:
-        objects.append(service_monitor(owner))
+        objects.append(service_monitor(owner, spec))
     return objects

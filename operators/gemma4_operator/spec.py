@@ -130,6 +130,12 @@ class Gateway(_Spec):
         return self.tls_secret_name is None or self.plaintext_grpc
 
 
+class Monitoring(_Spec):
+    metrics_token_secret_name: str | None = Field(
+        None, min_length=1, description="Secret with key 'token': the bearer token the gateway's /metrics and "
+        "/debug require; the operator's ServiceMonitor scrapes with it")
+
+
 class PodResources(_Spec):
     cpu: str | None = Field(None, pattern=QUANTITY_PATTERN, description="CPU request and limit")
     memory: str | None = Field(None, pattern=QUANTITY_PATTERN, description="memory request and limit")
@@ -147,6 +153,7 @@ class Gemma4ServiceSpec(_Spec):
     parallelism: Parallelism = Parallelism()
     autoscaling: Autoscaling = Autoscaling()
     gateway: Gateway = Gateway()
+    monitoring: Monitoring = Monitoring()
     image: str | None = Field(None, min_length=1, description="the platform's serving image (default: "
                               "ghcr.io/gemma4-platform/gemma4-platform:VERSION, its -rocm build on AMD)")
     resources: Resources = Resources()
