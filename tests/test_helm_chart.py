@@ -11,7 +11,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from helm_python import Chart, HelmValuesError, lint
+from helm_python import Chart, HelmError, HelmValuesError, lint
 
 from gemma4_operator.crd import crd_manifest
 from gemma4_operator.manifests import desired_objects
@@ -21,9 +21,10 @@ CHART = REPO / "deploy" / "helm" / "gemma4-platform"
 KUBE_VERSIONS = ("1.31.0", "1.33.0")
 PRESETS = ("values-gke.yaml", "values-eks.yaml", "values-amd.yaml")
 EVERYTHING_ON = {
-    "example": {"enabled": True},
+    "example": {"enabled": True, "metricsTokenSecretName": "gemma4-scrape-token"},
     "operator": {"replicas": 2},
-    "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    "monitoring": {"serviceMonitor": {"enabled": True, "metricsTokenSecretName": "gemma4-scrape-token"},
+                   "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
 }
 # Custom resources the chart renders, and the schemas they are checked against instead.
 CUSTOM_KINDS = {"Gemma4Service", "ServiceMonitor", "PodMonitor", "PrometheusRule", "ClusterKopfPeering", "KopfPeering"}
@@ -83,6 +84,22 @@ def test_custom_resources_validate_against_their_schemas() -> None:
     assert CUSTOM_KINDS - {"KopfPeering"} <= seen
 
 
+def example(values: dict[str, Any]) -> dict[str, Any]:
+    return next(d for d in render({"example": {"enabled": True, **values}}) if d["kind"] == "Gemma4Service")
+
+
+def test_example_authenticates_by_default_and_serves_anyone_only_when_asked() -> None:
+    assert example({})["spec"]["gateway"] == {"apiKeySecretName": "gemma4-api-keys", "allowUnauthenticated": False}
+    assert "monitoring" not in example({})["spec"]
+    assert example({"apiKeySecretName": "", "allowUnauthenticated": True})["spec"]["gateway"] == {"allowUnauthenticated": True}
+    with pytest.raises(HelmError, match="set example.apiKeySecretName"):
+        example({"apiKeySecretName": ""})
+    monitor = next(d for d in render(EVERYTHING_ON) if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["authorization"] == {
+        "type": "Bearer", "credentials": {"name": "gemma4-scrape-token", "key": "token"}}
+    assert example(EVERYTHING_ON["example"])["spec"]["monitoring"] == {"metricsTokenSecretName": "gemma4-scrape-token"}
+
+
 def test_peering_follows_the_watched_namespaces() -> None:
     docs = render({"operator": {"replicas": 2, "watchNamespaces": ["a", "b"]}})
     peerings = [d for d in docs if d["kind"] in ("KopfPeering", "ClusterKopfPeering")]
@@ -111,6 +128,8 @@ def test_lint_strict_and_presets_pass_the_schema() -> None:
         ({"example": {"accelerator": "tpu-v4"}}, "at '/example/accelerator'"),
         ({"example": {"checkpoint": {"uri": "ftp://x"}}}, "at '/example/checkpoint/uri'"),
         ({"monitoring": {"serviceMonitor": {"interval": "soon"}}}, "at '/monitoring/serviceMonitor/interval'"),
+        ({"example": {"apiKeySecretName": "Keys_1"}}, "at '/example/apiKeySecretName'"),
+        ({"example": {"allowUnauthenticated": "yes"}}, "at '/example/allowUnauthenticated'"),
         ({"unknownKey": 1}, "additional properties 'unknownKey' not allowed"),
     ],
 )
@@ -153,7 +172,8 @@ def desired_objects_sample() -> list[dict[str, Any]]:
     from gemma4_operator.spec import Gemma4ServiceSpec
 
     spec = Gemma4ServiceSpec.model_validate(
-        {"model": {"variant": "e4b", "checkpoint": {"uri": "hf://google/gemma-4-E4B-it"}}, "accelerator": {"type": "l4"}}
+        {"model": {"variant": "e4b", "checkpoint": {"uri": "hf://google/gemma-4-E4B-it"}}, "accelerator": {"type": "l4"},
+         "gateway": {"apiKeySecretName": "g-keys"}}
     )
     planned = plan(ServingSpec(variant="e4b", accelerator="l4", max_model_len=8192, max_num_seqs=16))
     owner = Owner(name="g", namespace="serving", uid="1234")

@@ -5,8 +5,10 @@ discovery; it has no admission, no defaulting, no garbage collector and no serve
 PATCH merges like a JSON merge patch and 404s for a missing object, which the operator's create
 fallback covers), and it keeps no object metadata. `ApiServer` below adds the metadata an API
 server maintains (uid, resourceVersion, generation), which kopf and the operator rely on. Where a
-real cluster would garbage-collect, the tests check owner references. Every wait is a bounded poll;
-the emulator listens on 127.0.0.1.
+real cluster would garbage-collect, the tests check owner references. Every wait is a bounded poll
+for something that must happen; a check that something did not happen is made only once an event
+that comes after it (in kopf's processing order) has been seen, never after a pause. The emulator
+listens on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,6 +43,8 @@ NETPOLS = "networking.k8s.io/v1/networkpolicies"
 MONITORS = "monitoring.coreos.com/v1/servicemonitors"
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 DEADLINE_S = 20
+SENTINEL = "test.gemma4.dev/sentinel"
+LAST_HANDLED = "kopf.zalando.org/last-handled-configuration"  # kopf's record of the essence it handled
 
 
 _resource_versions = itertools.count(1)
@@ -68,7 +73,8 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.kmock(cls=ApiServer)]
 
 def gemma4_service(name: str, **spec: Any) -> dict[str, Any]:
     body = {"model": {"variant": "e4b", "checkpoint": {"pvc": {"claimName": "models", "path": "gemma-4-e4b-it"}}},
-            "accelerator": {"type": "h100-80gb"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2}}
+            "accelerator": {"type": "h100-80gb"}, "autoscaling": {"minReplicas": 1, "maxReplicas": 2},
+            "gateway": {"apiKeySecretName": f"{name}-keys"}}
     body.update(spec)
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": NS}, "spec": body}
 
@@ -166,6 +172,11 @@ def serve_args(ray_service: dict[str, Any]) -> dict[str, Any]:
     return yaml.safe_load(ray_service["spec"]["serveConfigV2"])["applications"][0]["args"]
 
 
+def handled_annotations(cluster: KubernetesEmulator, name: str) -> dict[str, str]:
+    """The annotations of the Gemma4Service as kopf last recorded them, once it finished handling a change."""
+    return json.loads(live(cluster, GEMMA, name)["metadata"]["annotations"][LAST_HANDLED])["metadata"]["annotations"]
+
+
 async def test_lifecycle_create_update_restart_ready_delete(cluster: KubernetesEmulator) -> None:
     cluster.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, SERVICE_MONITOR_CRD] = {
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
@@ -228,7 +239,7 @@ async def test_lifecycle_create_update_restart_ready_delete(cluster: KubernetesE
         assert changed == {(RAY, name)}
 
     # A restart on the same state: the resume handler runs, finds everything in place and writes
-    # nothing, neither to the owned objects nor to the resource.
+    # nothing, neither to the owned objects nor to the resource; nor does the readiness mirror.
     before = versions(cluster, [*keys, (GEMMA, name)])
     ray_reads = cluster[f"get /apis/ray.io/v1/namespaces/{NS}/rayservices/{name}"]
     reads_before = len(ray_reads)
@@ -236,11 +247,33 @@ async def test_lifecycle_create_update_restart_ready_delete(cluster: KubernetesE
     def resumed() -> None:  # reconcile reads the RayService twice: to apply it and for readiness
         assert len(ray_reads) >= reads_before + 2
 
+    def recorded() -> None:
+        assert handled_annotations(cluster, name).get(SENTINEL) == "1"
+
+    def mirrored() -> None:
+        assert condition(cluster, name, "Ready")["reason"] == "Sentinel"
+
     async with operator():
         await eventually(resumed)
-        await asyncio.sleep(0.5)  # and give a stray write the time to land
+        # Any stray write must have landed before these two sentinels are seen. kopf handles the
+        # events of one object one at a time, each to the end (its own patch included), and:
+        # - the resource: reconcile wrote its objects before its second RayService read; what kopf
+        #   patches after the handler returns comes before it handles the next event. Our annotation
+        #   is that next event: kopf has handlers for spec changes only, so it just records the new
+        #   annotations in its last-handled configuration, a write we wait for.
+        # - the RayService: the readiness mirror handles every event of it. A Ready reason we set is
+        #   copied to the resource only after the mirror's earlier events, the listing's included.
+        await patch(cluster, f"/apis/{API_VERSION}/namespaces/{NS}/{PLURAL}/{name}",
+                    {"metadata": {"annotations": {SENTINEL: "1"}}})
+        await patch(cluster, f"/apis/ray.io/v1/namespaces/{NS}/rayservices/{name}/status", {"status": {
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Sentinel", "message": "1 endpoint"}]}})
+        await eventually(recorded)
+        await eventually(mirrored)
     assert sorted(owned(cluster, name)) == keys
-    assert versions(cluster, [*keys, (GEMMA, name)]) == before
+    # The sentinels' own writes and nothing else: the RayService's status (ours); the resource's
+    # annotation (ours), kopf's record of it, and the mirrored Ready condition.
+    written = {(RAY, name): 1, (GEMMA, name): 3}
+    assert versions(cluster, [*keys, (GEMMA, name)]) == {key: count + written.get(key, 0) for key, count in before.items()}
 
     # Delete: no finalizer holds it. kmock has no garbage collector, so check that every owned
     # object names the resource as its controller (a real cluster deletes them through that).
@@ -298,3 +331,19 @@ async def test_infeasible_update_keeps_the_last_good_deployment(cluster: Kuberne
     assert planned["message"].endswith("The last feasible spec keeps serving.")
     assert versions(cluster, keys) == before
     assert condition(cluster, name, "Deployed")["status"] == "True"
+
+
+async def test_a_service_without_api_keys_is_refused_unless_it_allows_anyone(cluster: KubernetesEmulator) -> None:
+    async with operator():
+        await create(cluster, gemma4_service("open", gateway={}))
+        await create(cluster, gemma4_service("anyone", gateway={"allowUnauthenticated": True}))
+        refused = await eventually(lambda: condition(cluster, "open", "Planned"))
+        await eventually(lambda: condition(cluster, "anyone", "Deployed"))
+    # kopf writes the condition after the handler returned, and the handler applies objects before
+    # returning: once the condition is there, nothing more can come from that handling.
+    assert (refused["status"], refused["reason"]) == ("False", "Unauthenticated")
+    assert "spec.gateway.apiKeySecretName" in refused["message"]
+    assert "spec.gateway.allowUnauthenticated: true" in refused["message"]
+    assert owned(cluster, "open") == {}
+    assert [c["type"] for c in live(cluster, GEMMA, "open")["status"]["conditions"]] == ["Planned"]
+    assert serve_args(live(cluster, RAY, "anyone"))["gateway"]["allow_unauthenticated"] is True

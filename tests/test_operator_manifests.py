@@ -27,12 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 KUBE_VERSIONS = ("1.31", "1.33")
 OWNER = Owner(name="chat", namespace="serving", uid="5b1f0c8e-0000-4000-8000-000000000001")
 KUBERAY_SCHEMA = yaml.safe_load((Path(__file__).parent / "data" / "kuberay-rayservice-v1.schema.yaml").read_text())
+# The strict Prometheus Operator subset the Helm chart's tests use for the same kinds.
+PROMETHEUS_OPERATOR_SCHEMAS = yaml.safe_load(
+    (Path(__file__).parent / "data" / "prometheus-operator-subset.schema.yaml").read_text())
 PVC = {"pvc": {"claimName": "models", "path": "gemma-4-e4b-it"}}
+KEYS = {"apiKeySecretName": "gemma-keys"}
+TLS = {"tlsSecretName": "gemma-tls", **KEYS}
 
 
 def sample(**spec: Any) -> dict[str, Any]:
-    """A Gemma4Service spec as a user writes it (camelCase, defaults left out)."""
-    body: dict[str, Any] = {"model": {"variant": "e4b", "checkpoint": PVC}}
+    """A Gemma4Service spec as a user writes it (camelCase, defaults left out), with API keys."""
+    body: dict[str, Any] = {"model": {"variant": "e4b", "checkpoint": PVC}, "gateway": KEYS}
     body.update(spec)
     return body
 
@@ -45,6 +50,20 @@ def build(**spec: Any) -> tuple[Gemma4ServiceSpec, Any, list[dict[str, Any]]]:
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [o for o in objects if o["kind"] == kind]
+
+
+def pod_templates(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The head's and the workers' pod templates of the RayService."""
+    cluster = by_kind(objects, "RayService")[0]["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
+def args_settings(objects: list[dict[str, Any]]) -> Any:
+    """The platform's settings from the application's args in the RayService's Serve config."""
+    from gemma4_platform.settings import PlatformSettings
+
+    config = yaml.safe_load(by_kind(objects, "RayService")[0]["spec"]["serveConfigV2"])
+    return PlatformSettings.model_validate(config["applications"][0]["args"])
 
 
 def crd_schema() -> dict[str, Any]:
@@ -100,12 +119,17 @@ def test_runner_passes_namespaces_and_peering_to_kopf(monkeypatch: pytest.Monkey
 
 
 def test_constants_shared_with_the_platform_agree() -> None:
-    from gemma4_platform import cli, grpc_registration, settings
+    from gemma4_platform import cli, grpc_registration, proxy_setup, settings
 
     assert manifests.SERVICER_FUNCTION == grpc_registration.SERVICER_FUNCTION
-    assert (manifests.TLS_PORT_ENV, manifests.TLS_CERT_ENV, manifests.TLS_KEY_ENV) == (
-        grpc_registration.TLS_PORT_ENV, grpc_registration.TLS_CERT_ENV, grpc_registration.TLS_KEY_ENV)
-    assert manifests.API_KEYS_ENV == settings.API_KEYS_ENV
+    assert (manifests.TLS_PORT_ENV, manifests.TLS_HOST_ENV, manifests.TLS_CERT_ENV, manifests.TLS_KEY_ENV) == (
+        grpc_registration.TLS_PORT_ENV, grpc_registration.TLS_HOST_ENV, grpc_registration.TLS_CERT_ENV,
+        grpc_registration.TLS_KEY_ENV)
+    assert (manifests.PROXY_CALLBACK_ENV, manifests.PROXY_CALLBACK, manifests.GRPC_HOST_ENV,
+            manifests.MAX_REQUEST_BYTES_ENV, manifests.STALLED_TIMEOUT_ENV) == (
+        proxy_setup.CALLBACK_ENV, proxy_setup.CALLBACK, proxy_setup.GRPC_HOST_ENV,
+        proxy_setup.MAX_REQUEST_BYTES_ENV, proxy_setup.STALLED_TIMEOUT_ENV)
+    assert (manifests.API_KEYS_ENV, manifests.METRICS_TOKEN_ENV) == (settings.API_KEYS_ENV, settings.METRICS_TOKEN_ENV)
     assert manifests.APP_NAME == cli.APP_NAME
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["platform"]
     assert f"ray[serve]=={manifests.RAY_VERSION}" in pins
@@ -199,22 +223,22 @@ def test_crd_shape_printer_columns_and_status_subresource() -> None:
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
-@pytest.mark.parametrize("gateway", [{}, {"tlsSecretName": "gemma-tls", "apiKeySecretName": "gemma-keys"}])
-def test_builtin_objects_and_pod_templates_validate_strictly(version: str, gateway: dict[str, str]) -> None:
-    _, _, objects = build(gateway=gateway, model={"variant": "e4b", "checkpoint": {
+@pytest.mark.parametrize("spec", [{"gateway": {"allowUnauthenticated": True}},
+                                  {"gateway": TLS, "monitoring": {"metricsTokenSecretName": "scrape-token"}}])
+def test_builtin_objects_and_pod_templates_validate_strictly(version: str, spec: dict[str, Any]) -> None:
+    _, _, objects = build(**spec, model={"variant": "e4b", "checkpoint": {
         "uri": "hf://google/gemma-4-E4B-it", "credentialsSecretName": "hf-token"}})
     builtins = [o for o in objects if o["kind"] not in ("RayService", "ServiceMonitor")]
     assert sorted(o["kind"] for o in builtins) == ["NetworkPolicy", "PodDisruptionBudget", "Service", "Service"]
     for obj in builtins:
         kubernetes_validate.validate(obj, version, strict=True)
-    cluster = by_kind(objects, "RayService")[0]["spec"]["rayClusterConfig"]
-    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+    for template in pod_templates(objects):
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
                                       "template": template}, version, strict=True)
 
 
 def test_rayservice_validates_against_kuberays_schema() -> None:
-    for spec in (sample(), sample(gateway={"tlsSecretName": "t"}, accelerator={"type": "mi300x"})):
+    for spec in (sample(), sample(gateway=TLS, accelerator={"type": "mi300x"})):
         _, _, objects = build(**spec)
         jsonschema.Draft4Validator(KUBERAY_SCHEMA).validate(by_kind(objects, "RayService")[0])
     broken = copy.deepcopy(by_kind(build()[2], "RayService")[0])
@@ -283,13 +307,12 @@ def test_amd_gets_the_rocm_image_and_its_device_resource() -> None:
 
 def test_serve_config_is_the_platforms_shape_with_the_plans_engine_settings() -> None:
     from gemma4_platform.cli import serve_config
-    from gemma4_platform.settings import PlatformSettings
 
     _, result, objects = build(serving={"maxModelLen": 32768, "maxConcurrentSequences": 24},
                                autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetOngoingRequests": 8},
-                               gateway={"replicas": 2})
+                               gateway={**KEYS, "replicas": 2})
     ours = yaml.safe_load(by_kind(objects, "RayService")[0]["spec"]["serveConfigV2"])
-    settings = PlatformSettings.model_validate(ours["applications"][0]["args"])
+    settings = args_settings(objects)
     assert ours == {**serve_config(settings), "applications": [{
         **serve_config(settings)["applications"][0], "args": ours["applications"][0]["args"]}]}
     assert settings.replica.num_gpus == result.gpus_per_replica
@@ -302,18 +325,40 @@ def test_serve_config_is_the_platforms_shape_with_the_plans_engine_settings() ->
     assert settings.model.path == "/models/gemma-4-e4b-it" and settings.model.name == "gemma-4-e4b"
 
 
-def test_secrets_reach_every_ray_pod_and_tls_opens_the_grpc_tls_port() -> None:
-    parsed, _, objects = build(gateway={"tlsSecretName": "gemma-tls", "apiKeySecretName": "gemma-keys"})
+@pytest.mark.parametrize("gateway", [{}, TLS, {**TLS, "plaintextGrpc": True}])
+def test_pods_carry_the_platforms_proxy_environment(gateway: dict[str, Any]) -> None:
+    """What `proxy_environment` gives for the args, with the TLS port the operator configures outside them."""
+    from gemma4_platform.proxy_setup import proxy_environment
+
+    _, _, objects = build(gateway={**KEYS, **gateway})
+    settings = args_settings(objects)
+    if "tlsSecretName" in gateway:  # model_copy: the certificate files exist only in the pods
+        settings = settings.model_copy(update={"server": settings.server.model_copy(update={
+            "grpc_tls_port": 9443, "tls_cert_file": "/etc/gemma4/tls/tls.crt", "tls_key_file": "/etc/gemma4/tls/tls.key"})})
+    expected = proxy_environment(settings)
+    assert expected["GEMMA4_GRPC_HOST"] == ("127.0.0.1" if gateway == TLS else "0.0.0.0")
+    for template in pod_templates(objects):
+        env = template["spec"]["containers"][0]["env"]
+        assert {e["name"]: e["value"] for e in env if "value" in e} == expected
+
+
+@pytest.mark.parametrize("plaintext", [False, True])
+def test_secrets_reach_every_ray_pod_and_tls_opens_the_grpc_tls_port(plaintext: bool) -> None:
+    parsed, _, objects = build(gateway={**TLS, "plaintextGrpc": plaintext})
     cluster = by_kind(objects, "RayService")[0]["spec"]["rayClusterConfig"]
-    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+    for template in pod_templates(objects):
         pod = template["spec"]
         env = {e["name"]: e for e in pod["containers"][0]["env"]}
         assert env["GEMMA4_API_KEYS"]["valueFrom"] == {"secretKeyRef": {"name": "gemma-keys", "key": "api-keys"}}
         assert env["GEMMA4_GRPC_TLS_PORT"]["value"] == "9443"
         assert env["GEMMA4_TLS_CERT_FILE"]["value"] == "/etc/gemma4/tls/tls.crt"
         assert {"name": "tls", "secret": {"secretName": "gemma-tls"}} in pod["volumes"]
+    # Plaintext gRPC on loopback only (the default with TLS): neither the Service nor the policy offers it.
+    plain = [9000] if plaintext else []
+    head_ports = {p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert head_ports & {9000, 9443} == {*plain, 9443}
     grpc = next(s for s in by_kind(objects, "Service") if s["metadata"]["name"] == "chat-grpc")
-    assert [p["port"] for p in grpc["spec"]["ports"]] == [9000, 9443]
+    assert [p["port"] for p in grpc["spec"]["ports"]] == [*plain, 9443]
     assert grpc["spec"]["selector"] == {"app.kubernetes.io/name": "gemma4", "app.kubernetes.io/instance": "chat",
                                         "app.kubernetes.io/component": "head", "ray.io/serve": "true"}
     assert grpc["spec"]["selector"].items() - {"ray.io/serve": "true"}.items() <= \
@@ -322,9 +367,35 @@ def test_secrets_reach_every_ray_pod_and_tls_opens_the_grpc_tls_port() -> None:
     assert pdb.items() <= cluster["workerGroupSpecs"][0]["template"]["metadata"]["labels"].items()
     assert not pdb.items() <= cluster["headGroupSpec"]["template"]["metadata"]["labels"].items()
     ingress = by_kind(objects, "NetworkPolicy")[0]["spec"]["ingress"]
-    assert {p["port"] for p in ingress[1]["ports"]} == {8000, 9000, 9443}
-    assert manifests.endpoints(OWNER, parsed) == {"grpc": "chat-grpc.serving.svc:9000", "grpcTls": "chat-grpc.serving.svc:9443",
+    assert {p["port"] for p in ingress[1]["ports"]} == {8000, *plain, 9443}
+    assert manifests.endpoints(OWNER, parsed) == {**({"grpc": "chat-grpc.serving.svc:9000"} if plaintext else {}),
+                                                  "grpcTls": "chat-grpc.serving.svc:9443",
                                                   "http": "http://chat-http.serving.svc:8000"}
+
+
+def test_without_tls_plaintext_grpc_is_open_to_the_cluster() -> None:
+    parsed, _, objects = build()
+    grpc = next(s for s in by_kind(objects, "Service") if s["metadata"]["name"] == "chat-grpc")
+    assert [(p["name"], p["port"]) for p in grpc["spec"]["ports"]] == [("grpc", 9000)]
+    assert {p["port"] for p in by_kind(objects, "NetworkPolicy")[0]["spec"]["ingress"][1]["ports"]} == {8000, 9000}
+    assert manifests.endpoints(OWNER, parsed) == {"grpc": "chat-grpc.serving.svc:9000", "http": "http://chat-http.serving.svc:8000"}
+    assert args_settings(objects).server.plaintext_grpc_host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("gateway,keys", [(KEYS, ["key-1"]), ({"allowUnauthenticated": True}, [])])
+def test_the_platforms_gateway_accepts_what_the_operator_deploys(gateway: dict[str, Any], keys: list[str]) -> None:
+    """The gateway refuses to serve anyone on the pods' addresses unless the args allow it (the operator
+    refuses such a spec before that: `Unauthenticated`, see the kmock tests)."""
+    from gemma4_platform.auth import ApiKeys
+    from gemma4_platform.graph import check_exposure
+
+    settings = args_settings(build(gateway=gateway)[2])
+    assert settings.server.exposed and settings.gateway.allow_unauthenticated == (gateway != KEYS)
+    check_exposure(settings, ApiKeys(keys))
+    if not keys:
+        with pytest.raises(ValueError, match="allow_unauthenticated: true"):
+            check_exposure(settings.model_copy(update={"gateway": settings.gateway.model_copy(
+                update={"allow_unauthenticated": False})}), ApiKeys([]))
 
 
 def test_checkpoint_from_a_uri_is_downloaded_by_an_init_container() -> None:
@@ -353,14 +424,26 @@ def test_service_monitor_only_when_asked() -> None:
     result = planner.plan_for(parsed)
     kinds = [o["kind"] for o in manifests.desired_objects(OWNER, parsed, result, with_service_monitor=False)]
     assert "ServiceMonitor" not in kinds
-    monitor = manifests.service_monitor(OWNER)
+    monitor = manifests.service_monitor(OWNER, parsed)
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http", "metrics"]
-    # The strict Prometheus Operator subset the Helm chart's tests use for the same kind.
-    schemas = yaml.safe_load((Path(__file__).parent / "data" / "prometheus-operator-subset.schema.yaml").read_text())
-    jsonschema.Draft202012Validator(schemas["ServiceMonitor"]).validate(monitor)
+    assert not any("authorization" in e for e in monitor["spec"]["endpoints"])
+    jsonschema.Draft202012Validator(PROMETHEUS_OPERATOR_SCHEMAS["ServiceMonitor"]).validate(monitor)
     http = manifests.http_service(OWNER)
     assert monitor["spec"]["selector"]["matchLabels"].items() <= http["metadata"]["labels"].items()
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in http["spec"]["ports"]}
+
+
+def test_metrics_token_reaches_the_gateway_and_the_service_monitor() -> None:
+    _, _, objects = build(monitoring={"metricsTokenSecretName": "scrape-token"})
+    for template in pod_templates(objects):
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["GEMMA4_METRICS_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "scrape-token", "key": "token"}}
+    (monitor,) = by_kind(objects, "ServiceMonitor")
+    jsonschema.Draft202012Validator(PROMETHEUS_OPERATOR_SCHEMAS["ServiceMonitor"]).validate(monitor)
+    gateway, ray = monitor["spec"]["endpoints"]
+    assert gateway["authorization"] == {"type": "Bearer", "credentials": {"name": "scrape-token", "key": "token"}}
+    assert "authorization" not in ray  # Ray's own metrics port knows no token
+    assert "GEMMA4_METRICS_TOKEN" not in {e["name"] for t in pod_templates(build()[2]) for e in t["spec"]["containers"][0]["env"]}
 
 
 # ---------------------------------------------------------------------------- planning and status

@@ -5,10 +5,11 @@ parse the spec, plan it with the memory model, and if it fits apply the owned ob
 applied hash already matches are not written, so a restart sends no updates.
 
 An infeasible or invalid spec creates nothing and sets `Planned=False` with the planner's reason
-and suggestions. If an earlier spec was deployed, its objects are left as they are: the service
-keeps serving the last feasible spec (`Deployed` and `Ready` stay as they were) until the spec fits
-again. Deleting the resource deletes the objects through their owner references; there is no
-finalizer to wait for.
+and suggestions; so does one without API keys that does not opt into serving anyone
+(`Unauthenticated`: the platform's gateway would refuse to start on the pods' addresses anyway).
+If an earlier spec was deployed, its objects are left as they are: the service keeps serving the
+last feasible spec (`Deployed` and `Ready` stay as they were) until the spec fits again. Deleting
+the resource deletes the objects through their owner references; there is no finalizer to wait for.
 
 Readiness comes from KubeRay's status of the owned RayService: reconciliation reads it, and an
 event handler on RayServices updates the owner's `Ready` condition whenever KubeRay changes it.
@@ -69,6 +70,8 @@ class _Planning:
 def _plan(spec: kopf.Spec, owner: Owner, kube: Kube) -> _Planning:
     try:
         parsed = Gemma4ServiceSpec.model_validate(dict(spec))
+        if not (parsed.gateway.api_key_secret_name or parsed.gateway.allow_unauthenticated):
+            return _Planning(status.condition(status.PLANNED, "False", "Unauthenticated", status.UNAUTHENTICATED_MESSAGE))
         plan = planner.plan_for(parsed)
         if not plan.feasible:
             return _Planning(status.condition(status.PLANNED, "False", "Infeasible", status.infeasible_message(plan)))

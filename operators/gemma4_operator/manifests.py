@@ -15,9 +15,14 @@ the head, and it reads the tokenizer and config from the checkpoint.
 
 The Serve config is the platform's own shape (see `gemma4_platform.cli.serve_config`), with the
 plan's engine settings as the application's args; the platform is not imported (it pulls Ray), a
-test checks the args against its settings model. TLS: gRPC gets an extra TLS port (9443) through
-the platform's servicer registration; HTTP stays plaintext on 8000, because KubeRay health-checks
-the Serve proxy there over plain HTTP, so HTTPS terminates at an ingress in front of it.
+test checks the args against its settings model. Ray starts the proxies itself, so their hardening
+(our gRPC bind address, message caps, stalled-stream aborts) reaches them through every pod's
+environment: what `gemma4_platform.proxy_setup.proxy_environment` gives for the args, with TLS set
+there and in a mounted Secret rather than in the args. TLS: gRPC gets an extra TLS port (9443)
+through the platform's servicer registration, and plaintext gRPC then listens on loopback only
+(unless `gateway.plaintextGrpc`), so neither Service nor NetworkPolicy offers port 9000; HTTP stays
+plaintext on 8000, because KubeRay health-checks the Serve proxy there over plain HTTP, so HTTPS
+terminates at an ingress in front of it.
 """
 
 from __future__ import annotations
@@ -43,14 +48,24 @@ RAY_VERSION = "2.60.0"  # the platform's Ray pin (pyproject `platform` extra)
 HTTP_PORT, GRPC_PORT, GRPC_TLS_PORT, METRICS_PORT = 8000, 9000, 9443, 8080
 GCS_PORT, DASHBOARD_PORT, DASHBOARD_AGENT_PORT, CLIENT_PORT = 6379, 8265, 52365, 10001
 
-# Names the platform reads (gemma4_platform.cli / settings / grpc_registration).
+# Names the platform reads (gemma4_platform.cli / settings / grpc_registration / proxy_setup).
 APP_NAME = "gemma4"
 IMPORT_PATH = "gemma4_platform.graph:build_app"
 SERVICER_FUNCTION = "gemma4_platform.grpc_registration.add_servicer"
-API_KEYS_ENV = "GEMMA4_API_KEYS"
-TLS_PORT_ENV, TLS_CERT_ENV, TLS_KEY_ENV = "GEMMA4_GRPC_TLS_PORT", "GEMMA4_TLS_CERT_FILE", "GEMMA4_TLS_KEY_FILE"
+API_KEYS_ENV, METRICS_TOKEN_ENV = "GEMMA4_API_KEYS", "GEMMA4_METRICS_TOKEN"
+TLS_PORT_ENV, TLS_HOST_ENV = "GEMMA4_GRPC_TLS_PORT", "GEMMA4_GRPC_TLS_HOST"
+TLS_CERT_ENV, TLS_KEY_ENV = "GEMMA4_TLS_CERT_FILE", "GEMMA4_TLS_KEY_FILE"
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "gemma4_platform.proxy_setup.configure_proxy"
+GRPC_HOST_ENV, MAX_REQUEST_BYTES_ENV = "GEMMA4_GRPC_HOST", "GEMMA4_MAX_REQUEST_BYTES"
+STALLED_TIMEOUT_ENV = "GEMMA4_STALLED_STREAM_TIMEOUT_S"
 
-API_KEYS_SECRET_KEY = "api-keys"
+# Written into the args (the gateway's checks) and the environment (the proxies'), so both agree.
+MAX_REQUEST_BYTES = 8 << 20
+STALLED_STREAM_TIMEOUT_S = 30.0
+
+ANY_ADDRESS, LOOPBACK = "0.0.0.0", "127.0.0.1"
+API_KEYS_SECRET_KEY, METRICS_TOKEN_SECRET_KEY = "api-keys", "token"
 CHECKPOINT_DIR = "/models"
 TLS_DIR = "/etc/gemma4/tls"
 WORKER_GROUP = "gpu"
@@ -114,6 +129,11 @@ def checkpoint_path(spec: Gemma4ServiceSpec) -> str:
     return f"{CHECKPOINT_DIR}/{pvc.path.strip('/')}".rstrip("/") if pvc else CHECKPOINT_DIR
 
 
+def grpc_host(spec: Gemma4ServiceSpec) -> str:
+    """Where plaintext gRPC listens: every address, or loopback when clients have the TLS port instead."""
+    return ANY_ADDRESS if spec.gateway.plaintext_grpc_exposed else LOOPBACK
+
+
 def platform_args(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
     """The application's args: a `PlatformSettings` dict carrying the plan's engine settings."""
     scaling = spec.autoscaling
@@ -134,8 +154,13 @@ def platform_args(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
                 "target_ongoing_requests": scaling.target_ongoing_requests,
             },
         },
-        "gateway": {"num_replicas": spec.gateway.replicas},
-        "server": {"host": "0.0.0.0", "http_port": HTTP_PORT, "grpc_port": GRPC_PORT},
+        "gateway": {
+            "num_replicas": spec.gateway.replicas,
+            "allow_unauthenticated": spec.gateway.allow_unauthenticated,
+            "stalled_stream_timeout_s": STALLED_STREAM_TIMEOUT_S,
+        },
+        "limits": {"max_request_bytes": MAX_REQUEST_BYTES},
+        "server": {"host": ANY_ADDRESS, "grpc_host": grpc_host(spec), "http_port": HTTP_PORT, "grpc_port": GRPC_PORT},
     }
 
 
@@ -143,8 +168,8 @@ def serve_config(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
     """The Ray Serve config file (a RayService's `serveConfigV2`), as `gemma4-platform config` writes it."""
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": HTTP_PORT},
-        "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+        "http_options": {"host": ANY_ADDRESS, "port": HTTP_PORT},
+        "grpc_options": {"port": GRPC_PORT, "grpc_servicer_functions": [SERVICER_FUNCTION], "enable_reflection": False},
         "applications": [{
             "name": APP_NAME,
             "route_prefix": "/",
@@ -176,19 +201,28 @@ def serving_image(spec: Gemma4ServiceSpec) -> str:
     return f"{IMAGE_REPOSITORY}:{IMAGE_TAG}{suffix}"
 
 
-def _env(spec: Gemma4ServiceSpec) -> list[dict[str, Any]]:
-    """Secrets for the gateway (API keys) and the proxies (gRPC TLS); every Ray pod runs proxies."""
-    env: list[dict[str, Any]] = []
-    if spec.gateway.api_key_secret_name:
-        env.append({"name": API_KEYS_ENV, "valueFrom": {"secretKeyRef": {
-            "name": spec.gateway.api_key_secret_name, "key": API_KEYS_SECRET_KEY}}})
+def proxy_environment(spec: Gemma4ServiceSpec) -> dict[str, str]:
+    """`gemma4_platform.proxy_setup.proxy_environment` for our args, plus the TLS port the args leave out."""
+    env = {
+        PROXY_CALLBACK_ENV: PROXY_CALLBACK,
+        GRPC_HOST_ENV: grpc_host(spec),
+        MAX_REQUEST_BYTES_ENV: str(MAX_REQUEST_BYTES),
+        STALLED_TIMEOUT_ENV: str(STALLED_STREAM_TIMEOUT_S),
+    }
     if spec.gateway.tls_secret_name:
-        env += [
-            {"name": TLS_PORT_ENV, "value": str(GRPC_TLS_PORT)},
-            {"name": TLS_CERT_ENV, "value": f"{TLS_DIR}/tls.crt"},
-            {"name": TLS_KEY_ENV, "value": f"{TLS_DIR}/tls.key"},
-        ]
+        env |= {TLS_PORT_ENV: str(GRPC_TLS_PORT), TLS_HOST_ENV: ANY_ADDRESS,
+                TLS_CERT_ENV: f"{TLS_DIR}/tls.crt", TLS_KEY_ENV: f"{TLS_DIR}/tls.key"}
     return env
+
+
+def _env(spec: Gemma4ServiceSpec) -> list[dict[str, Any]]:
+    """The proxies' environment, and the gateway's secrets (API keys, scrape token): every Ray pod runs a
+    proxy, and Ray may place the gateway on any of them."""
+    secrets = [(API_KEYS_ENV, spec.gateway.api_key_secret_name, API_KEYS_SECRET_KEY),
+               (METRICS_TOKEN_ENV, spec.monitoring.metrics_token_secret_name, METRICS_TOKEN_SECRET_KEY)]
+    return [{"name": name, "value": value} for name, value in proxy_environment(spec).items()] + [
+        {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        for name, secret, key in secrets if secret]
 
 
 def _volumes(spec: Gemma4ServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -239,11 +273,19 @@ def _requests_and_limits(resources: dict[str, str]) -> dict[str, dict[str, str]]
     return {"requests": dict(resources), "limits": dict(resources)}
 
 
+def _grpc_ports(spec: Gemma4ServiceSpec) -> list[dict[str, Any]]:
+    """The gRPC ports others may reach: plaintext unless it listens on loopback only, and TLS with a Secret."""
+    ports: list[dict[str, Any]] = []
+    if spec.gateway.plaintext_grpc_exposed:
+        ports.append({"name": "grpc", "port": GRPC_PORT, "appProtocol": "kubernetes.io/h2c"})
+    if spec.gateway.tls_secret_name:
+        ports.append({"name": "grpc-tls", "port": GRPC_TLS_PORT})
+    return ports
+
+
 def _head_template(owner: Owner, spec: Gemma4ServiceSpec) -> dict[str, Any]:
     ports = [("gcs-server", GCS_PORT), ("dashboard", DASHBOARD_PORT), ("client", CLIENT_PORT),
-             ("serve", HTTP_PORT), ("grpc", GRPC_PORT), ("metrics", METRICS_PORT)]
-    if spec.gateway.tls_secret_name:
-        ports.append(("grpc-tls", GRPC_TLS_PORT))
+             ("serve", HTTP_PORT), ("metrics", METRICS_PORT)] + [(p["name"], p["port"]) for p in _grpc_ports(spec)]
     head = spec.resources.head
     container = {
         "name": "ray-head",
@@ -331,10 +373,7 @@ def _service(owner: Owner, name: str, component: str, ports: list[dict[str, Any]
 
 
 def grpc_service(owner: Owner, spec: Gemma4ServiceSpec) -> dict[str, Any]:
-    ports = [{"name": "grpc", "port": GRPC_PORT, "targetPort": GRPC_PORT, "appProtocol": "kubernetes.io/h2c"}]
-    if spec.gateway.tls_secret_name:
-        ports.append({"name": "grpc-tls", "port": GRPC_TLS_PORT, "targetPort": GRPC_TLS_PORT})
-    return _service(owner, grpc_service_name(owner), "grpc", ports)
+    return _service(owner, grpc_service_name(owner), "grpc", [{**p, "targetPort": p["port"]} for p in _grpc_ports(spec)])
 
 
 def http_service(owner: Owner) -> dict[str, Any]:
@@ -370,7 +409,7 @@ def network_policy(owner: Owner, spec: Gemma4ServiceSpec) -> dict[str, Any]:
     KubeRay's operator: the dashboard (it submits the Serve config) and the proxies (health checks).
     Prometheus: the metrics ports.
     """
-    api_ports = [HTTP_PORT, GRPC_PORT] + ([GRPC_TLS_PORT] if spec.gateway.tls_secret_name else [])
+    api_ports = [HTTP_PORT] + [p["port"] for p in _grpc_ports(spec)]
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -390,27 +429,30 @@ def network_policy(owner: Owner, spec: Gemma4ServiceSpec) -> dict[str, Any]:
     }
 
 
-def service_monitor(owner: Owner) -> dict[str, Any]:
-    """Prometheus Operator scraping: the platform's /metrics on the HTTP port, and Ray's own."""
+def service_monitor(owner: Owner, spec: Gemma4ServiceSpec) -> dict[str, Any]:
+    """Prometheus Operator scraping: the platform's /metrics on the HTTP port (with the scrape token when the
+    gateway requires one; `authorization` is the successor of the deprecated `bearerTokenSecret`), and Ray's own."""
+    gateway: dict[str, Any] = {"port": "http", "path": "/metrics", "interval": "15s"}
+    if spec.monitoring.metrics_token_secret_name:
+        gateway["authorization"] = {"type": "Bearer", "credentials": {
+            "name": spec.monitoring.metrics_token_secret_name, "key": METRICS_TOKEN_SECRET_KEY}}
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
         "metadata": _metadata(owner, owner.name, "metrics"),
         "spec": {
             "selector": {"matchLabels": {**instance_labels(owner), "app.kubernetes.io/component": "http"}},
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": "15s"},
-                          {"port": "metrics", "path": "/metrics", "interval": "15s"}],
+            "endpoints": [gateway, {"port": "metrics", "path": "/metrics", "interval": "15s"}],
         },
     }
 
 
 def endpoints(owner: Owner, spec: Gemma4ServiceSpec) -> dict[str, str]:
     """Where clients in the cluster connect."""
-    grpc_host = f"{grpc_service_name(owner)}.{owner.namespace}.svc"
-    out = {"grpc": f"{grpc_host}:{GRPC_PORT}",
-           "http": f"http://{http_service_name(owner)}.{owner.namespace}.svc:{HTTP_PORT}"}
-    if spec.gateway.tls_secret_name:
-        out["grpcTls"] = f"{grpc_host}:{GRPC_TLS_PORT}"
+    host = f"{grpc_service_name(owner)}.{owner.namespace}.svc"
+    status_keys = {"grpc": "grpc", "grpc-tls": "grpcTls"}
+    out = {status_keys[p["name"]]: f"{host}:{p['port']}" for p in _grpc_ports(spec)}
+    out["http"] = f"http://{http_service_name(owner)}.{owner.namespace}.svc:{HTTP_PORT}"
     return out
 
 
@@ -419,5 +461,5 @@ def desired_objects(owner: Owner, spec: Gemma4ServiceSpec, plan: Plan, *, with_s
     objects = [ray_service(owner, spec, plan), grpc_service(owner, spec), http_service(owner),
                pod_disruption_budget(owner), network_policy(owner, spec)]
     if with_service_monitor:
-        objects.append(service_monitor(owner))
+        objects.append(service_monitor(owner, spec))
     return objects

@@ -114,8 +114,26 @@ class Autoscaling(_Spec):
 
 class Gateway(_Spec):
     replicas: int = Field(1, ge=1)
-    tls_secret_name: str | None = Field(None, description="kubernetes.io/tls Secret: gRPC over TLS on port 9443")
-    api_key_secret_name: str | None = Field(None, description="Secret with key 'api-keys' (comma-separated)")
+    tls_secret_name: str | None = Field(None, min_length=1, description="kubernetes.io/tls Secret: gRPC over TLS "
+                                        "on port 9443 (plaintext gRPC then listens on loopback only, see plaintextGrpc)")
+    plaintext_grpc: bool = Field(False, description="with tlsSecretName: keep plaintext gRPC on port 9000 "
+                                 "open to the cluster too")
+    api_key_secret_name: str | None = Field(None, min_length=1,
+                                            description="Secret with key 'api-keys' (comma-separated)")
+    allow_unauthenticated: bool = Field(False, description="serve without API keys: anyone who reaches the "
+                                        "Services may call the model (without it or apiKeySecretName, the "
+                                        "operator deploys nothing)")
+
+    @property
+    def plaintext_grpc_exposed(self) -> bool:
+        """Whether plaintext gRPC listens beyond the pod: clients with a TLS port get only that one by default."""
+        return self.tls_secret_name is None or self.plaintext_grpc
+
+
+class Monitoring(_Spec):
+    metrics_token_secret_name: str | None = Field(
+        None, min_length=1, description="Secret with key 'token': the bearer token the gateway's /metrics and "
+        "/debug require; the operator's ServiceMonitor scrapes with it")
 
 
 class PodResources(_Spec):
@@ -135,6 +153,7 @@ class Gemma4ServiceSpec(_Spec):
     parallelism: Parallelism = Parallelism()
     autoscaling: Autoscaling = Autoscaling()
     gateway: Gateway = Gateway()
+    monitoring: Monitoring = Monitoring()
     image: str | None = Field(None, min_length=1, description="the platform's serving image (default: "
                               "ghcr.io/gemma4-platform/gemma4-platform:VERSION, its -rocm build on AMD)")
     resources: Resources = Resources()

@@ -63,6 +63,12 @@ def planned_message(plan: Plan) -> str:
             f"{plan.spec.max_model_len} tokens fit")
 
 
+UNAUTHENTICATED_MESSAGE = (
+    "the gateway would serve anyone who reaches its Services: set spec.gateway.apiKeySecretName to a Secret "
+    "whose key 'api-keys' holds the clients' keys (comma-separated), or spec.gateway.allowUnauthenticated: true "
+    "to serve without keys")
+
+
 def infeasible_message(plan: Plan) -> str:
     suggestions = f" Suggestions: {'; '.join(plan.suggestions)}." if plan.suggestions else ""
     return f"{plan.reason}.{suggestions}"
