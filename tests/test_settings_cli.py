@@ -69,6 +69,7 @@ def test_config_command_writes_a_serve_config_that_round_trips() -> None:
     assert PlatformSettings.model_validate(app["args"]).replica.num_gpus == 1
     assert config["grpc_options"]["enable_reflection"] is False
     assert serve_config(PlatformSettings())["http_options"]["port"] == 8000
+    json.dumps(config)  # a RayService's serveConfigV2 is plain data
 
 
 def test_config_env_prints_the_proxy_environment() -> None:
@@ -90,17 +91,17 @@ def test_serve_refuses_to_expose_without_keys() -> None:
     )
     assert out.returncode != 0
     assert "allow_unauthenticated" in out.stderr and "Traceback" not in out.stderr
-    json.dumps(config)  # a RayService's serveConfigV2 is plain data
 
 
 def test_metrics_of_several_replicas_merge_into_one_exposition() -> None:
-    from gemma4_platform.metrics import ReplicaMetrics
+    from gemma4_platform.metrics import ReplicaMetrics, ReplicaReport
 
     hub = MetricsHub()
-    for name in ("r1", "r2"):
+    for name, ready in (("r1", True), ("r2", False)):
         metrics = ReplicaMetrics("tiny", name)
         metrics.running.labels(model_name="tiny", replica=name).set(3)
-        hub.publish(name, metrics.render())
+        hub.publish(name, ReplicaReport(metrics.render(), ready=ready, expert_load={0: [1, 2]}))
+    assert hub.ready_replicas() == 1 and hub.expert_load() == {"r1": {0: [1, 2]}, "r2": {0: [1, 2]}}
     text = merge_expositions(hub.texts()).decode()
     assert text.count("# TYPE vllm:num_requests_running gauge") == 1
     assert 'vllm:num_requests_running{model_name="tiny",replica="r1"} 3.0' in text

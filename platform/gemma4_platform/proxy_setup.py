@@ -8,14 +8,17 @@ proxy calls while it starts, before its servers bind. `configure_proxy`:
 * binds the plaintext gRPC port to `GEMMA4_GRPC_HOST` (Ray itself always binds `[::]`),
 * drops Ray's own `RayServeAPIService` (ListApplications, Healthz), which would answer outside our
   API keys, and caps gRPC messages at `GEMMA4_MAX_REQUEST_BYTES` (Ray allows 2 GiB),
-* cancels abandoned and stalled streams (`proxy_streams`),
+* cancels abandoned and stalled streams (`proxy_streams`), and passes a refusal's retry hint on as
+  `retry-after` trailing metadata (Ray's proxy keeps only the code and details of a replica's error),
 * keeps client errors out of the proxy log's tracebacks,
 * returns the HTTP middleware that refuses oversized bodies (413) and hides `/-/routes`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 from gemma4_platform.settings import PlatformSettings
@@ -47,6 +50,21 @@ def stream_policy() -> "proxy_streams.StreamPolicy":
     return proxy_streams.StreamPolicy(stalled_timeout_s=float(os.environ.get(STALLED_TIMEOUT_ENV, "30")))
 
 
+def with_retry_hint(grpc_response_status: Callable[..., Any]) -> Callable[..., Any]:
+    """Ray's error-to-status mapping, carrying a ServingError's retry hint in the status's `headers`."""
+    from gemma4_platform.errors import ServingError
+    from gemma4_platform.grpc_service import retry_metadata
+
+    def status(exc: BaseException, *args: Any) -> Any:
+        result = grpc_response_status(exc, *args)
+        error = getattr(exc, "original_exception", None)  # Ray's gRPCStatusError around what the gateway raised
+        if isinstance(error, ServingError) and error.retry_after_s is not None:
+            return dataclasses.replace(result, headers=list(retry_metadata(error)))
+        return result
+
+    return status
+
+
 def grpc_address(host: str, port: int | str) -> str:
     """`host:port` as gRPC expects it (IPv6 literals in brackets)."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -54,7 +72,7 @@ def grpc_address(host: str, port: int | str) -> str:
 
 def configure_proxy() -> list[Any]:
     """Ray's HTTP-proxy callback: runs in each proxy process before its servers start."""
-    from ray.serve._private import constants, default_impl, grpc_util
+    from ray.serve._private import constants, default_impl, grpc_util, proxy
     from starlette.middleware import Middleware
 
     from gemma4_platform import log_filters, proxy_streams
@@ -72,6 +90,7 @@ def configure_proxy() -> list[Any]:
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
     ]
+    proxy.get_grpc_response_status = with_retry_hint(proxy.get_grpc_response_status)
     proxy_streams.install(stream_policy())
     log_filters.install()
     return [Middleware(BodyLimit, max_bytes=max_bytes)]

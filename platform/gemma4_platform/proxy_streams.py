@@ -15,6 +15,9 @@ Two gaps in Ray Serve 2.60's proxies, both fixed by wrapping their `send_request
   the client's stream ends with RESOURCE_EXHAUSTED (gRPC) or a closed body (HTTP). Ray Serve has no
   end-to-end stream backpressure, so the engine keeps generating until that abort.
 
+On the gRPC path the wrapper also turns a final status's `headers` into trailing metadata: that is how a
+refusal's retry hint (`retry-after`) reaches the client (see `proxy_setup`).
+
 `install(policy)` patches both proxy classes in the proxy process, once.
 """
 
@@ -56,15 +59,21 @@ class RecordingHandle:
 
 
 StalledEnding = Callable[[float], list[Any]]  # the messages that end a stalled stream, given the timeout
+StatusHook = Callable[[Any, Any], None]  # (proxy request, message): sees every message before it goes out
 
 
-def guarded(send_request_to_replica: Callable[..., AsyncIterator[Any]], policy: StreamPolicy, stalled_ending: StalledEnding) -> Callable[..., AsyncIterator[Any]]:
+def guarded(
+    send_request_to_replica: Callable[..., AsyncIterator[Any]],
+    policy: StreamPolicy,
+    stalled_ending: StalledEnding,
+    on_message: StatusHook = lambda request, message: None,
+) -> Callable[..., AsyncIterator[Any]]:
     """`send_request_to_replica`, cancelling its calls when its stream is abandoned or stalls."""
 
     @functools.wraps(send_request_to_replica)
-    async def wrapper(self: Any, request_id: str, internal_request_id: str, handle: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    async def wrapper(self: Any, request_id: str, internal_request_id: str, handle: Any, proxy_request: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         recording = RecordingHandle(handle)
-        inner = send_request_to_replica(self, request_id, internal_request_id, recording, *args, **kwargs)
+        inner = send_request_to_replica(self, request_id, internal_request_id, recording, proxy_request, *args, **kwargs)
         stalled = False
 
         def on_stall() -> None:
@@ -76,6 +85,7 @@ def guarded(send_request_to_replica: Callable[..., AsyncIterator[Any]], policy: 
         completed = False
         try:
             async for message in inner:
+                on_message(proxy_request, message)
                 timer = loop.call_later(policy.stalled_timeout_s, on_stall)
                 try:
                     yield message  # suspended for as long as the client does not accept the message
@@ -120,6 +130,14 @@ def grpc_stalled_ending(timeout_s: float) -> list[Any]:
     return [ResponseStatus(code=grpc.StatusCode.RESOURCE_EXHAUSTED, is_error=True, message=_stalled_message(timeout_s))]
 
 
+def grpc_trailing_metadata(proxy_request: Any, message: Any) -> None:
+    """A final status's `headers` (which Ray uses on HTTP only) become the gRPC call's trailing metadata."""
+    from ray.serve._private.proxy_request_response import ResponseStatus
+
+    if isinstance(message, ResponseStatus) and message.headers:
+        proxy_request.context.set_trailing_metadata(tuple(message.headers))
+
+
 def http_stalled_ending(timeout_s: float) -> list[Any]:
     from ray.serve._private.proxy_request_response import ResponseStatus
 
@@ -134,6 +152,8 @@ def install(policy: StreamPolicy) -> None:
     """Patch Ray Serve's gRPC and HTTP proxy classes in this process (idempotent)."""
     from ray.serve._private.proxy import HTTPProxy, gRPCProxy
 
-    for proxy, ending in ((gRPCProxy, grpc_stalled_ending), (HTTPProxy, http_stalled_ending)):
+    grpc_guard = functools.partial(guarded, stalled_ending=grpc_stalled_ending, on_message=grpc_trailing_metadata)
+    http_guard = functools.partial(guarded, stalled_ending=http_stalled_ending)
+    for proxy, guard in ((gRPCProxy, grpc_guard), (HTTPProxy, http_guard)):
         if not getattr(proxy.send_request_to_replica, _INSTALLED_MARK, False):
-            proxy.send_request_to_replica = guarded(proxy.send_request_to_replica, policy, ending)
+            proxy.send_request_to_replica = guard(proxy.send_request_to_replica, policy)
