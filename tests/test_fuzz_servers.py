@@ -69,8 +69,8 @@ json_text = st.one_of(json_value.map(lambda v: json.dumps(v)), deep_json, text)
 def sampling() -> st.SearchStrategy[pb.SamplingParams]:
     return st.builds(
         pb.SamplingParams,
-        temperature=st.one_of(st.floats(-1, 3, allow_nan=True), st.just(0.0)),
-        top_p=st.floats(-0.5, 1.5, allow_nan=True),
+        temperature=st.one_of(st.floats(-1, 3), st.just(0.0), st.just(float("nan")), st.just(float("inf"))),
+        top_p=st.one_of(st.floats(-0.5, 1.5), st.just(float("nan"))),
         top_k=small_int,
         max_tokens=st.integers(-2, 20),
         min_tokens=st.integers(-2, 20),

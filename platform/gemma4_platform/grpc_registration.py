@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from gemma4_platform.api.v1 import serving_pb2_grpc
+from gemma4_platform.grpc_handlers import add_serving_handlers
 from gemma4_platform.settings import PlatformSettings
 
 TLS_PORT_ENV = "GEMMA4_GRPC_TLS_PORT"
@@ -51,7 +51,7 @@ def add_servicer(servicer: Any, server: Any) -> None:
             "request size or stalled-stream limits (set the environment from gemma4_platform.proxy_setup)",
             CALLBACK_ENV, CALLBACK,
         )
-    serving_pb2_grpc.add_Gemma4ServingServicer_to_server(servicer, server)
+    add_serving_handlers(servicer, server)
     port = os.environ.get(TLS_PORT_ENV)
     if port:
         key = Path(os.environ[TLS_KEY_ENV]).read_bytes()

@@ -23,6 +23,7 @@ from gemma4_platform.api.v1 import serving_pb2_grpc
 from gemma4_platform.auth import ApiKeys, KeyGrant, presented_keys
 from gemma4_platform.errors import DeadlineExceeded, InvalidArgument, ServingError, internal_error, log_client_error
 from gemma4_platform.frontend import Frontend
+from gemma4_platform.grpc_handlers import add_serving_handlers, check_request
 from gemma4_platform.grpc_convert import (
     ChatChunker,
     chat_from_proto,
@@ -82,7 +83,7 @@ class Gemma4ServingService:
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: RpcContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        caller, trace_context = self._authenticate(context)
+        caller, trace_context = self._authenticate(context, request)
         with self.frontend.admit(caller), _proto_paths():  # the engine validates too, when the request is added
             engine_request = await self.frontend.completion(
                 _prompt(request),
@@ -118,7 +119,7 @@ class Gemma4ServingService:
         return response
 
     async def ChatStream(self, request: pb.ChatRequest, context: RpcContext) -> AsyncIterator[pb.ChatStreamResponse]:
-        caller, trace_context = self._authenticate(context)
+        caller, trace_context = self._authenticate(context, request)
         with self.frontend.admit(caller):
             chat = chat_from_proto(request)
             with _proto_paths(chat.origins):
@@ -140,12 +141,12 @@ class Gemma4ServingService:
 
     # ------------------------------------------------------------------ utilities
     async def Tokenize(self, request: pb.TokenizeRequest, context: RpcContext) -> pb.TokenizeResponse:
-        caller, _ = self._authenticate(context)
+        caller, _ = self._authenticate(context, request)
         with self.frontend.admit(caller), _proto_paths():
             return pb.TokenizeResponse(token_ids=await self.frontend.tokenize(request.text))
 
     async def CountTokens(self, request: pb.ChatRequest, context: RpcContext) -> pb.CountTokensResponse:
-        caller, _ = self._authenticate(context)
+        caller, _ = self._authenticate(context, request)
         with self.frontend.admit(caller):
             chat = chat_from_proto(request)
             with _proto_paths(chat.origins):
@@ -153,7 +154,7 @@ class Gemma4ServingService:
         return pb.CountTokensResponse(prompt_tokens=len(token_ids))
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: RpcContext) -> pb.ModelInfo:
-        self._authenticate(context)
+        self._authenticate(context, request)
         model = self.frontend.model
         return pb.ModelInfo(
             model=model.name,
@@ -164,16 +165,19 @@ class Gemma4ServingService:
         )
 
     async def Health(self, request: pb.HealthRequest, context: RpcContext) -> pb.HealthResponse:
-        self._authenticate(context)
+        self._authenticate(context, request)
         if self.health is None:
             return pb.HealthResponse(ready=True, ready_replicas=1)
         return pb.HealthResponse(**self.health())
 
     # ------------------------------------------------------------------ helpers
-    def _authenticate(self, context: RpcContext) -> tuple[KeyGrant, dict[str, str]]:
-        """The caller's grant, once its API key checks out, and the trace context it sent."""
+    def _authenticate(self, context: RpcContext, request: Any) -> tuple[KeyGrant, dict[str, str]]:
+        """The caller's grant, once its API key checks out, and the trace context it sent; then the
+        request must have parsed."""
         metadata = list(context.invocation_metadata() or ())
-        return self.api_keys.authenticate(presented_keys(metadata)), tracing.carrier_from_metadata(metadata)
+        caller = self.api_keys.authenticate(presented_keys(metadata))
+        check_request(request)
+        return caller, tracing.carrier_from_metadata(metadata)
 
 
 def _prompt(request: pb.GenerateRequest) -> str | list[int]:
@@ -268,4 +272,4 @@ class GrpcServicer(serving_pb2_grpc.Gemma4ServingServicer):
 
 def add_servicer_to_server(server: grpc.aio.Server, service: Gemma4ServingService) -> None:
     """Serve `service` as gemma4.serving.v1.Gemma4Serving on `server`."""
-    serving_pb2_grpc.add_Gemma4ServingServicer_to_server(GrpcServicer(service), server)
+    add_serving_handlers(GrpcServicer(service), server)
