@@ -12,6 +12,7 @@ from engine_fixtures import BLOCK_SIZE, mixed_prompts, write_checkpoint
 from gemma4 import LLM, AsyncEngine, ChatPrompt, SamplingParams, chat
 from gemma4.engine import FinishReason
 from gemma4.engine.detokenizer import IncrementalDetokenizer
+from gemma4.engine.kv_cache_manager import NULL_BLOCK
 from gemma4.tokenizer import load_tokenizer
 from reference_models import SLIDING_WINDOW
 
@@ -61,6 +62,20 @@ def test_block_accounting(llm: LLM) -> None:
                 checked += 1
     assert checked > 20
     assert all(u.used_blocks == 0 for u in engine.kv.usage())
+
+
+def test_null_block_row_is_never_written_even_when_every_block_is_reused(checkpoint) -> None:
+    blocks = 24
+    llm = LLM(checkpoint, dtype=torch.float32, block_size=BLOCK_SIZE, max_num_batched_tokens=32, num_kv_blocks=blocks)
+    engine = llm.engine
+    llm.generate(mixed_prompts(8), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert all(pool.evictions > 0 for pool in engine.kv.pools)  # demand exceeded each pool: blocks were reused
+    cache = engine.runner.cache
+    for tensor in [*cache.values, *(k for k in cache.keys if k is not None)]:
+        assert tensor.shape[1] == blocks + 1  # the usable blocks plus the null block
+        assert torch.all(tensor[:, NULL_BLOCK] == 0)
+        assert all(torch.any(tensor[:, b] != 0) for b in range(1, blocks + 1))  # every usable block was written
+    assert all(u.num_blocks == blocks and u.used_blocks == 0 for u in engine.kv.usage())
 
 
 def test_seeded_sampling_is_reproducible(llm: LLM) -> None:

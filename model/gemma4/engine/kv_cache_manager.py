@@ -5,7 +5,9 @@ groups release the blocks that fell out of every future query's window, so a dec
 holds at most ceil(window / block_size) + 1 of them. Full blocks are indexed by a hash of their
 content chain for prefix caching; free blocks keep their hash until reused (LRU eviction), and a
 prefix hit is valid only if every group still holds what the next query needs: all earlier blocks
-for full-attention groups, the window's blocks for sliding ones.
+for full-attention groups, the window's blocks for sliding ones. Block ids run from 1 to the pool's
+size; table entries a sequence does not hold (released, or before a prefix hit's window) are
+`NULL_BLOCK`, the reserved zero row of every pool tensor.
 """
 
 from __future__ import annotations
@@ -14,19 +16,20 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from gemma4.kv_layout import CacheGroup
-
-NULL_BLOCK = -1
+from gemma4.kv_layout import NULL_BLOCK, CacheGroup, pool_rows
 
 
 class BlockPool:
-    """A fixed set of block ids with reference counts, an LRU free queue and a content-hash index."""
+    """Block ids 1..num_blocks with reference counts, an LRU free queue and a content-hash index.
+
+    Id 0 is `NULL_BLOCK`: never handed out, so it counts neither as free nor as used.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.ref_count = [0] * num_blocks
-        self.block_hash: list[bytes | None] = [None] * num_blocks
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.ref_count = [0] * pool_rows(num_blocks)
+        self.block_hash: list[bytes | None] = [None] * pool_rows(num_blocks)
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, pool_rows(num_blocks)))
         self.hash_to_block: dict[bytes, int] = {}
         self.evictions = 0
 
