@@ -78,6 +78,37 @@ def test_null_block_row_is_never_written_even_when_every_block_is_reused(checkpo
     assert all(u.num_blocks == blocks and u.used_blocks == 0 for u in engine.kv.usage())
 
 
+def test_cache_salt_separates_prefix_cache_namespaces(llm: LLM) -> None:
+    engine = llm.engine
+    prompt = mixed_prompts(1)[0]
+    hit = (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    def cached(cache_salt: str | None) -> int:
+        engine.add_request(prompt, params, cache_salt=cache_salt)
+        (out,) = run_to_completion(engine).values()
+        return out.usage.cached_prompt_tokens
+
+    assert [cached("tenant-a"), cached("tenant-a"), cached("tenant-b"), cached(None), cached(None)] == [0, hit, 0, 0, hit]
+
+    async def through_async_engine() -> int:
+        stream = await front.add_request(prompt, params, cache_salt="tenant-b")
+        return [out async for out in stream][-1].usage.cached_prompt_tokens
+
+    front = AsyncEngine(engine)
+    try:
+        assert asyncio.run(asyncio.wait_for(through_async_engine(), timeout=60)) == hit
+    finally:
+        front.shutdown()
+
+
+@pytest.mark.parametrize("cache_salt", [5, b"bytes", "x" * 257])
+def test_invalid_cache_salt_is_rejected(llm: LLM, cache_salt) -> None:
+    with pytest.raises(ValueError, match="^cache_salt must be a string of at most 256 characters"):
+        llm.engine.add_request([5, 6, 7], SamplingParams(), cache_salt=cache_salt)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_seeded_sampling_is_reproducible(llm: LLM) -> None:
     prompts = mixed_prompts(6)
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, seed=1234, ignore_eos=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gemma4.config import variant_config
-from gemma4.engine.kv_cache_manager import NULL_BLOCK, KVCacheManager
+from gemma4.engine.kv_cache_manager import NULL_BLOCK, KVCacheManager, block_hashes
 from gemma4.engine.paged_attention import PagedAttention, PagedKVCache, SequenceSlice, debug_checks_enabled
 from gemma4.kv_layout import CacheGroup, cache_groups, pool_rows, split_kv_budget
 
@@ -22,12 +22,12 @@ def manager(blocks: int = 64, prefix: bool = True) -> KVCacheManager:
     return KVCacheManager((SLIDING, FULL), {"sliding": blocks, "full": blocks}, BS, enable_prefix_caching=prefix)
 
 
-def run(kv: KVCacheManager, seq: str, tokens: list[int], chunk: int = 64) -> None:
+def run(kv: KVCacheManager, seq: str, tokens: list[int], chunk: int = 64, cache_salt: str | None = None) -> None:
     """Prefill `tokens` in chunks as the scheduler would, committing after each step."""
-    done = kv.find_cached_prefix(tokens)
+    done = kv.find_cached_prefix(tokens, cache_salt)
     while done < len(tokens):
         n = min(chunk, len(tokens) - done)
-        assert kv.allocate(seq, tokens, done, n)
+        assert kv.allocate(seq, tokens, done, n, cache_salt)
         done += n
         kv.commit(seq, tokens, done)
 
@@ -78,14 +78,14 @@ def test_prefix_hit_requires_the_window_blocks_in_sliding_groups() -> None:
     # Evict the sliding copy of block 7: the next query would need it, so the hit shrinks to where
     # the window's blocks are still cached (a 7-block hit needs blocks 5 and 6, both cached).
     sliding_pool = kv.pools[0]
-    block_hashes = kv._hashes(None, tokens, 8)
-    victim = sliding_pool.lookup(block_hashes[7])
-    del sliding_pool.hash_to_block[block_hashes[7]]
+    hashes = block_hashes(tokens, BS, 8)
+    victim = sliding_pool.lookup(hashes[7])
+    del sliding_pool.hash_to_block[hashes[7]]
     sliding_pool.block_hash[victim] = None
     assert kv.find_cached_prefix(tokens + [1]) == 28
     # Without the full group's block 2, nothing past it can be used, whatever sliding holds.
     full_pool = kv.pools[1]
-    del full_pool.hash_to_block[block_hashes[2]]
+    del full_pool.hash_to_block[hashes[2]]
     assert kv.find_cached_prefix(tokens + [1]) == 8
 
 
@@ -100,6 +100,27 @@ def test_prefix_hits_share_blocks_and_count_references() -> None:
     assert all(kv.pools[1].ref_count[b] == 1 for b in full_b[:5])
     kv.free("b")
     assert [u.used_blocks for u in kv.usage()] == [0, 0]
+
+
+def test_prefix_hits_only_under_the_same_cache_salt() -> None:
+    kv = manager()
+    tokens = list(range(700, 720))  # 5 blocks
+    run(kv, "salted", tokens, cache_salt="tenant-a")
+    run(kv, "other", tokens, cache_salt="tenant-b")
+    run(kv, "shared", tokens)
+    tables = {seq: kv.block_tables(seq)[1] for seq in ("salted", "other", "shared")}
+    assert len({b for table in tables.values() for b in table}) == 15  # three live copies, nothing shared
+    for seq in tables:
+        kv.free(seq)
+    assert kv.find_cached_prefix(tokens + [1], "tenant-a") == 20
+    assert kv.find_cached_prefix(tokens + [1], "tenant-b") == 20
+    assert kv.find_cached_prefix(tokens + [1]) == 20
+    assert kv.find_cached_prefix(tokens + [1], "tenant-c") == 0
+    assert kv.find_cached_prefix(tokens + [1], "") == 0  # the empty salt is a namespace of its own, not the shared one
+    run(kv, "again", tokens + [1], cache_salt="tenant-a")
+    assert kv.block_tables("again")[1][:5] == tables["salted"]  # the same salt shares the cached blocks
+    assert block_hashes(tokens, BS, 5, "tenant-a") != block_hashes(tokens, BS, 5)
+    assert block_hashes(tokens, BS, 5, "tenant-a")[1:] != block_hashes(tokens, BS, 5, "tenant-b")[1:]  # the whole chain
 
 
 def test_lru_eviction_of_cached_free_blocks() -> None:

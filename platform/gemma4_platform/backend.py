@@ -26,6 +26,7 @@ class EngineRequest:
     priority: int = 0
     parse_chat: bool = False
     trace_context: dict[str, str] = field(default_factory=dict)
+    cache_salt: str | None = None  # prefix-cache namespace (None: shared); the router keys on it too
 
 
 class GenerationBackend(Protocol):

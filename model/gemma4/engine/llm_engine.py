@@ -31,6 +31,7 @@ from gemma4.tokenizer import Gemma4Tokenizer
 
 
 RECENT_METRICS = 1024  # finished requests whose timings stats() reports
+MAX_CACHE_SALT_CHARS = 256
 CPU_KV_CACHE_BYTES = 1 << 30  # the KV budget on the CPU, where device memory is the host's
 _WEIGHT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -192,10 +193,15 @@ class LLMEngine:
         request_id: str | None = None,
         priority: int = 0,
         parse_chat: bool | None = None,
+        cache_salt: str | None = None,
     ) -> str:
-        """Validate and queue a request; raises ValueError (naming the field) before allocating anything."""
+        """Validate and queue a request; raises ValueError (naming the field) before allocating anything.
+
+        Requests share prefix-cache blocks only with requests of the same `cache_salt` (None: the
+        shared namespace), so a tenant's salt keeps others from reusing, or timing, its prompts' KV.
+        """
         params = params or SamplingParams()
-        token_ids, chat = self.check_request(prompt, params, priority)
+        token_ids, chat = self.check_request(prompt, params, priority, cache_salt)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._tracked:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -206,6 +212,7 @@ class LLMEngine:
             sampling_params=params,
             stop_token_ids=frozenset(stop_ids),
             priority=priority,
+            cache_salt=cache_salt,
             arrival_order=next(self._arrivals),
         )
         needs_text = self.tokenizer is not None
@@ -218,7 +225,9 @@ class LLMEngine:
         self.prompt_tokens_total += len(token_ids)
         return request_id
 
-    def check_request(self, prompt: Prompt, params: SamplingParams, priority: int = 0) -> tuple[list[int], bool]:
+    def check_request(
+        self, prompt: Prompt, params: SamplingParams, priority: int = 0, cache_salt: str | None = None
+    ) -> tuple[list[int], bool]:
         """Tokenize and validate a request without queueing it: ValueError naming the field and limit."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -235,6 +244,9 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids contains {bad}, outside the vocabulary [0, {self.vocab_size})")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT_CHARS):
+            got = f"{len(cache_salt)} characters" if isinstance(cache_salt, str) else type(cache_salt).__name__
+            raise ValueError(f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters, got {got}")
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
