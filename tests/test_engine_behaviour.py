@@ -164,6 +164,78 @@ def test_stop_strings_are_cut_exactly_also_while_streaming(llm: LLM) -> None:
     assert final.text == cut and "".join(deltas) == cut
 
 
+def test_stop_strings_count_only_after_min_tokens_and_never_cut_running_text(llm: LLM) -> None:
+    prompt = mixed_prompts(6)[5]
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids
+    decode = llm.tokenizer.decode
+    texts = [decode(free[:k]) for k in range(len(free) + 1)]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # this output decodes the same token by token
+    text = texts[-1]
+    stop = next(p for p in map(decode, ([t] for t in free)) if len(p) >= 2 and text.count(p) == 2)
+    first, second = text.index(stop), text.index(stop, text.index(stop) + 1)
+    first_k = next(k for k, t in enumerate(texts) if stop in t)  # the output token completing the first match
+    second_k = next(k for k, t in enumerate(texts) if t.count(stop) == 2)
+    engine = llm.engine
+
+    def run(min_tokens: int):
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], min_tokens=min_tokens)
+        engine.add_request(prompt, params, request_id="m")
+        streamed, final = "", None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                streamed += out.delta_text
+                assert out.text == streamed  # the text reported so far is exactly what was streamed
+                final = out
+        return final
+
+    # A match completed by token min_tokens + 1 or later stops the request; one completed earlier does not.
+    for min_tokens, ids, cut in [
+        (first_k - 1, free[:first_k], first),
+        (first_k, free[:second_k], second),
+        (second_k - 1, free[:second_k], second),
+        (second_k, free, len(text)),
+    ]:
+        final = run(min_tokens)
+        assert final.token_ids == ids, min_tokens
+        assert final.text == decode(final.token_ids)[:cut] == text[:cut]
+        stopped = cut < len(text)
+        assert final.finish_reason == (FinishReason.STOP if stopped else FinishReason.LENGTH)
+        assert final.stop_reason == (stop if stopped else None)
+
+
+def test_detokenizer_min_tokens_and_hold_back() -> None:
+    class OneCharPerToken:
+        def decode(self, ids, skip_special_tokens: bool = False) -> str:
+            return "".join(map(chr, ids))
+
+    def detokenize(text: str, stop: tuple[str, ...], min_tokens: int) -> tuple[str, str | None]:
+        detok = IncrementalDetokenizer(OneCharPerToken(), stop, min_tokens)
+        streamed = ""
+        for token in map(ord, text):
+            detok.add_token(token)
+            streamed += detok.take_delta(finished=False)
+            assert detok.text.startswith(streamed)
+            if detok.stopped_on is not None:
+                break
+            assert len(detok.text) - len(streamed) <= max(map(len, stop)) - 1  # hold-back bounded by the longest stop
+        streamed += detok.take_delta(finished=True)
+        assert streamed == detok.text
+        return detok.text, detok.stopped_on
+
+    text = "ab|cd|ef"  # token k is character k (1-based)
+    assert detokenize(text, ("|",), 0) == ("ab", "|")
+    assert detokenize(text, ("|",), 2) == ("ab", "|")  # the first "|" is token 3: after min_tokens
+    assert detokenize(text, ("|",), 3) == ("ab|cd", "|")
+    assert detokenize(text, ("|",), 6) == (text, None)
+    # A match counts by the token that completes it, even when it starts earlier.
+    assert detokenize(text, ("cd|",), 5) == ("ab|", "cd|")
+    assert detokenize(text, ("cd|",), 6) == (text, None)
+    # A match that came too early is not found again by later searches (which look back as far as the
+    # longest stop string); a later match of it still stops.
+    assert detokenize("xyzw-q", ("yzw", "a-longer-stop"), 4) == ("xyzw-q", None)
+    assert detokenize("xyzw-yzw", ("yzw", "a-longer-stop"), 4) == ("xyzw-", "yzw")
+
+
 def test_stop_token_ids_and_min_tokens(llm: LLM) -> None:
     prompt = mixed_prompts(1)[0]
     free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].token_ids

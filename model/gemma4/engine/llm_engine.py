@@ -218,7 +218,7 @@ class LLMEngine:
         needs_text = self.tokenizer is not None
         self._tracked[request_id] = _Tracked(
             request=request,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop) if needs_text else None,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens) if needs_text else None,
             chat_parser=StreamParser() if needs_text and (chat if parse_chat is None else parse_chat) else None,
         )
         self.scheduler.add(request)
@@ -301,14 +301,16 @@ class LLMEngine:
         return outputs
 
     def _check_stop(self, tracked: _Tracked, token: int) -> None:
+        """Stop tokens and stop strings end a request only after its first `min_tokens` output tokens
+        (the sampler never draws a stop token before; the detokenizer ignores earlier stop strings)."""
         request = tracked.request
         params = request.sampling_params
-        if token in request.stop_token_ids and request.num_output_tokens >= params.min_tokens:
+        if token in request.stop_token_ids and request.num_output_tokens > params.min_tokens:
             self._finish(request, FinishReason.STOP, stop_reason=token)
             return
         if tracked.detokenizer is not None:
             tracked.detokenizer.add_token(token)
-            if tracked.detokenizer.stopped_on is not None and request.num_output_tokens >= params.min_tokens:
+            if tracked.detokenizer.stopped_on is not None:
                 self._finish(request, FinishReason.STOP, stop_reason=tracked.detokenizer.stopped_on)
                 return
         if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
@@ -331,7 +333,7 @@ class LLMEngine:
             if finished and request.finish_reason != FinishReason.STOP:
                 tracked.detokenizer.flush()
             delta_text = tracked.detokenizer.take_delta(finished)
-            text = tracked.detokenizer.text
+            text = tracked.detokenizer.streamed_text
             if tracked.chat_parser is not None:
                 chat_deltas = tracked.chat_parser.feed(delta_text) if delta_text else []
                 if finished:

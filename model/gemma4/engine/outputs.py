@@ -39,8 +39,10 @@ class RequestMetrics:
 class RequestOutput:
     """One request's progress: everything so far plus what is new since the previous output.
 
-    `logprobs` covers every output token so far (`delta_logprobs` the new ones). `chat_deltas` holds the chat parser's events for this delta (thinking text, answer text,
-    completed tool calls) when the request asked for chat parsing.
+    `text` is the text streamed so far (every `delta_text` joined), always a prefix of the final
+    text: possible stop-string prefixes are held back until decided. `logprobs` covers every output
+    token so far (`delta_logprobs` the new ones). `chat_deltas` holds the chat parser's events for
+    this delta (thinking text, answer text, completed tool calls) when the request asked for chat parsing.
     """
 
     request_id: str
