@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import fields
 
 import pytest
 import torch
 
 from engine_fixtures import BLOCK_SIZE, mixed_prompts, write_checkpoint
 from gemma4 import LLM, AsyncEngine, ChatPrompt, SamplingParams, chat
-from gemma4.engine import FinishReason
+from gemma4.engine import EngineStats, FinishReason
 from gemma4.engine.detokenizer import IncrementalDetokenizer
 from gemma4.engine.kv_cache_manager import NULL_BLOCK
+from gemma4.engine.outputs import LATENCY_BUCKET_BOUNDS, LatencyHistogram
 from gemma4.tokenizer import load_tokenizer
 from reference_models import SLIDING_WINDOW
 
@@ -391,10 +393,25 @@ def test_generate_accepts_chat_messages_and_validates_all_first(llm: LLM) -> Non
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_stats_report_per_request_timings(llm: LLM) -> None:
-    llm.generate(mixed_prompts(3), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+def test_stats_summarise_finished_requests_timings_in_fixed_size_histograms(llm: LLM) -> None:
+    assert "recent_requests" not in {f.name for f in fields(EngineStats)}
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    outputs = llm.generate(mixed_prompts(3), params) + llm.generate(mixed_prompts(2, seed=1), params)
     stats = llm.engine.stats()
-    assert len(stats.recent_requests) == 3
-    for metrics in stats.recent_requests:
-        assert metrics.time_to_first_token > 0 and len(metrics.inter_token_times) == 4
-    assert stats.generation_tokens_total == 15 and stats.finished_requests["length"] == 3
+    ttfts = [o.metrics.time_to_first_token for o in outputs]
+    gaps = [g for o in outputs for g in o.metrics.inter_token_times]
+    assert len(gaps) == 5 * 4
+    for histogram, values in ((stats.time_to_first_token, ttfts), (stats.inter_token_latency, gaps)):
+        bounds = histogram.bucket_bounds
+        assert bounds == LATENCY_BUCKET_BOUNDS and len(histogram.counts) == len(bounds) + 1
+        assert histogram.count == len(values) and histogram.total == pytest.approx(sum(values))
+        edges = list(zip((-math.inf, *bounds), (*bounds, math.inf)))
+        assert histogram.counts == tuple(sum(lo < v <= hi for v in values) for lo, hi in edges)
+    assert stats.e2e_latency.count == 5 and stats.e2e_latency.total >= stats.time_to_first_token.total
+    assert stats.generation_tokens_total == 25 and stats.finished_requests["length"] == 5
+
+
+def test_latency_histogram_buckets_include_their_upper_bound() -> None:
+    histogram = LatencyHistogram.empty((0.1, 1.0)).add([0.05, 0.1, 0.5, 1.0, 7.0])
+    assert histogram == LatencyHistogram((0.1, 1.0), (2, 2, 1), pytest.approx(8.65), 5)
+    assert LatencyHistogram.empty((0.1, 1.0)).add([]) == LatencyHistogram((0.1, 1.0), (0, 0, 0), 0.0, 0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
@@ -19,7 +18,7 @@ from gemma4.chat import ChatDelta, StreamParser
 from gemma4.engine.detokenizer import IncrementalDetokenizer
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.model_runner import ModelRunner
-from gemma4.engine.outputs import CacheGroupStats, EngineStats, RequestMetrics, RequestOutput, Usage
+from gemma4.engine.outputs import CacheGroupStats, EngineStats, LatencyHistogram, RequestMetrics, RequestOutput, Usage
 from gemma4.engine.request import FinishReason, Request, RequestStatus
 from gemma4.engine.sampler import Sampler, TokenLogprobs
 from gemma4.engine.sampling_params import SamplingParams
@@ -30,7 +29,6 @@ from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.tokenizer import Gemma4Tokenizer
 
 
-RECENT_METRICS = 1024  # finished requests whose timings stats() reports
 MAX_CACHE_SALT_CHARS = 256
 CPU_KV_CACHE_BYTES = 1 << 30  # the KV budget on the CPU, where device memory is the host's
 _WEIGHT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -164,7 +162,9 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.finished_requests: dict[str, int] = {reason.value: 0 for reason in FinishReason}
-        self.recent_metrics: deque[RequestMetrics] = deque(maxlen=RECENT_METRICS)
+        self.time_to_first_token = LatencyHistogram.empty()
+        self.inter_token_latency = LatencyHistogram.empty()
+        self.e2e_latency = LatencyHistogram.empty()
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: Prompt) -> tuple[list[int], bool]:
@@ -321,6 +321,10 @@ class LLMEngine:
         request.finish_reason = reason
         request.stop_reason = stop_reason
         self.finished_requests[reason.value] += 1
+        if request.first_token_time is not None:
+            self.time_to_first_token = self.time_to_first_token.add([request.first_token_time - request.arrival_time])
+        self.inter_token_latency = self.inter_token_latency.add(request.inter_token_times)
+        self.e2e_latency = self.e2e_latency.add([time.monotonic() - request.arrival_time])
 
     def _output(self, tracked: _Tracked) -> RequestOutput:
         request = tracked.request
@@ -338,17 +342,15 @@ class LLMEngine:
                 chat_deltas = tracked.chat_parser.feed(delta_text) if delta_text else []
                 if finished:
                     chat_deltas += tracked.chat_parser.finish()
-        gaps = tuple(b - a for a, b in zip(request.token_times, request.token_times[1:]))
         metrics = RequestMetrics(
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             last_token_time=request.token_times[-1] if request.token_times else None,
-            inter_token_times=gaps,
+            inter_token_times=request.inter_token_times,
             num_preemptions=request.num_preemptions,
         )
         if finished:
             del self._tracked[request.request_id]
-            self.recent_metrics.append(metrics)
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -377,6 +379,8 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             finished_requests=dict(self.finished_requests),
-            recent_requests=list(self.recent_metrics),
+            time_to_first_token=self.time_to_first_token,
+            inter_token_latency=self.inter_token_latency,
+            e2e_latency=self.e2e_latency,
         )
 

@@ -69,6 +69,11 @@ class Request:
         return self.num_tokens - self.num_prompt_tokens
 
     @property
+    def inter_token_times(self) -> tuple[float, ...]:
+        """Gaps between consecutive output tokens."""
+        return tuple(b - a for a, b in zip(self.token_times, self.token_times[1:]))
+
+    @property
     def finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
