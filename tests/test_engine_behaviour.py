@@ -15,6 +15,8 @@ from gemma4.engine import EngineStats, FinishReason
 from gemma4.engine.detokenizer import IncrementalDetokenizer
 from gemma4.engine.kv_cache_manager import NULL_BLOCK
 from gemma4.engine.outputs import LATENCY_BUCKET_BOUNDS, LatencyHistogram
+from gemma4.engine.request import Request
+from gemma4.engine.sampler import Sampler
 from gemma4.tokenizer import load_tokenizer
 from reference_models import SLIDING_WINDOW
 
@@ -132,7 +134,7 @@ def test_sampling_filters_that_leave_one_token_are_greedy(llm: LLM) -> None:
         assert llm.generate([prompt], params)[0].token_ids == greedy
 
 
-def test_logprobs_and_penalties(llm: LLM) -> None:
+def test_logprobs(llm: LLM) -> None:
     prompt = mixed_prompts(1)[0]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True))[0]
     assert len(out.logprobs) == 4
@@ -140,12 +142,42 @@ def test_logprobs_and_penalties(llm: LLM) -> None:
         assert lp.token_id == token and len(lp.top) == 3
         assert max(lp.top, key=lp.top.get) == token  # greedy picks the top raw logprob
         assert lp.logprob == pytest.approx(max(lp.top.values()))
+
+
+@pytest.mark.parametrize(
+    "penalties,expected",
+    [
+        ({}, [1.0, 2.0, -1.0, 4.0, 0.5, 3.0]),
+        # Over prompt + output tokens {1, 2, 3}: positive logits divided, negative ones multiplied.
+        ({"repetition_penalty": 2.0}, [1.0, 1.0, -2.0, 2.0, 0.5, 3.0]),
+        # Over output tokens only, times their count (token 2 once, token 3 twice); prompt token 1 untouched.
+        ({"frequency_penalty": 0.5}, [1.0, 2.0, -1.5, 3.0, 0.5, 3.0]),
+        ({"presence_penalty": 0.25}, [1.0, 2.0, -1.25, 3.75, 0.5, 3.0]),
+        ({"presence_penalty": -1.0}, [1.0, 2.0, 0.0, 5.0, 0.5, 3.0]),
+        # Repetition first, then frequency and presence.
+        ({"repetition_penalty": 2.0, "frequency_penalty": 0.5, "presence_penalty": 0.25}, [1.0, 1.0, -2.75, 0.75, 0.5, 3.0]),
+    ],
+)
+def test_penalties_change_exactly_the_logits_they_should(penalties: dict, expected: list[float]) -> None:
+    logits = torch.tensor([1.0, 2.0, -1.0, 4.0, 0.5, 3.0])
+    request = Request("p", [1, 2], SamplingParams(temperature=0, **penalties), stop_token_ids=frozenset())
+    for token in (2, 3, 3):
+        request.append_token(token, 0.0)
+    assert Sampler.processed_logits(logits, request).tolist() == pytest.approx(expected)
+    assert logits.tolist() == [1.0, 2.0, -1.0, 4.0, 0.5, 3.0]  # the model's logits are left alone
+
+
+def test_each_penalty_changes_a_greedy_continuation_that_repeats(llm: LLM) -> None:
+    prompt = mixed_prompts(1)[0]
     plain = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].token_ids
-    penalised = llm.generate(
-        [prompt], SamplingParams(temperature=0, max_tokens=16, frequency_penalty=2.0, presence_penalty=2.0, ignore_eos=True)
-    )[0].token_ids
-    assert len(set(penalised)) >= len(set(plain))
-    assert penalised != plain or len(set(plain)) == len(plain)
+    first_repeat = next(i for i, t in enumerate(plain) if t in plain[:i])  # this continuation repeats a token
+    for penalty in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **{penalty: 2.0})
+        penalised = llm.generate([prompt], params)[0].token_ids
+        assert penalised[: first_repeat + 1] != plain[: first_repeat + 1], penalty
+        assert len(set(penalised)) == len(penalised), penalty  # a penalty of 2 outweighs these logit gaps
+        if penalty != "repetition_penalty":  # output-only penalties leave the tokens before any repeat alone
+            assert penalised[:first_repeat] == plain[:first_repeat], penalty
 
 
 def test_stop_strings_are_cut_exactly_also_while_streaming(llm: LLM) -> None:
