@@ -17,7 +17,9 @@ from gemma4.engine.kv_cache_manager import NULL_BLOCK
 from gemma4.engine.outputs import LATENCY_BUCKET_BOUNDS, LatencyHistogram
 from gemma4.engine.request import Request
 from gemma4.engine.sampler import Sampler
+from gemma4.engine.llm_engine import LLMEngine
 from gemma4.tokenizer import load_tokenizer
+from gemma4_platform.errors import invalid_from_value_error
 from reference_models import SLIDING_WINDOW
 
 
@@ -314,6 +316,40 @@ def test_invalid_requests_fail_before_allocation(checkpoint, prompt, kwargs, mes
         llm.engine.add_request(prompt, SamplingParams(**kwargs))
     assert not llm.engine.has_unfinished_requests()
     assert all(u.used_blocks == 0 for u in llm.engine.kv.usage())
+
+
+NO_TOKENIZER = "no tokenizer"
+SMALL = SamplingParams(max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "prompt,params,options,field",
+    [
+        ([], SMALL, {}, "prompt"),
+        ([1, 2, 99999], SMALL, {}, "prompt"),
+        ({"role": "user"}, SMALL, {}, "prompt"),
+        (list(range(3, 13)), SamplingParams(max_tokens=120), {}, "prompt"),  # over max_model_len
+        (list(range(3, 30)), SamplingParams(max_tokens=8), {}, "prompt"),  # over the full-attention pool
+        ([5], SamplingParams(stop_token_ids=[600]), {}, "stop_token_ids"),
+        ([5], {"max_tokens": 2}, {}, "params"),
+        ([5], SMALL, {"priority": "high"}, "priority"),
+        ([5], SMALL, {"priority": True}, "priority"),
+        ([5], SMALL, {"cache_salt": 5}, "cache_salt"),
+        ([5], SMALL, {"request_id": "taken"}, "request_id"),  # a request still in flight has it
+        ("text", SMALL, {NO_TOKENIZER: True}, "prompt"),
+        (ChatPrompt([{"role": "user", "content": "hi"}]), SMALL, {NO_TOKENIZER: True}, "prompt"),
+        ([5], SamplingParams(stop=["x"]), {NO_TOKENIZER: True}, "stop"),
+    ],
+)
+def test_request_errors_start_with_the_field_name(checkpoint, prompt, params, options, field) -> None:
+    llm = LLM(checkpoint, dtype=torch.float32, block_size=BLOCK_SIZE, max_model_len=128, max_num_batched_tokens=4, num_kv_blocks=6)
+    options = dict(options)
+    engine = LLMEngine(llm.engine.model, None, llm.engine.args) if options.pop(NO_TOKENIZER, False) else llm.engine
+    engine.add_request([5, 6], SMALL, request_id="taken")
+    with pytest.raises(ValueError) as error:
+        engine.add_request(prompt, params, **options)
+    assert invalid_from_value_error(error.value).field == field, str(error.value)  # what the gateway reports
+    assert [r.request_id for r in engine.scheduler.waiting] == ["taken"]  # nothing else was queued
 
 
 @pytest.mark.parametrize(

@@ -172,17 +172,17 @@ class LLMEngine:
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
             prompt = ChatPrompt(prompt)
         if isinstance(prompt, ChatPrompt):
-            tokenizer = self._require_tokenizer("chat prompts")
+            tokenizer = self._require_tokenizer("chat messages")
             return tokenizer.encode_chat(prompt.messages, tools=prompt.tools, thinking=prompt.thinking), True
         if isinstance(prompt, str):
-            return self._require_tokenizer("text prompts").encode(prompt), False
+            return self._require_tokenizer("text").encode(prompt), False
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt), False
         raise ValueError("prompt must be a string, a list of token ids, a list of chat messages or a ChatPrompt")
 
-    def _require_tokenizer(self, what: str) -> Gemma4Tokenizer:
+    def _require_tokenizer(self, prompt_kind: str) -> Gemma4Tokenizer:
         if self.tokenizer is None:
-            raise ValueError(f"{what} need a tokenizer; this engine has none (pass token ids)")
+            raise ValueError(f"prompt given as {prompt_kind} needs a tokenizer; this engine has none (pass token ids)")
         return self.tokenizer
 
     def add_request(
@@ -228,9 +228,13 @@ class LLMEngine:
     def check_request(
         self, prompt: Prompt, params: SamplingParams, priority: int = 0, cache_salt: str | None = None
     ) -> tuple[list[int], bool]:
-        """Tokenize and validate a request without queueing it: ValueError naming the field and limit."""
+        """Tokenize and validate a request without queueing it.
+
+        Raises ValueError whose message starts with the offending field's name (the gateway reports
+        that word as the field), then the limit it broke.
+        """
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         token_ids, chat = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt must not be empty")
