@@ -1,14 +1,16 @@
-"""KV block manager unit tests: pools per group, sliding release, prefix hits, LRU eviction."""
+"""KV block manager unit tests: pools per group, sliding release, prefix hits, LRU eviction, the null block."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from gemma4.config import variant_config
-from gemma4.engine.kv_cache_manager import NULL_BLOCK, KVCacheManager
-from gemma4.kv_layout import CacheGroup, cache_groups, split_kv_budget
+from gemma4.engine.kv_cache_manager import NULL_BLOCK, KVCacheManager, block_hashes
+from gemma4.engine.paged_attention import PagedAttention, PagedKVCache, SequenceSlice, debug_checks_enabled
+from gemma4.kv_layout import CacheGroup, cache_groups, pool_rows, split_kv_budget
 
 BS = 4
 WINDOW = 8
@@ -20,12 +22,12 @@ def manager(blocks: int = 64, prefix: bool = True) -> KVCacheManager:
     return KVCacheManager((SLIDING, FULL), {"sliding": blocks, "full": blocks}, BS, enable_prefix_caching=prefix)
 
 
-def run(kv: KVCacheManager, seq: str, tokens: list[int], chunk: int = 64) -> None:
+def run(kv: KVCacheManager, seq: str, tokens: list[int], chunk: int = 64, cache_salt: str | None = None) -> None:
     """Prefill `tokens` in chunks as the scheduler would, committing after each step."""
-    done = kv.find_cached_prefix(tokens)
+    done = kv.find_cached_prefix(tokens, cache_salt)
     while done < len(tokens):
         n = min(chunk, len(tokens) - done)
-        assert kv.allocate(seq, tokens, done, n)
+        assert kv.allocate(seq, tokens, done, n, cache_salt)
         done += n
         kv.commit(seq, tokens, done)
 
@@ -48,7 +50,7 @@ def test_budget_split_gives_sliding_groups_only_their_window() -> None:
         max_num_batched_tokens=16,
     )
     assert blocks["sliding"] == 4 * (math.ceil((WINDOW - 1 + 16) / BS) + 1)
-    used = blocks["sliding"] * SLIDING.bytes_per_block(BS, 2)
+    used = SLIDING.pool_bytes(blocks["sliding"], BS, 2) + FULL.pool_bytes(0, BS, 2)  # null blocks included
     assert blocks["full"] == (10**6 - used) // FULL.bytes_per_block(BS, 2)
 
 
@@ -76,14 +78,14 @@ def test_prefix_hit_requires_the_window_blocks_in_sliding_groups() -> None:
     # Evict the sliding copy of block 7: the next query would need it, so the hit shrinks to where
     # the window's blocks are still cached (a 7-block hit needs blocks 5 and 6, both cached).
     sliding_pool = kv.pools[0]
-    block_hashes = kv._hashes(None, tokens, 8)
-    victim = sliding_pool.lookup(block_hashes[7])
-    del sliding_pool.hash_to_block[block_hashes[7]]
+    hashes = block_hashes(tokens, BS, 8)
+    victim = sliding_pool.lookup(hashes[7])
+    del sliding_pool.hash_to_block[hashes[7]]
     sliding_pool.block_hash[victim] = None
     assert kv.find_cached_prefix(tokens + [1]) == 28
     # Without the full group's block 2, nothing past it can be used, whatever sliding holds.
     full_pool = kv.pools[1]
-    del full_pool.hash_to_block[block_hashes[2]]
+    del full_pool.hash_to_block[hashes[2]]
     assert kv.find_cached_prefix(tokens + [1]) == 8
 
 
@@ -98,6 +100,27 @@ def test_prefix_hits_share_blocks_and_count_references() -> None:
     assert all(kv.pools[1].ref_count[b] == 1 for b in full_b[:5])
     kv.free("b")
     assert [u.used_blocks for u in kv.usage()] == [0, 0]
+
+
+def test_prefix_hits_only_under_the_same_cache_salt() -> None:
+    kv = manager()
+    tokens = list(range(700, 720))  # 5 blocks
+    run(kv, "salted", tokens, cache_salt="tenant-a")
+    run(kv, "other", tokens, cache_salt="tenant-b")
+    run(kv, "shared", tokens)
+    tables = {seq: kv.block_tables(seq)[1] for seq in ("salted", "other", "shared")}
+    assert len({b for table in tables.values() for b in table}) == 15  # three live copies, nothing shared
+    for seq in tables:
+        kv.free(seq)
+    assert kv.find_cached_prefix(tokens + [1], "tenant-a") == 20
+    assert kv.find_cached_prefix(tokens + [1], "tenant-b") == 20
+    assert kv.find_cached_prefix(tokens + [1]) == 20
+    assert kv.find_cached_prefix(tokens + [1], "tenant-c") == 0
+    assert kv.find_cached_prefix(tokens + [1], "") == 0  # the empty salt is a namespace of its own, not the shared one
+    run(kv, "again", tokens + [1], cache_salt="tenant-a")
+    assert kv.block_tables("again")[1][:5] == tables["salted"]  # the same salt shares the cached blocks
+    assert block_hashes(tokens, BS, 5, "tenant-a") != block_hashes(tokens, BS, 5)
+    assert block_hashes(tokens, BS, 5, "tenant-a")[1:] != block_hashes(tokens, BS, 5, "tenant-b")[1:]  # the whole chain
 
 
 def test_lru_eviction_of_cached_free_blocks() -> None:
@@ -129,3 +152,49 @@ def test_no_prefix_caching_means_no_hits() -> None:
     run(kv, "a", tokens)
     kv.free("a")
     assert kv.find_cached_prefix(tokens) == 0
+
+
+def test_null_block_is_reserved_and_not_counted_as_used() -> None:
+    kv = manager(blocks=6)
+    assert kv.allocate("a", list(range(24)), 0, 24)  # all 6 usable blocks of each pool
+    for table in kv.block_tables("a"):
+        assert sorted(table) == list(range(1, 7)) and NULL_BLOCK not in table  # row 0 is the null block
+    assert [(u.num_blocks, u.used_blocks) for u in kv.usage()] == [(6, 6), (6, 6)]
+    assert not kv.allocate("b", [1, 2, 3], 0, 3)
+    kv.free("a")
+    assert [u.used_blocks for u in kv.usage()] == [0, 0]
+
+
+def test_budget_split_pays_for_each_pools_null_block() -> None:
+    per_block = SLIDING.bytes_per_block(BS, 2) + FULL.bytes_per_block(BS, 2)
+    budget = 100 * per_block  # an exact multiple: without the null blocks every byte would go to usable blocks
+    blocks = split_kv_budget(
+        (SLIDING, FULL), budget, block_size=BS, kv_dtype_bytes=2, max_num_seqs=1000, max_model_len=1000,
+        max_num_batched_tokens=16,
+    )
+    tensor_bytes = sum(pool_rows(blocks[g.name]) * g.bytes_per_block(BS, 2) for g in (SLIDING, FULL))
+    assert tensor_bytes <= budget
+    assert budget - tensor_bytes < per_block  # and nothing more than a block's worth is left unused
+
+
+def _attention(tables: dict[str, list[int]], context_len: int, query_len: int) -> PagedAttention:
+    cache = PagedKVCache((SLIDING, FULL), {"sliding": 8, "full": 8}, BS, torch.float32, "cpu")
+    positions = torch.arange(context_len - query_len, context_len)
+    sequence = SequenceSlice(0, query_len, context_len, [tables["sliding"], tables["full"]])
+    return PagedAttention(cache, [sequence], positions, key_from_value=lambda layer, v, pos: v)
+
+
+def test_debug_checks_reject_null_and_out_of_range_blocks_in_attention() -> None:
+    assert debug_checks_enabled()  # tests/conftest.py turns them on for every test
+    # Query at position 11, window 8: keys 4..11, i.e. sliding blocks 1 and 2; block 0 was released.
+    _attention({"sliding": [NULL_BLOCK, 3, 4], "full": [1, 2, 5]}, context_len=12, query_len=1)
+    with pytest.raises(RuntimeError, match="null block"):
+        _attention({"sliding": [NULL_BLOCK, NULL_BLOCK, 4], "full": [1, 2, 5]}, context_len=12, query_len=1)
+    with pytest.raises(RuntimeError, match="null block"):
+        _attention({"sliding": [3, 4, NULL_BLOCK], "full": [1, 2, NULL_BLOCK]}, context_len=12, query_len=1)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        _attention({"sliding": [NULL_BLOCK, 3, 4], "full": [1, 2, 9]}, context_len=12, query_len=1)  # 8 blocks: ids 1..8
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        _attention({"sliding": [-1, 3, 4], "full": [1, 2, 5]}, context_len=12, query_len=1)
+    with pytest.raises(RuntimeError, match="covers 2 blocks"):
+        _attention({"sliding": [NULL_BLOCK, 3, 4], "full": [1, 2]}, context_len=12, query_len=1)

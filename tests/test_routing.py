@@ -10,7 +10,8 @@ from gemma4_platform.backend import EngineRequest
 from ray.serve.request_router import RequestRouter
 
 from gemma4_platform.routing import PrefixAffinityRouter, prefix_keys
-from gemma4.engine.kv_cache_manager import chain_hash
+from gemma4.engine.kv_cache_manager import KVCacheManager, block_hashes
+from gemma4.kv_layout import CacheGroup
 
 BLOCK = 4
 
@@ -37,8 +38,8 @@ def make_router(queue: dict[str, int]) -> PrefixAffinityRouter:
     return router
 
 
-def request(tokens: list[int]) -> FakePending:
-    return FakePending([EngineRequest("r", tokens, SamplingParams())])
+def request(tokens: list[int], cache_salt: str | None = None) -> FakePending:
+    return FakePending([EngineRequest("r", tokens, SamplingParams(), cache_salt=cache_salt)])
 
 
 def choose(router: PrefixAffinityRouter, replicas: list[FakeReplica], pending: FakePending) -> str:
@@ -46,11 +47,37 @@ def choose(router: PrefixAffinityRouter, replicas: list[FakeReplica], pending: F
     return ranks[0][0].replica_id
 
 
+def engine_block_hashes(tokens: list[int], cache_salt: str | None) -> list[bytes]:
+    """The hashes the engine's KV cache manager indexes a prefilled sequence's full blocks under."""
+    group = CacheGroup("full", (0,), num_kv_heads=1, head_dim=8, sliding_window=None, tensors_per_layer=2)
+    kv = KVCacheManager((group,), {"full": 64}, BLOCK)
+    assert kv.allocate("s", tokens, 0, len(tokens), cache_salt)
+    kv.commit("s", tokens, len(tokens))
+    pool = kv.pools[0]
+    return [pool.block_hash[b] for b in kv.block_tables("s")[0] if pool.block_hash[b] is not None]
+
+
 def test_keys_are_the_engines_block_hashes() -> None:
     tokens = list(range(10))
     keys = prefix_keys(tokens, BLOCK, 8)
     assert len(keys) == 2  # only full blocks
-    assert keys[0] == chain_hash(None, tokens[:4]) and keys[1] == chain_hash(keys[0], tokens[4:8])
+    assert keys == block_hashes(tokens, BLOCK, 2) == engine_block_hashes(tokens, None)
+    assert prefix_keys(tokens, BLOCK, 1) == keys[:1]
+    for salt in ("tenant-a", "tenant-b"):
+        assert prefix_keys(tokens, BLOCK, 8, cache_salt=salt) == engine_block_hashes(tokens, salt)
+    salted = [prefix_keys(tokens, BLOCK, 8, cache_salt=salt) for salt in (None, "tenant-a", "tenant-b")]
+    assert len({key for keys in salted for key in keys}) == 6  # no key shared across salts
+
+
+def test_affinity_only_between_requests_with_the_same_cache_salt() -> None:
+    queue = {"a": 0, "b": 1}
+    replicas = [FakeReplica(x) for x in queue]
+    router = make_router(queue)
+    shared = list(range(300, 312))
+    router.on_request_routed(request(shared, cache_salt="tenant-a"), "b", None)
+    assert choose(router, replicas, request(shared + [1], cache_salt="tenant-a")) == "b"
+    assert choose(router, replicas, request(shared + [1], cache_salt="tenant-b")) == "a"  # no match: least loaded
+    assert choose(router, replicas, request(shared + [1])) == "a"
 
 
 def test_same_prefix_goes_to_the_same_replica_while_load_allows() -> None:

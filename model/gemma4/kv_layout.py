@@ -5,6 +5,10 @@ A cache group is a set of layers with the same attention type and page shape: al
 they read their producer's group. K-as-V layers (26B/31B global layers) store one tensor per
 token instead of two. The engine allocates its pools from these groups and the memory model
 prices them with the same numbers, so both agree.
+
+Every pool tensor has one row more than its usable blocks: row `NULL_BLOCK`, never allocated and
+never written, so a block-table entry a sequence does not hold reads zeros, not another
+sequence's KV.
 """
 
 from __future__ import annotations
@@ -13,6 +17,13 @@ import math
 from dataclasses import dataclass
 
 from gemma4.config import FULL, SLIDING, Gemma4TextConfig
+
+NULL_BLOCK = 0  # the reserved all-zero block of every pool; block tables point entries they do not hold at it
+
+
+def pool_rows(num_blocks: int) -> int:
+    """Rows of a pool tensor with `num_blocks` usable blocks: those plus the null block."""
+    return num_blocks + 1
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,10 @@ class CacheGroup:
         if self.sliding_window is None:
             return math.ceil(max_model_len / block_size)
         return math.ceil(min(max_model_len, self.sliding_window - 1 + max_chunk) / block_size) + 1
+
+    def pool_bytes(self, num_blocks: int, block_size: int, kv_dtype_bytes: int) -> int:
+        """Bytes of this group's pool tensors with `num_blocks` usable blocks (the null block included)."""
+        return pool_rows(num_blocks) * self.bytes_per_block(block_size, kv_dtype_bytes)
 
     def max_blocks_per_sequence(self, num_tokens: int, block_size: int) -> int:
         """Blocks a sequence of `num_tokens` holds at once after prefill (sliding: the window's blocks)."""
@@ -82,14 +97,14 @@ def split_kv_budget(
     max_model_len: int,
     max_num_batched_tokens: int,
 ) -> dict[str, int]:
-    """Blocks per group from one byte budget.
+    """Usable blocks per group from one byte budget, so that the pool tensors (`pool_bytes`) fit it.
 
-    Sliding groups get what `max_num_seqs` sequences need at most (their window plus one prefill
-    chunk); full-attention groups share the rest in proportion to their bytes per token, since every
-    token of every sequence lives in each of them.
+    Each pool's null block is paid for first. Sliding groups get what `max_num_seqs` sequences need
+    at most (their window plus one prefill chunk); full-attention groups share the rest in
+    proportion to their bytes per token, since every token of every sequence lives in each of them.
     """
     blocks: dict[str, int] = {}
-    remaining = budget_bytes
+    remaining = budget_bytes - sum(g.pool_bytes(0, block_size, kv_dtype_bytes) for g in groups)
     sliding = [g for g in groups if g.sliding_window is not None]
     full = [g for g in groups if g.sliding_window is None]
     for g in sliding:

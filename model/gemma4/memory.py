@@ -20,7 +20,8 @@ Layout assumptions (what vLLM-style engines do):
   projections). The token embedding / tied LM head stays in bf16 as public FP8-block checkpoints
   keep it (performance anchors s3.2), and so do the PLE table, norms, router and the towers.
 * The per-sequence KV reservation is the engine's (`split_kv_budget`): a sliding group reserves
-  its window plus one prefill chunk per sequence, a full group the whole max_model_len.
+  its window plus one prefill chunk per sequence, a full group the whole max_model_len; each pool
+  also holds one null block.
 """
 
 from __future__ import annotations
@@ -798,11 +799,14 @@ def _evaluate(config: Gemma4Config, spec: ServingSpec, layout: _Layout, max_num_
         expert_parallel=layout.ep, ple_on_device=spec.ple_on_device, modalities=spec.modalities,
         cuda_graphs=acc.captures_graphs,
     )
+    groups = rank_cache_groups(config.text, layout.gpus)
+    kv_width = _kv_bytes(spec.kv_dtype)
     per_seq = _kv_reservation_per_sequence(
-        rank_cache_groups(config.text, layout.gpus), kv_width=_kv_bytes(spec.kv_dtype), block_size=spec.block_size,
+        groups, kv_width=kv_width, block_size=spec.block_size,
         max_model_len=spec.max_model_len, max_num_batched_tokens=spec.max_num_batched_tokens,
     )
-    return _Evaluation(layout, fixed, max_num_seqs * per_seq, per_seq)
+    null_blocks = sum(g.pool_bytes(0, spec.block_size, kv_width) for g in groups)  # one reserved block per pool
+    return _Evaluation(layout, fixed, max_num_seqs * per_seq + null_blocks, per_seq)
 
 
 def _layouts(config: Gemma4Config, spec: ServingSpec) -> list[_Layout]:

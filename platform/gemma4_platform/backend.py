@@ -32,7 +32,7 @@ class EngineRequest:
     parse_chat: bool = False
     trace_context: dict[str, str] = field(default_factory=dict)
     client_request_id: str = ""
-    cache_salt: str | None = None
+    cache_salt: str | None = None  # prefix-cache namespace (None: shared); the router keys on it too
 
 
 class GenerationBackend(Protocol):
@@ -50,6 +50,7 @@ async def stream_from_engine(engine: AsyncEngine, request: EngineRequest) -> Asy
             request_id=request.request_id,
             priority=request.priority,
             parse_chat=request.parse_chat,
+            cache_salt=request.cache_salt,
         )
     except ValueError as exc:
         raise invalid_from_value_error(exc) from exc

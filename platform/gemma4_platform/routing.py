@@ -3,8 +3,8 @@
 A Ray Serve request router running in the gateway. Each routed request records, for its first 1..N
 full blocks, which replica got it; a new request goes to the replica holding its longest recorded
 prefix while that replica's queue is within `imbalance` of the least loaded one; otherwise (or with
-no match) the least loaded replicas are preferred. Block size matches the engine's, so "same prefix"
-means "same prefix-cache blocks".
+no match) the least loaded replicas are preferred. Block size and hashes are the engine's (salted by
+the request's `cache_salt`), so "same prefix" means "same prefix-cache blocks".
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from typing import Any, List, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from gemma4.engine.kv_cache_manager import chain_hash
+from gemma4.engine.kv_cache_manager import block_hashes
 
 from gemma4_platform.backend import EngineRequest
 
 
-def prefix_keys(token_ids: list[int], block_size: int, max_blocks: int) -> list[bytes]:
-    """The engine's prefix-cache hashes of the first 1..max_blocks full blocks (shortest first)."""
-    keys: list[bytes] = []
-    for i in range(min(max_blocks, len(token_ids) // block_size)):
-        keys.append(chain_hash(keys[-1] if keys else None, token_ids[i * block_size : (i + 1) * block_size]))
-    return keys
+def prefix_keys(token_ids: list[int], block_size: int, max_blocks: int, cache_salt: str | None = None) -> list[bytes]:
+    """The engine's prefix-cache hashes of the first 1..max_blocks full blocks (shortest first) under `cache_salt`."""
+    return block_hashes(token_ids, block_size, min(max_blocks, len(token_ids) // block_size), cache_salt)
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -50,7 +47,7 @@ class PrefixAffinityRouter(RequestRouter):
         request = self._engine_request(pending_request)
         if request is None:
             return []
-        return prefix_keys(request.prompt_token_ids, self._block_size, self._max_blocks)
+        return prefix_keys(request.prompt_token_ids, self._block_size, self._max_blocks, request.cache_salt)
 
     async def _queue_lengths(self, replicas: List[RunningReplica]) -> dict[ReplicaID, int]:
         lengths: dict[ReplicaID, int] = {}

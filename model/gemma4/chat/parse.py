@@ -8,8 +8,14 @@ answer text.
 
 One state machine serves both entry points: ``StreamParser`` takes text in arbitrary pieces and holds
 back anything that might be the start of a marker until it is decided, and ``parse`` feeds it the whole
-text, so the streamed deltas always add up to the parsed result. Malformed model output never raises:
-a call that does not parse is kept as raw text in the answer and reported in ``errors``.
+text, so the streamed deltas always add up to the parsed result. Malformed model output never raises
+and is never dropped: it is kept as text and reported as an error event (``errors``). That covers a
+call that does not parse or never closes, a call longer than ``max_tool_call_chars`` (abandoned into
+answer text, parsing goes on), a closing marker with nothing open, and a stop marker with text after
+it. A stop marker that ends the text is the generation's end and is dropped; one followed by more text
+did not stop generation (the request ignored EOS or chose its own stop tokens), so it is kept as text
+of the block it is in (inside a call it cuts the call off first) and parsing goes on. The streaming
+parser holds a stop marker back until it knows which.
 """
 
 from dataclasses import dataclass, field
@@ -64,11 +70,21 @@ _MARKERS: dict[str, tuple[str, ...]] = {
 }
 
 
-class StreamParser:
-    """Incremental parser: ``feed`` text pieces as they are generated, then ``finish`` once."""
+DEFAULT_MAX_TOOL_CALL_CHARS = 8192
 
-    def __init__(self) -> None:
-        self._state: Literal["content", "thinking", "call", "done"] = "content"
+
+class StreamParser:
+    """Incremental parser: ``feed`` text pieces as they are generated, then ``finish`` once.
+
+    ``max_tool_call_chars`` bounds an open tool call's body: one that grows past it without closing
+    is abandoned into answer text (with an error event) instead of holding back the rest of the stream.
+    """
+
+    def __init__(self, max_tool_call_chars: int = DEFAULT_MAX_TOOL_CALL_CHARS) -> None:
+        if not isinstance(max_tool_call_chars, int) or isinstance(max_tool_call_chars, bool) or max_tool_call_chars < 1:
+            raise ValueError(f"max_tool_call_chars must be a positive integer, got {max_tool_call_chars!r}")
+        self.max_tool_call_chars = max_tool_call_chars
+        self._state: Literal["content", "thinking", "call"] = "content"
         self._pending = ""  # text not yet decided: a possible marker prefix
         self._call_body = ""
         self._label = ""  # start of a thought block, until it is known whether it is the "thought\n" label
@@ -92,29 +108,45 @@ class StreamParser:
             events += self._abandon_call("unterminated tool call")
         elif self._state == "thinking":
             events += self._flush_label()
-        self._state = "done"
         return events
 
     def _drain(self, *, final: bool) -> list[ChatDelta]:
         events: list[ChatDelta] = []
-        while self._state != "done":
+        while True:
             markers = _MARKERS[self._state]
             found = min(
                 ((index, marker) for marker in markers if (index := self._pending.find(marker)) >= 0),
                 default=None,
             )
+            # Text before the next marker, or all but a possible marker prefix, is decided.
+            decided = found[0] if found else len(self._pending) - (0 if final else _held_back(self._pending, markers))
+            room = self.max_tool_call_chars - len(self._call_body)
+            if self._state == "call" and decided > room:
+                # Cut at the bound whatever the chunking, and parse the rest again as answer text.
+                self._call_body += self._pending[:room]
+                self._pending = self._pending[room:]
+                events += self._abandon_call(f"tool call longer than {self.max_tool_call_chars} characters")
+                continue
+            events += self._text(self._pending[:decided])
+            self._pending = self._pending[decided:]
             if found is None:
-                keep = 0 if final else _held_back(self._pending, markers)
-                cut = len(self._pending) - keep
-                events += self._text(self._pending[:cut])
-                self._pending = self._pending[cut:]
                 return events
-            index, marker = found
-            events += self._text(self._pending[:index])
-            self._pending = self._pending[index + len(marker):]
-            events += self._on_marker(marker)
-        self._pending = ""
-        return events
+            marker = found[1]
+            ends_text = len(self._pending) == len(marker)
+            if marker in _STOPS and ends_text and not final:
+                return events  # the end of the generation if nothing follows, text if something does
+            self._pending = self._pending[len(marker):]
+            events += self._on_stop(marker, ends_text) if marker in _STOPS else self._on_marker(marker)
+
+    def _on_stop(self, marker: str, ends_text: bool) -> list[ChatDelta]:
+        if self._state == "call":
+            if not ends_text:
+                self._pending = marker + self._pending  # answer text once the call is cut off
+            return self._abandon_call(f"tool call cut off by {marker}")
+        if ends_text:
+            return []
+        error = f"{marker} inside the generated text did not end it (generation went on); kept as text"
+        return [*self._text(marker), ChatDelta("error", error)]
 
     def _text(self, text: str) -> list[ChatDelta]:
         if not text:
@@ -139,26 +171,21 @@ class StreamParser:
         return [ChatDelta("thinking", text)] if text else []
 
     def _on_marker(self, marker: str) -> list[ChatDelta]:
-        events: list[ChatDelta] = []
-        if marker in _STOPS:
-            if self._state == "call":
-                events += self._abandon_call(f"tool call cut off by {marker}")
-            elif self._state == "thinking":
-                events += self._flush_label()
-            self._state = "done"
-        elif marker == CHANNEL_START.text:
+        if marker == CHANNEL_START.text:
             self._state = "thinking"
             self._thinking_started = True
             self._label_pending = True
-        elif marker == CHANNEL_END.text and self._state == "thinking":
-            events += self._flush_label()
+            return []
+        if marker == CHANNEL_END.text and self._state == "thinking":
+            events = self._flush_label()
             self._state = "content"
-        elif marker == TOOL_CALL_START.text:
+            return events
+        if marker == TOOL_CALL_START.text:
             self._state = "call"
-        elif marker == TOOL_CALL_END.text and self._state == "call":
-            events += self._close_call()
-        # A stray closing marker in answer text is dropped: it is a control token, not text.
-        return events
+            return []
+        if marker == TOOL_CALL_END.text and self._state == "call":
+            return self._close_call()
+        return [ChatDelta("content", marker), ChatDelta("error", f"stray {marker} with nothing open; kept as text")]
 
     def _close_call(self) -> list[ChatDelta]:
         self._state = "content"
@@ -172,6 +199,8 @@ class StreamParser:
         return [ChatDelta("tool_call", tool_call=ToolCall(name, arguments))]
 
     def _abandon_call(self, reason: str) -> list[ChatDelta]:
+        """Give up on the open call: its raw text becomes answer text, and parsing goes on there."""
+        self._state = "content"
         raw = TOOL_CALL_START.text + self._call_body
         self._call_body = ""
         return [ChatDelta("content", raw), ChatDelta("error", f"{reason}: {raw!r}")]
@@ -186,9 +215,9 @@ def _held_back(text: str, markers: tuple[str, ...]) -> int:
     return 0
 
 
-def parse(text: str) -> ParsedOutput:
+def parse(text: str, *, max_tool_call_chars: int = DEFAULT_MAX_TOOL_CALL_CHARS) -> ParsedOutput:
     """Split one complete generation (the text after the prompt)."""
-    parser = StreamParser()
+    parser = StreamParser(max_tool_call_chars)
     events = parser.feed(text) + parser.finish()
     return ParsedOutput(
         thinking="".join(e.text for e in events if e.kind == "thinking") if parser.thinking_started else None,

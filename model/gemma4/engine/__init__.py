@@ -3,7 +3,7 @@
 from gemma4.engine.async_engine import AsyncEngine, EngineDeadError
 from gemma4.engine.llm import LLM, random_weights_model
 from gemma4.engine.llm_engine import ChatPrompt, EngineArgs, LLMEngine
-from gemma4.engine.outputs import EngineStats, RequestOutput, Usage
+from gemma4.engine.outputs import EngineStats, LatencyHistogram, RequestOutput, Usage
 from gemma4.engine.request import FinishReason
 from gemma4.engine.sampling_params import SamplingParams
 
@@ -15,6 +15,7 @@ __all__ = [
     "EngineArgs",
     "EngineStats",
     "FinishReason",
+    "LatencyHistogram",
     "LLMEngine",
     "RequestOutput",
     "SamplingParams",

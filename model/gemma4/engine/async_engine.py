@@ -42,6 +42,7 @@ class AsyncEngine:
         request_id: str | None = None,
         priority: int = 0,
         parse_chat: bool | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request (ValueError now if invalid) and return the iterator of its outputs."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -50,7 +51,7 @@ class AsyncEngine:
             if self._error is not None or self._stopped:
                 raise EngineDeadError("the engine is not running") from self._error
             rid = self.engine.add_request(
-                prompt, params, request_id=request_id, priority=priority, parse_chat=parse_chat
+                prompt, params, request_id=request_id, priority=priority, parse_chat=parse_chat, cache_salt=cache_salt
             )
             self._queues[rid] = (loop, queue)
             self._work.notify()

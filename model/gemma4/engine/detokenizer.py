@@ -3,8 +3,14 @@
 Decoding token by token breaks multi-byte UTF-8 characters that byte-fallback tokens spell across
 several tokens, and some tokenizers change earlier text when later tokens arrive. So the text is
 re-decoded from the previous release point, and new text is released only when it no longer
-ends in an incomplete character. While a stop string could still be forming, its possible prefix is
-held back from the stream, so a stop string never reaches the client, not even in part.
+ends in an incomplete character.
+
+Stop strings (vLLM's semantics): the first `min_tokens` output tokens are generated whatever they
+say, so a stop string counts only if its match ends in text decoded from output token
+`min_tokens + 1` on (it may start earlier). The first match that counts cuts `text` where it starts
+and ends the request; a match that did not count is never found again. While a stop string could
+still be forming, up to (longest stop string - 1) characters are held back from the stream, so the
+streamed text is always a prefix of the final text and never contains a stop string, not even in part.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ class Decoder(Protocol):
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = (), min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self.min_tokens = min_tokens
         self._hold = max((len(s) for s in stop), default=1) - 1
         self._tokens: list[int] = []
         self._prefix_offset = 0
@@ -29,6 +36,11 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded output text (cut at a stop string once one is found)
         self._emitted = 0  # characters of `text` already released to the stream
         self.stopped_on: str | None = None
+
+    @property
+    def streamed_text(self) -> str:
+        """The text released by `take_delta` so far: a prefix of the final text."""
+        return self.text[: self._emitted]
 
     def add_token(self, token: int) -> None:
         """Decode one more output token into `text`; set `stopped_on` if a stop string completed."""
@@ -44,11 +56,11 @@ class IncrementalDetokenizer:
         self._append(new_text)
 
     def _append(self, new_text: str) -> None:
-        start = max(0, len(self.text) - self._hold)
+        checked = len(self.text)  # every match ending at or before here was looked at already
         self.text += new_text
-        if not self.stop:
+        if not self.stop or len(self._tokens) <= self.min_tokens:
             return
-        found = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        found = [(i, s) for s in self.stop if (i := self.text.find(s, max(0, checked - len(s) + 1))) >= 0]
         if found:
             cut, stop = min(found)
             self.text = self.text[:cut]

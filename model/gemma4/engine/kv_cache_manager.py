@@ -5,7 +5,11 @@ groups release the blocks that fell out of every future query's window, so a dec
 holds at most ceil(window / block_size) + 1 of them. Full blocks are indexed by a hash of their
 content chain for prefix caching; free blocks keep their hash until reused (LRU eviction), and a
 prefix hit is valid only if every group still holds what the next query needs: all earlier blocks
-for full-attention groups, the window's blocks for sliding ones.
+for full-attention groups, the window's blocks for sliding ones. A request's `cache_salt` seeds its
+hash chain (`block_hashes`), so prefix hits happen only between requests with the same salt
+(`None`: the shared namespace). Block ids run from 1 to the pool's size; table entries a sequence
+does not hold (released, or before a prefix hit's window) are `NULL_BLOCK`, the reserved zero row of
+every pool tensor.
 """
 
 from __future__ import annotations
@@ -13,20 +17,22 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Sequence
 
-from gemma4.kv_layout import CacheGroup
-
-NULL_BLOCK = -1
+from gemma4.kv_layout import NULL_BLOCK, CacheGroup, pool_rows
 
 
 class BlockPool:
-    """A fixed set of block ids with reference counts, an LRU free queue and a content-hash index."""
+    """Block ids 1..num_blocks with reference counts, an LRU free queue and a content-hash index.
+
+    Id 0 is `NULL_BLOCK`: never handed out, so it counts neither as free nor as used.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.ref_count = [0] * num_blocks
-        self.block_hash: list[bytes | None] = [None] * num_blocks
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.ref_count = [0] * pool_rows(num_blocks)
+        self.block_hash: list[bytes | None] = [None] * pool_rows(num_blocks)
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, pool_rows(num_blocks)))
         self.hash_to_block: dict[bytes, int] = {}
         self.evictions = 0
 
@@ -73,6 +79,7 @@ class BlockPool:
 @dataclass
 class _Sequence:
     tables: list[list[int]]
+    cache_salt: str | None
     block_hashes: list[bytes] = field(default_factory=list)
     num_committed_blocks: int = 0
 
@@ -88,12 +95,46 @@ class GroupUsage:
         return self.used_blocks / self.num_blocks if self.num_blocks else 0.0
 
 
-def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+def _chain_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     if parent is not None:
         h.update(parent)
     h.update(b",".join(str(t).encode() for t in tokens))
     return h.digest()
+
+
+def _salt_hash(cache_salt: str) -> bytes:
+    # Personalised, so salt digests and block hashes are separate hash domains.
+    return hashlib.blake2b(cache_salt.encode(), digest_size=16, person=b"gemma4-salt").digest()
+
+
+def block_hashes(
+    token_ids: Sequence[int],
+    block_size: int,
+    num_blocks: int,
+    cache_salt: str | None = None,
+    *,
+    known: Sequence[bytes] = (),
+) -> list[bytes]:
+    """Prefix-cache hashes of the first `num_blocks` full blocks of `token_ids`.
+
+    Each block's hash covers its tokens and its parent's hash, so equal hashes mean equal prefixes;
+    the first block's parent is the salt's digest (none for `cache_salt=None`, the shared
+    namespace), so different salts never share a block. `known` holds hashes already computed for
+    leading blocks of the same tokens and salt; they are extended, not recomputed. The prefix-affinity
+    router keys requests with this same function.
+    """
+    if num_blocks * block_size > len(token_ids):
+        raise ValueError(f"{len(token_ids)} tokens hold fewer than {num_blocks} full blocks of {block_size}")
+    hashes = list(known[:num_blocks])
+    if hashes:
+        parent: bytes | None = hashes[-1]
+    else:
+        parent = None if cache_salt is None else _salt_hash(cache_salt)
+    for i in range(len(hashes), num_blocks):
+        parent = _chain_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(parent)
+    return hashes
 
 
 class KVCacheManager:
@@ -133,22 +174,14 @@ class KVCacheManager:
             return 0
         return max(0, first_query_pos - group.sliding_window + 1) // self.block_size
 
-    def _hashes(self, seq: _Sequence | None, token_ids: list[int], num_full_blocks: int) -> list[bytes]:
-        hashes = seq.block_hashes if seq is not None else []
-        bs = self.block_size
-        while len(hashes) < num_full_blocks:
-            i = len(hashes)
-            hashes.append(chain_hash(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs]))
-        return hashes
-
-    def find_cached_prefix(self, token_ids: list[int]) -> int:
-        """Tokens of `token_ids` whose KV every group still holds (a multiple of the block size).
+    def find_cached_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> int:
+        """Tokens of `token_ids` whose KV every group still holds under `cache_salt` (whole blocks).
 
         At least one token is always left to compute, so the request produces logits.
         """
         if not self.enable_prefix_caching:
             return 0
-        hashes = self._hashes(None, token_ids, (len(token_ids) - 1) // self.block_size)
+        hashes = block_hashes(token_ids, self.block_size, (len(token_ids) - 1) // self.block_size, cache_salt)
         hit = len(hashes)
         for group, pool in zip(self.groups, self.pools):
             if group.sliding_window is None:
@@ -166,19 +199,27 @@ class KVCacheManager:
         return hit * self.block_size
 
     # ------------------------------------------------------------------ allocation
-    def allocate(self, seq_id: str, token_ids: list[int], num_computed: int, num_new: int) -> bool:
+    def allocate(
+        self, seq_id: str, token_ids: list[int], num_computed: int, num_new: int, cache_salt: str | None = None
+    ) -> bool:
         """Make room for computing tokens [num_computed, num_computed + num_new).
 
         For a sequence not seen before, `num_computed` tokens are a prefix-cache hit (from
-        `find_cached_prefix`) and their blocks are shared. Returns False, changing nothing except
+        `find_cached_prefix` with the same `cache_salt`) and their blocks are shared; the salt stays
+        with the sequence (it is ignored for a known one). Returns False, changing nothing except
         releasing sliding blocks no query needs any more, when a pool has too few free blocks.
         """
         bs = self.block_size
         seq = self._seqs.get(seq_id)
         new_seq = seq is None
         if new_seq:
-            hashes = self._hashes(None, token_ids, num_computed // bs)
-            seq = _Sequence(tables=[[] for _ in self.groups], block_hashes=hashes, num_committed_blocks=len(hashes))
+            hashes = block_hashes(token_ids, bs, num_computed // bs, cache_salt)
+            seq = _Sequence(
+                tables=[[] for _ in self.groups],
+                cache_salt=cache_salt,
+                block_hashes=hashes,
+                num_committed_blocks=len(hashes),
+            )
         else:
             self._release_out_of_window(seq, num_computed)
         end_block = -(-(num_computed + num_new) // bs)
@@ -219,7 +260,10 @@ class KVCacheManager:
         """After a step: index the blocks that became full, then release sliding blocks no later query needs."""
         seq = self._seqs[seq_id]
         if self.enable_prefix_caching:
-            hashes = self._hashes(seq, token_ids, num_computed // self.block_size)
+            hashes = block_hashes(
+                token_ids, self.block_size, num_computed // self.block_size, seq.cache_salt, known=seq.block_hashes
+            )
+            seq.block_hashes = hashes
             for pool, table in zip(self.pools, seq.tables):
                 for i in range(seq.num_committed_blocks, min(len(hashes), len(table))):
                     if table[i] != NULL_BLOCK:

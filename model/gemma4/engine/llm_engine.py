@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
@@ -19,7 +18,7 @@ from gemma4.chat import ChatDelta, StreamParser
 from gemma4.engine.detokenizer import IncrementalDetokenizer
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.model_runner import ModelRunner
-from gemma4.engine.outputs import CacheGroupStats, EngineStats, RequestMetrics, RequestOutput, Usage
+from gemma4.engine.outputs import CacheGroupStats, EngineStats, LatencyHistogram, RequestMetrics, RequestOutput, Usage
 from gemma4.engine.request import FinishReason, Request, RequestStatus
 from gemma4.engine.sampler import Sampler, TokenLogprobs
 from gemma4.engine.sampling_params import SamplingParams
@@ -30,7 +29,7 @@ from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.tokenizer import Gemma4Tokenizer
 
 
-RECENT_METRICS = 1024  # finished requests whose timings stats() reports
+MAX_CACHE_SALT_CHARS = 256
 CPU_KV_CACHE_BYTES = 1 << 30  # the KV budget on the CPU, where device memory is the host's
 _WEIGHT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -163,7 +162,9 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.finished_requests: dict[str, int] = {reason.value: 0 for reason in FinishReason}
-        self.recent_metrics: deque[RequestMetrics] = deque(maxlen=RECENT_METRICS)
+        self.time_to_first_token = LatencyHistogram.empty()
+        self.inter_token_latency = LatencyHistogram.empty()
+        self.e2e_latency = LatencyHistogram.empty()
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: Prompt) -> tuple[list[int], bool]:
@@ -171,17 +172,17 @@ class LLMEngine:
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
             prompt = ChatPrompt(prompt)
         if isinstance(prompt, ChatPrompt):
-            tokenizer = self._require_tokenizer("chat prompts")
+            tokenizer = self._require_tokenizer("chat messages")
             return tokenizer.encode_chat(prompt.messages, tools=prompt.tools, thinking=prompt.thinking), True
         if isinstance(prompt, str):
-            return self._require_tokenizer("text prompts").encode(prompt), False
+            return self._require_tokenizer("text").encode(prompt), False
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt), False
         raise ValueError("prompt must be a string, a list of token ids, a list of chat messages or a ChatPrompt")
 
-    def _require_tokenizer(self, what: str) -> Gemma4Tokenizer:
+    def _require_tokenizer(self, prompt_kind: str) -> Gemma4Tokenizer:
         if self.tokenizer is None:
-            raise ValueError(f"{what} need a tokenizer; this engine has none (pass token ids)")
+            raise ValueError(f"prompt given as {prompt_kind} needs a tokenizer; this engine has none (pass token ids)")
         return self.tokenizer
 
     def add_request(
@@ -192,10 +193,15 @@ class LLMEngine:
         request_id: str | None = None,
         priority: int = 0,
         parse_chat: bool | None = None,
+        cache_salt: str | None = None,
     ) -> str:
-        """Validate and queue a request; raises ValueError (naming the field) before allocating anything."""
+        """Validate and queue a request; raises ValueError (naming the field) before allocating anything.
+
+        Requests share prefix-cache blocks only with requests of the same `cache_salt` (None: the
+        shared namespace), so a tenant's salt keeps others from reusing, or timing, its prompts' KV.
+        """
         params = params or SamplingParams()
-        token_ids, chat = self.check_request(prompt, params, priority)
+        token_ids, chat = self.check_request(prompt, params, priority, cache_salt)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._tracked:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -206,22 +212,29 @@ class LLMEngine:
             sampling_params=params,
             stop_token_ids=frozenset(stop_ids),
             priority=priority,
+            cache_salt=cache_salt,
             arrival_order=next(self._arrivals),
         )
         needs_text = self.tokenizer is not None
         self._tracked[request_id] = _Tracked(
             request=request,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop) if needs_text else None,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens) if needs_text else None,
             chat_parser=StreamParser() if needs_text and (chat if parse_chat is None else parse_chat) else None,
         )
         self.scheduler.add(request)
         self.prompt_tokens_total += len(token_ids)
         return request_id
 
-    def check_request(self, prompt: Prompt, params: SamplingParams, priority: int = 0) -> tuple[list[int], bool]:
-        """Tokenize and validate a request without queueing it: ValueError naming the field and limit."""
+    def check_request(
+        self, prompt: Prompt, params: SamplingParams, priority: int = 0, cache_salt: str | None = None
+    ) -> tuple[list[int], bool]:
+        """Tokenize and validate a request without queueing it.
+
+        Raises ValueError whose message starts with the offending field's name (the gateway reports
+        that word as the field), then the limit it broke.
+        """
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         token_ids, chat = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt must not be empty")
@@ -235,6 +248,9 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids contains {bad}, outside the vocabulary [0, {self.vocab_size})")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT_CHARS):
+            got = f"{len(cache_salt)} characters" if isinstance(cache_salt, str) else type(cache_salt).__name__
+            raise ValueError(f"cache_salt must be a string of at most {MAX_CACHE_SALT_CHARS} characters, got {got}")
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -289,14 +305,16 @@ class LLMEngine:
         return outputs
 
     def _check_stop(self, tracked: _Tracked, token: int) -> None:
+        """Stop tokens and stop strings end a request only after its first `min_tokens` output tokens
+        (the sampler never draws a stop token before; the detokenizer ignores earlier stop strings)."""
         request = tracked.request
         params = request.sampling_params
-        if token in request.stop_token_ids and request.num_output_tokens >= params.min_tokens:
+        if token in request.stop_token_ids and request.num_output_tokens > params.min_tokens:
             self._finish(request, FinishReason.STOP, stop_reason=token)
             return
         if tracked.detokenizer is not None:
             tracked.detokenizer.add_token(token)
-            if tracked.detokenizer.stopped_on is not None and request.num_output_tokens >= params.min_tokens:
+            if tracked.detokenizer.stopped_on is not None:
                 self._finish(request, FinishReason.STOP, stop_reason=tracked.detokenizer.stopped_on)
                 return
         if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
@@ -307,6 +325,10 @@ class LLMEngine:
         request.finish_reason = reason
         request.stop_reason = stop_reason
         self.finished_requests[reason.value] += 1
+        if request.first_token_time is not None:
+            self.time_to_first_token = self.time_to_first_token.add([request.first_token_time - request.arrival_time])
+        self.inter_token_latency = self.inter_token_latency.add(request.inter_token_times)
+        self.e2e_latency = self.e2e_latency.add([time.monotonic() - request.arrival_time])
 
     def _output(self, tracked: _Tracked) -> RequestOutput:
         request = tracked.request
@@ -319,22 +341,20 @@ class LLMEngine:
             if finished and request.finish_reason != FinishReason.STOP:
                 tracked.detokenizer.flush()
             delta_text = tracked.detokenizer.take_delta(finished)
-            text = tracked.detokenizer.text
+            text = tracked.detokenizer.streamed_text
             if tracked.chat_parser is not None:
                 chat_deltas = tracked.chat_parser.feed(delta_text) if delta_text else []
                 if finished:
                     chat_deltas += tracked.chat_parser.finish()
-        gaps = tuple(b - a for a, b in zip(request.token_times, request.token_times[1:]))
         metrics = RequestMetrics(
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             last_token_time=request.token_times[-1] if request.token_times else None,
-            inter_token_times=gaps,
+            inter_token_times=request.inter_token_times,
             num_preemptions=request.num_preemptions,
         )
         if finished:
             del self._tracked[request.request_id]
-            self.recent_metrics.append(metrics)
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -363,6 +383,8 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             finished_requests=dict(self.finished_requests),
-            recent_requests=list(self.recent_metrics),
+            time_to_first_token=self.time_to_first_token,
+            inter_token_latency=self.inter_token_latency,
+            e2e_latency=self.e2e_latency,
         )
 

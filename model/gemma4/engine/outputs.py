@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from gemma4.chat import ChatDelta
 from gemma4.engine.request import FinishReason
@@ -39,8 +41,10 @@ class RequestMetrics:
 class RequestOutput:
     """One request's progress: everything so far plus what is new since the previous output.
 
-    `logprobs` covers every output token so far (`delta_logprobs` the new ones). `chat_deltas` holds the chat parser's events for this delta (thinking text, answer text,
-    completed tool calls) when the request asked for chat parsing.
+    `text` is the text streamed so far (every `delta_text` joined), always a prefix of the final
+    text: possible stop-string prefixes are held back until decided. `logprobs` covers every output
+    token so far (`delta_logprobs` the new ones). `chat_deltas` holds the chat parser's events for
+    this delta (thinking text, answer text, completed tool calls) when the request asked for chat parsing.
     """
 
     request_id: str
@@ -72,8 +76,44 @@ class CacheGroupStats:
     usage: float
 
 
+LATENCY_BUCKET_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(frozen=True)
+class LatencyHistogram:
+    """Latencies (seconds) observed since the engine started, in a fixed number of buckets.
+
+    `counts[i]` counts values in (bucket_bounds[i - 1], bucket_bounds[i]] and the last entry those
+    above the last bound, so stats stay the same size however many requests finished.
+    """
+
+    bucket_bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float
+    count: int
+
+    def __post_init__(self) -> None:
+        if len(self.counts) != len(self.bucket_bounds) + 1:
+            raise ValueError(f"counts needs {len(self.bucket_bounds) + 1} entries, got {len(self.counts)}")
+
+    @classmethod
+    def empty(cls, bucket_bounds: tuple[float, ...] = LATENCY_BUCKET_BOUNDS) -> LatencyHistogram:
+        return cls(bucket_bounds, (0,) * (len(bucket_bounds) + 1), 0.0, 0)
+
+    def add(self, values: Iterable[float]) -> LatencyHistogram:
+        """This histogram with `values` observed as well."""
+        counts, total, count = list(self.counts), self.total, self.count
+        for value in values:
+            counts[bisect.bisect_left(self.bucket_bounds, value)] += 1
+            total += value
+            count += 1
+        return LatencyHistogram(self.bucket_bounds, tuple(counts), total, count)
+
+
 @dataclass(frozen=True)
 class EngineStats:
+    """Engine-wide state and cumulative counters; small and fixed-size (it crosses processes on health checks)."""
+
     num_waiting: int
     num_running: int
     kv_cache: list[CacheGroupStats]
@@ -83,7 +123,9 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     finished_requests: dict[str, int]
-    recent_requests: list[RequestMetrics]  # timings (TTFT, inter-token) of the last finished requests
+    time_to_first_token: LatencyHistogram  # finished requests that produced a token: arrival to first token
+    inter_token_latency: LatencyHistogram  # gaps between consecutive output tokens of finished requests
+    e2e_latency: LatencyHistogram  # finished requests: arrival to finish
 
     @property
     def prefix_hit_rate(self) -> float:

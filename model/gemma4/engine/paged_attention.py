@@ -6,10 +6,15 @@ attends each sequence's queries to the keys that sequence may see, read back thr
 table. KV-sharing layers only read (their producer wrote earlier in the same step). K-as-V layers
 store the normed values once; their keys are re-derived on read (values times k_norm's weight,
 rotated at the key positions), exactly the reference's K = RoPE(RMS(raw) * w).
+
+Entries a sequence does not hold point at the pool's zero row `NULL_BLOCK`. With
+`GEMMA4_DEBUG_CHECKS=1` (on in the tests) every step's block tables are checked before use, so a
+bookkeeping bug fails loudly instead of attending to zeros or to another sequence's KV.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,14 +22,24 @@ import torch
 import torch.nn.functional as F
 
 from gemma4.config import LayerSpec
-from gemma4.kv_layout import CacheGroup
+from gemma4.kv_layout import NULL_BLOCK, CacheGroup, pool_rows
 
 # (layer index, values [N, kv_heads, D], key positions [N]) -> keys [N, kv_heads, D]
 KeyFromValue = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
+DEBUG_CHECKS_ENV = "GEMMA4_DEBUG_CHECKS"
+
+
+def debug_checks_enabled() -> bool:
+    """Whether every step's block tables are validated (`GEMMA4_DEBUG_CHECKS=1`): costs a pass over them."""
+    return os.environ.get(DEBUG_CHECKS_ENV) == "1"
+
 
 class PagedKVCache:
-    """The KV tensors of every cache group: `[layers, blocks, block_size, kv_heads, head_dim]`."""
+    """The KV tensors of every cache group: `[layers, blocks + 1, block_size, kv_heads, head_dim]`.
+
+    Row `NULL_BLOCK` of each is the null block, on top of the group's `num_blocks` usable ones.
+    """
 
     def __init__(
         self,
@@ -40,7 +55,8 @@ class PagedKVCache:
         self.values: list[torch.Tensor] = []
         self.location: dict[int, tuple[int, int]] = {}
         for gi, group in enumerate(groups):
-            shape = (len(group.layers), num_blocks[group.name], block_size, group.num_kv_heads, group.head_dim)
+            rows = pool_rows(num_blocks[group.name])
+            shape = (len(group.layers), rows, block_size, group.num_kv_heads, group.head_dim)
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device) if group.tensors_per_layer == 2 else None)
             for li, layer in enumerate(group.layers):
@@ -63,6 +79,40 @@ class SequenceSlice:
     def first_query_pos(self) -> int:
         return self.context_len - self.query_len
 
+    def first_key_pos(self, sliding_window: int | None) -> int:
+        """The first key position any of this slice's queries may attend to."""
+        return 0 if sliding_window is None else max(0, self.first_query_pos - sliding_window + 1)
+
+
+def check_block_tables(cache: PagedKVCache, sequences: list[SequenceSlice]) -> None:
+    """Raise if a step would touch KV through a block its sequence does not hold.
+
+    Every entry must be a row of its pool, and the blocks covering a sequence's keys (its queries'
+    windows, which include the positions written this step) must exist and not be the null block.
+    """
+    bs = cache.block_size
+    for gi, group in enumerate(cache.groups):
+        rows = cache.values[gi].shape[1]
+        for si, seq in enumerate(sequences):
+            table = seq.block_tables[gi]
+            first_key = seq.first_key_pos(group.sliding_window)
+            needed = range(first_key // bs, -(-seq.context_len // bs))
+            if len(table) < needed.stop:
+                raise RuntimeError(
+                    f"sequence {si}: the {group.name} block table covers {len(table)} blocks; "
+                    f"its {seq.context_len} tokens need {needed.stop}"
+                )
+            for i, block in enumerate(table):
+                if not 0 <= block < rows:
+                    raise RuntimeError(
+                        f"sequence {si}: {group.name} block table entry {i} is {block}, outside the pool [0, {rows})"
+                    )
+                if block == NULL_BLOCK and i in needed:
+                    raise RuntimeError(
+                        f"sequence {si}: {group.name} block table entry {i} is the null block, inside the "
+                        f"attention window (keys {first_key}..{seq.context_len - 1})"
+                    )
+
 
 @dataclass(frozen=True)
 class _KeyView:
@@ -82,6 +132,8 @@ class PagedAttention:
         positions: torch.Tensor,
         key_from_value: KeyFromValue,
     ) -> None:
+        if debug_checks_enabled():
+            check_block_tables(cache, sequences)
         self.cache = cache
         self.sequences = sequences
         self.positions = positions  # [T]
@@ -110,8 +162,7 @@ class PagedAttention:
             for seq, table in zip(self.sequences, self._tables[gi]):
                 rows = slice(seq.query_start, seq.query_start + seq.query_len)
                 q_pos = self.positions[rows]
-                lo = 0 if window is None else max(0, seq.first_query_pos - window + 1)
-                k_pos = torch.arange(lo, seq.context_len, device=q_pos.device)
+                k_pos = torch.arange(seq.first_key_pos(window), seq.context_len, device=q_pos.device)
                 mask = k_pos[None, :] <= q_pos[:, None]
                 if window is not None:
                     mask &= q_pos[:, None] - k_pos[None, :] < window

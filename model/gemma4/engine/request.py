@@ -27,6 +27,7 @@ class Request:
 
     `token_ids` is prompt + output so far; `num_computed_tokens` of them have KV in the cache. A
     preempted request drops its cache and recomputes all its tokens later, outputs included.
+    `cache_salt` is its prefix-cache namespace (None: shared by every unsalted request).
     """
 
     request_id: str
@@ -34,6 +35,7 @@ class Request:
     sampling_params: SamplingParams
     stop_token_ids: frozenset[int]
     priority: int = 0
+    cache_salt: str | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = 0
     token_ids: list[int] = field(default_factory=list)
@@ -65,6 +67,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def inter_token_times(self) -> tuple[float, ...]:
+        """Gaps between consecutive output tokens."""
+        return tuple(b - a for a, b in zip(self.token_times, self.token_times[1:]))
 
     @property
     def finished(self) -> bool:

@@ -52,7 +52,7 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.sampling_params.logprobs is not None for r in requests) else None
         results = []
         for i, request in enumerate(requests):
-            row = self._processed(logits[i], request)
+            row = self.processed_logits(logits[i], request)
             params = request.sampling_params
             if params.greedy:
                 token = int(torch.argmax(row))
@@ -70,7 +70,8 @@ class Sampler:
         return results
 
     @staticmethod
-    def _processed(row: torch.Tensor, request: Request) -> torch.Tensor:
+    def processed_logits(row: torch.Tensor, request: Request) -> torch.Tensor:
+        """One request's logits after its penalties and min_tokens mask (a copy when anything changes)."""
         params = request.sampling_params
         if params.uses_penalties:
             row = row.clone()

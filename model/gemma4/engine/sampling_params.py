@@ -21,7 +21,9 @@ class SamplingParams:
 
     `top_k=0` and `top_p=1.0` disable those filters; `seed` makes sampling reproducible per
     request (also across preemption and batching); `stop_token_ids=None` means the model's EOS ids;
-    `stop` strings are cut from the output exactly.
+    `stop` strings are cut from the output exactly. The first `min_tokens` output tokens are
+    generated whatever they are: no stop token is drawn and no stop string counts before the
+    token after them (see `gemma4.engine.detokenizer`).
     """
 
     max_tokens: int = 256

@@ -91,7 +91,9 @@ class Scheduler:
             if request not in self.running:  # preempted earlier in this loop
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate(request.request_id, request.token_ids, request.num_computed_tokens, n):
+            while not self.kv.allocate(
+                request.request_id, request.token_ids, request.num_computed_tokens, n, request.cache_salt
+            ):
                 victim = self.running[-1]  # lowest priority, not yet scheduled this step
                 self._preempt(victim)
                 batch.preempted.append(victim)
@@ -105,12 +107,14 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.num_computed_tokens == 0:
-                cached = self.kv.find_cached_prefix(request.token_ids)
+                cached = self.kv.find_cached_prefix(request.token_ids, request.cache_salt)
                 request.num_computed_tokens = cached
                 if request.num_output_tokens == 0:
                     request.num_cached_prompt_tokens = cached
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate(request.request_id, request.token_ids, request.num_computed_tokens, n):
+            if not self.kv.allocate(
+                request.request_id, request.token_ids, request.num_computed_tokens, n, request.cache_salt
+            ):
                 request.num_computed_tokens = 0
                 break
             self.waiting.pop(0)
