@@ -127,19 +127,30 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    print("draining...", flush=True)
-    if not _finishes_within(DRAIN_S + 5, serve.shutdown):
-        print("Serve did not stop within the drain time (are Ray's processes gone?): stopping Ray", flush=True)
+    if not _finishes_within(5, ray.nodes):  # the GCS does not answer: the signal reached Ray's processes too
+        print("Ray's processes are gone: nothing to drain", flush=True)
+    else:
+        print("draining...", flush=True)
+        if not _finishes_within(DRAIN_S + 5, serve.shutdown):
+            print("Serve did not stop within the drain time: stopping Ray", flush=True)
     if not _finishes_within(10, ray.shutdown):
         print("Ray did not stop within 10 s: exiting anyway", flush=True)
 
 
 def _finishes_within(seconds: float, step: Any) -> bool:
-    """Run `step` in a daemon thread; whether it returned within `seconds` (if not, it is abandoned)."""
-    thread = threading.Thread(target=step, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return not thread.is_alive()
+    """Run `step` in a daemon thread; whether it returned (without raising) within `seconds`. A step
+    that takes longer is abandoned."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - a failed step did not finish
+            return
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(seconds)
 
 
 def _gib(n: int) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gemma4.engine import RequestOutput, SamplingParams
+from gemma4.engine.llm_engine import MAX_CACHE_SALT_CHARS
 from gemma4.tokenizer import Gemma4Tokenizer
 
 from gemma4_platform import tracing
@@ -47,7 +48,6 @@ from gemma4_platform.settings import LimitSettings
 
 MEDIA_PART_TYPES = {"image", "image_url", "audio", "input_audio", "video", "video_url"}
 INLINE_CHARS = 16_384  # text up to this size is rendered and tokenized on the event loop (well under 1 ms)
-MAX_CACHE_SALT_CHARS = 256
 T = TypeVar("T")
 
 

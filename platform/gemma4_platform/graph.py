@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import logging
 import os
 import tempfile
 import time
@@ -32,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from gemma4.config import load_config
 from gemma4.engine import RequestOutput
 
-from gemma4_platform import log_filters, tracing
+from gemma4_platform import serve_logs, tracing
 from gemma4_platform.auth import ApiKeys
 from gemma4_platform.backend import EngineRequest, stream_from_engine
 from gemma4_platform.errors import (
@@ -49,8 +48,9 @@ from gemma4_platform.metrics import GatewayMetrics, MetricsHub, ReplicaMetrics, 
 from gemma4_platform.openai_api import add_openai_routes, error_response
 from gemma4_platform.routing import PrefixAffinityRouter
 from gemma4_platform.settings import PlatformSettings
+from gemma4_platform.serve_logs import serve_logger
 
-logger = logging.getLogger(__name__)
+logger = serve_logger(__name__)
 HUB_NAME = "gemma4-metrics-hub"
 DRAIN_S = 30  # a stopping deployment finishes its in-flight streams for up to this long
 
@@ -120,7 +120,7 @@ class Replica:
             self.settings.model.name, self.replica_id, moe_top_experts=self.settings.telemetry.moe_top_experts
         )
         self.hub = metrics_hub()
-        log_filters.install()
+        serve_logs.install()
         self._publisher = asyncio.get_event_loop().create_task(self._publish_forever())
 
     async def _publish_forever(self) -> None:
@@ -251,7 +251,7 @@ async def expert_load(gateway: "Gateway") -> Response:
 @app.get("/healthz")
 async def healthz() -> dict[str, Any]:
     """Readiness and ready replicas, from state refreshed in the background (no replica call per probe)."""
-    return _current().health()
+    return await _current().health()
 
 
 @app.get("/livez")
@@ -263,7 +263,7 @@ async def livez() -> dict[str, Any]:
 @app.get("/readyz")
 async def readyz() -> Response:
     """200 when at least one replica is ready to serve, 503 otherwise."""
-    health = _current().health()
+    health = await _current().health()
     return JSONResponse(health, status_code=200 if health["ready"] else 503)
 
 
@@ -278,7 +278,7 @@ class Gateway:
         check_exposure(self.settings, self.api_keys)
         self.scrape_token = self.settings.metrics_token()
         tracing.configure("gemma4-gateway", self.settings.telemetry.tracing)
-        log_filters.install()
+        serve_logs.install()
         checkpoint = resolve_checkpoint(self.settings)
         from gemma4.tokenizer import load_tokenizer
 
@@ -305,21 +305,31 @@ class Gateway:
         self.grpc = Gemma4ServingService(self.frontend, api_keys=self.api_keys, health=self.health)
         self.hub = metrics_hub()
         self._health = {"ready": False, "ready_replicas": 0}
+        self._health_lock = asyncio.Lock()
         self._health_refresher = asyncio.get_event_loop().create_task(self._refresh_health_forever())
         _gateway = self
 
-    def health(self) -> dict[str, Any]:
-        """Ready when a replica reported a running engine lately (refreshed every `health_refresh_s`)."""
+    async def health(self) -> dict[str, Any]:
+        """Ready when a replica reported a running engine lately. A ready state is answered from the cache
+        (refreshed every `health_refresh_s`); a not-ready one is checked again first, so a platform that
+        just became ready says so at once. Neither costs a call to a replica: readiness comes from the
+        reports replicas publish to the metrics hub."""
+        if not self._health["ready"]:
+            await self._refresh_health()
         return dict(self._health)
 
-    async def _refresh_health_forever(self) -> None:
-        while True:
+    async def _refresh_health(self) -> None:
+        async with self._health_lock:  # concurrent probes share one refresh
             try:
                 ready = await asyncio.wait_for(self.hub.ready_replicas.remote(), timeout=5)
                 self._health = {"ready": ready > 0, "ready_replicas": ready}
             except Exception as exc:  # noqa: BLE001 - any failure means not ready
                 logger.warning("health refresh failed: %s", exc)
                 self._health = {"ready": False, "ready_replicas": 0}
+
+    async def _refresh_health_forever(self) -> None:
+        while True:
+            await self._refresh_health()
             await asyncio.sleep(self.settings.gateway.health_refresh_s)
 
     def check_scrape_token(self, request: Request) -> None:

@@ -9,7 +9,6 @@ this hook checks that it ran (and at least guards the proxy's streams when it di
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,14 @@ import grpc
 
 from gemma4_platform.grpc_handlers import add_serving_handlers
 from gemma4_platform.settings import PlatformSettings
+from gemma4_platform.serve_logs import serve_logger
 
 TLS_PORT_ENV = "GEMMA4_GRPC_TLS_PORT"
 TLS_HOST_ENV = "GEMMA4_GRPC_TLS_HOST"
 TLS_CERT_ENV = "GEMMA4_TLS_CERT_FILE"
 TLS_KEY_ENV = "GEMMA4_TLS_KEY_FILE"
 SERVICER_FUNCTION = "gemma4_platform.grpc_registration.add_servicer"
-logger = logging.getLogger(__name__)
+logger = serve_logger(__name__)
 
 
 def tls_environment(settings: PlatformSettings) -> dict[str, str]:

@@ -9,7 +9,6 @@ local mode). Streams are closed when their consumer stops, which aborts the engi
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, contextmanager
@@ -31,9 +30,10 @@ from gemma4_platform.grpc_convert import (
     sampling_from_proto,
     with_proto_paths,
 )
+from gemma4_platform.serve_logs import serve_logger
 
 
-logger = logging.getLogger(__name__)
+logger = serve_logger(__name__)
 
 
 class RpcContext(Protocol):
@@ -56,7 +56,7 @@ class Gemma4ServingService:
         frontend: Frontend,
         *,
         api_keys: ApiKeys = ApiKeys(()),
-        health: Callable[[], Mapping[str, Any]] | None = None,
+        health: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
     ) -> None:
         self.frontend = frontend
         self.api_keys = api_keys
@@ -168,7 +168,7 @@ class Gemma4ServingService:
         self._authenticate(context, request)
         if self.health is None:
             return pb.HealthResponse(ready=True, ready_replicas=1)
-        return pb.HealthResponse(**self.health())
+        return pb.HealthResponse(**await self.health())
 
     # ------------------------------------------------------------------ helpers
     def _authenticate(self, context: RpcContext, request: Any) -> tuple[KeyGrant, dict[str, str]]:

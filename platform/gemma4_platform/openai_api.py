@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import math
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, TypeVar
@@ -54,8 +53,9 @@ from gemma4_platform.openai_schemas import (
     text_completion,
     text_completion_chunks,
 )
+from gemma4_platform.serve_logs import serve_logger
 
-logger = logging.getLogger(__name__)
+logger = serve_logger(__name__)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)

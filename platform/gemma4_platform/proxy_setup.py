@@ -75,7 +75,7 @@ def configure_proxy() -> list[Any]:
     from ray.serve._private import constants, default_impl, grpc_util, proxy
     from starlette.middleware import Middleware
 
-    from gemma4_platform import log_filters, proxy_streams
+    from gemma4_platform import proxy_streams, serve_logs
     from gemma4_platform.body_limit import BodyLimit
 
     max_bytes = int(os.environ.get(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES))
@@ -92,5 +92,5 @@ def configure_proxy() -> list[Any]:
     ]
     proxy.get_grpc_response_status = with_retry_hint(proxy.get_grpc_response_status)
     proxy_streams.install(stream_policy())
-    log_filters.install()
+    serve_logs.install()
     return [Middleware(BodyLimit, max_bytes=max_bytes)]

@@ -1,4 +1,8 @@
-"""Client errors are logged as one line, not as a traceback in every process they pass through.
+"""Logging into Ray Serve's own log files, with client errors as one line, not a traceback in every
+process they pass through.
+
+Our modules log through children of Ray Serve's logger (`serve_logger`), so their lines land in the same
+per-replica and per-proxy files as Ray's own, with the request id.
 
 Ray Serve logs each exception a replica raises with its traceback ("Request failed."), in the
 replica that raised it, in the gateway that relayed it and in the proxy that answered. For a request
@@ -16,6 +20,11 @@ from typing import Any
 from gemma4_platform.errors import CLIENT_CODES, ServingError
 
 SERVE_LOGGER = "ray.serve"
+
+
+def serve_logger(name: str) -> logging.Logger:
+    """A logger whose records reach Ray Serve's log handlers (outside Ray: the root logger's)."""
+    return logging.getLogger(f"{SERVE_LOGGER}.{name}")
 
 
 def client_error_summary(exc: BaseException | None) -> str | None:
