@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.config import HTTPOptions, gRPCOptions
 
@@ -80,6 +81,18 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.2
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def kv_used_and_aborted(metrics_text: str) -> tuple[float, float]:
+    """KV blocks in use and aborted requests, summed over every replica, from the gateway's /metrics text."""
+    used = aborted = 0.0
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "gemma4_kv_cache_blocks" and sample.labels.get("state") == "used":
+                used += sample.value
+            if sample.name == "vllm:request_success_total" and sample.labels.get("finished_reason") == "abort":
+                aborted += sample.value
+    return used, aborted
 
 
 @dataclass(frozen=True)

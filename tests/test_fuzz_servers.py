@@ -21,11 +21,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1 import serving_pb2_grpc as pb_grpc
-from platform_fixtures import TINY_MOE_SETTINGS, served_platform, wait_until
+from platform_fixtures import TINY_MOE_SETTINGS, kv_used_and_aborted, served_platform, wait_until
 
 KEY = "fuzz-key-1"
 CALL_TIMEOUT_S = 60
@@ -276,12 +275,6 @@ def test_well_formed_streams_were_undisturbed_and_the_platform_is_healthy(platfo
     assert well_formed(platform["stub"]) == bystander.expected
 
     def kv_free() -> bool:
-        text = httpx.get(http + "/metrics", timeout=10).text
-        return all(
-            sample.value == 0
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "gemma4_kv_cache_blocks" and sample.labels.get("state") == "used"
-        )
+        return kv_used_and_aborted(httpx.get(http + "/metrics", timeout=10).text)[0] == 0
 
     wait_until(kv_free, 60, what="every KV block to be free after fuzzing")

@@ -551,3 +551,34 @@ def test_expired_deadline_is_refused_before_running(frontend: Frontend) -> None:
         assert unary.code == streaming.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------- the event loop stays free
+
+
+def test_large_tokenizations_do_not_hold_up_other_calls(servers: ServerLoop, engine: AsyncEngine) -> None:
+    """Four 1 MB Tokenize calls are admitted and tokenizing (the test waits for that) when a Health call
+    is made: it is answered before any of them finishes, because tokenization runs off the event loop."""
+    model = ModelDescription(name="tiny", variant="e2b", max_model_len=10**7, vocab_size=VOCAB)  # no length cap
+    frontend = Frontend(engine.engine.tokenizer, model, LocalBackend(engine))
+    stub = servers.serve(Gemma4ServingService(frontend))
+    finished: list[str] = []
+
+    def tokenize() -> None:
+        stub.Tokenize(pb.TokenizeRequest(text="the weather in Paris " * 50_000), timeout=120)
+        finished.append("tokenize")
+
+    workers = [threading.Thread(target=tokenize) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while frontend.pending < 4:  # all four are in the gateway, tokenizing or queued for the pool
+            assert time.monotonic() < deadline, "the Tokenize calls were not all admitted"
+            time.sleep(0.01)
+        assert stub.Health(pb.HealthRequest(), timeout=30).ready
+        finished.append("health")
+    finally:
+        for worker in workers:
+            worker.join(120)
+    assert finished[0] == "health" and finished.count("tokenize") == 4

@@ -29,7 +29,7 @@ from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1 import serving_pb2_grpc as pb_grpc
 from gemma4_platform.graph import resolve_checkpoint
 from gemma4_platform.settings import PlatformSettings
-from platform_fixtures import TINY_MOE_SETTINGS, served_platform, wait_until
+from platform_fixtures import TINY_MOE_SETTINGS, free_port, kv_used_and_aborted, served_platform, wait_until
 
 SCRAPE_TOKEN = "scrape-token-7d1e"
 KEYS = {
@@ -77,7 +77,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory):
         "limits": LIMITS,
         "telemetry": {**TINY_MOE_SETTINGS["telemetry"], "metrics_token_file": str(secrets / "scrape-token")},
     })
-    with served_platform(settings.model_dump(), ray_metrics_port=free_metrics_port()) as served:
+    with served_platform(settings.model_dump(), ray_metrics_port=free_port()) as served:
         checkpoint = resolve_checkpoint(settings)
         with grpc.insecure_channel(served.grpc_target) as channel:
             yield {
@@ -88,12 +88,6 @@ def platform(tmp_path_factory: pytest.TempPathFactory):
                 "tokenizer": load_tokenizer(checkpoint),
                 "offline": LLM(checkpoint, dtype=torch.float32, **settings.engine.model_dump()),
             }
-
-
-def free_metrics_port() -> int:
-    from platform_fixtures import free_port
-
-    return free_port()
 
 
 def auth(key: str) -> tuple[tuple[str, str], ...]:
@@ -136,14 +130,7 @@ def scrape(platform: dict[str, Any]) -> str:
 
 def engine_totals(platform: dict[str, Any]) -> tuple[float, float]:
     """KV blocks in use and aborted requests, summed over every replica (from the gateway's /metrics)."""
-    used = aborted = 0.0
-    for family in text_string_to_metric_families(scrape(platform)):
-        for sample in family.samples:
-            if sample.name == "gemma4_kv_cache_blocks" and sample.labels.get("state") == "used":
-                used += sample.value
-            if sample.name == "vllm:request_success_total" and sample.labels.get("finished_reason") == "abort":
-                aborted += sample.value
-    return used, aborted
+    return kv_used_and_aborted(scrape(platform))
 
 
 # ---------------------------------------------------------------------------- prompts are data

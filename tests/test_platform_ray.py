@@ -16,14 +16,13 @@ import pytest
 import ray
 import torch
 from ray import serve
-from prometheus_client.parser import text_string_to_metric_families
 
 from gemma4 import LLM, SamplingParams
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1 import serving_pb2_grpc as pb_grpc
 from gemma4_platform.graph import resolve_checkpoint
 from gemma4_platform.settings import PlatformSettings
-from platform_fixtures import APP, served_platform, wait_until
+from platform_fixtures import APP, kv_used_and_aborted, served_platform, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_PENDING = 40
@@ -74,14 +73,7 @@ def monkeypatch_module():
 
 def engine_totals(http: str) -> tuple[float, float]:
     """KV blocks in use and aborted requests, summed over every replica (from the gateway's /metrics)."""
-    used = aborted = 0.0
-    for family in text_string_to_metric_families(httpx.get(http + "/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name == "gemma4_kv_cache_blocks" and sample.labels.get("state") == "used":
-                used += sample.value
-            if sample.name == "vllm:request_success_total" and sample.labels.get("finished_reason") == "abort":
-                aborted += sample.value
-    return used, aborted
+    return kv_used_and_aborted(httpx.get(http + "/metrics", timeout=10).text)
 
 
 def kv_free_and_aborted(http: str, before: float):

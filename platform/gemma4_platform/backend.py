@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
-from gemma4.engine import AsyncEngine, EngineStats, RequestOutput, SamplingParams
+from gemma4.engine import AsyncEngine, RequestOutput, SamplingParams
 from gemma4.engine.async_engine import EngineDeadError
 
 from gemma4_platform.errors import Unavailable, invalid_from_value_error
@@ -73,6 +73,3 @@ class LocalBackend:
 
     def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         return stream_from_engine(self.engine, request)
-
-    def stats(self) -> EngineStats:
-        return self.engine.stats()

@@ -42,7 +42,8 @@ from gemma4_platform.request_limits import (
     check_chat,
     check_prompt_bound,
     check_sampling,
-    client_text_chars,
+    rendered_chars,
+    string_chars,
 )
 from gemma4_platform.settings import LimitSettings
 
@@ -169,8 +170,7 @@ class Frontend:
             raise InvalidArgument("messages must not be empty", field="messages")
         messages, tools = check_chat(messages, tools, self.limits)
         self._reject_media(messages)
-        chars = client_text_chars(messages) + client_text_chars(tools)
-        check_prompt_bound(chars, self.longest_token_chars, self.max_prompt_tokens, "messages")
+        check_prompt_bound(rendered_chars(messages), self.longest_token_chars, self.max_prompt_tokens, "messages")
 
         def encode() -> list[int]:
             try:
@@ -178,7 +178,7 @@ class Frontend:
             except ValueError as exc:
                 raise InvalidArgument(str(exc), field=_leading_field(str(exc), "messages")) from None
 
-        return await self._offload(encode, chars)
+        return await self._offload(encode, string_chars(messages) + string_chars(tools))
 
     async def tokenize(self, text: str) -> list[int]:
         """Token ids of a raw text (the Tokenize RPC), as a Generate text prompt would be tokenized."""

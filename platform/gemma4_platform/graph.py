@@ -150,9 +150,6 @@ class Replica:
                             model_name=self.settings.model.name, replica=self.replica_id, finished_reason="abort"
                         ).inc()
 
-    def stats(self) -> Any:
-        return self.engine.stats()
-
     def check_health(self) -> None:
         if not self.engine.is_running:
             raise RuntimeError("the engine loop is not running")

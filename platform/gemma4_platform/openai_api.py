@@ -59,7 +59,7 @@ logger = serve_logger(__name__)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
-Handler = Callable[[Request, KeyGrant], Awaitable[Response]]
+Handler = Callable[[Request, KeyGrant, contextlib.ExitStack], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
 Outputs = AsyncIterator[RequestOutput]
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left before the answer"
@@ -87,72 +87,73 @@ def add_openai_routes(
 
     def route(path: str, method: str) -> Callable[[Handler], Endpoint]:
         def register(handler: Handler) -> Endpoint:
-            endpoint = _openai_endpoint(handler, get_api_keys)
+            endpoint = _openai_endpoint(handler, get_api_keys, get_frontend)
             app.add_api_route(path, endpoint, methods=[method], response_class=Response)
             return endpoint
 
         return register
 
     @route("/v1/models", "GET")
-    async def list_models(request: Request, caller: KeyGrant) -> Response:
+    async def list_models(request: Request, caller: KeyGrant, admitted: contextlib.ExitStack) -> Response:
         model = get_frontend().model
         return JSONResponse(models_body(model.name, model.max_model_len, created))
 
     @route("/v1/chat/completions", "POST")
-    async def chat_completions(request: Request, caller: KeyGrant) -> Response:
+    async def chat_completions(request: Request, caller: KeyGrant, admitted: contextlib.ExitStack) -> Response:
         frontend = get_frontend()
-        with contextlib.ExitStack() as admitted:
-            admitted.enter_context(frontend.admit(caller))
-            body = await _parse(request, ChatCompletionRequest, frontend)
-            meta = ResponseMeta.new("chatcmpl", frontend.model.name)
-            engine_request = await frontend.chat(
-                body.messages,
-                body.sampling(),
-                caller=caller,
-                tools=body.prompt_tools,
-                thinking=body.thinking_enabled,
-                priority=body.priority,
-                cache_salt=body.cache_salt,
-            )
-            token_text = _token_text(frontend)
-            return await _respond(
-                request,
-                frontend,
-                engine_request,
-                admitted.pop_all(),
-                stream=body.stream,
-                unary=lambda outputs: chat_completion(meta, outputs, token_text=token_text, logprobs=body.logprobs),
-                chunks=lambda outputs: chat_completion_chunks(
-                    meta, outputs, token_text=token_text, logprobs=body.logprobs, include_usage=body.include_usage
-                ),
-            )
+        body = await _parse(request, ChatCompletionRequest, frontend)
+        meta = ResponseMeta.new("chatcmpl", frontend.model.name)
+        engine_request = await frontend.chat(
+            body.messages,
+            body.sampling(),
+            caller=caller,
+            tools=body.prompt_tools,
+            thinking=body.thinking_enabled,
+            priority=body.priority,
+            cache_salt=body.cache_salt,
+        )
+        token_text = _token_text(frontend)
+        return await _respond(
+            request,
+            frontend,
+            engine_request,
+            admitted,
+            stream=body.stream,
+            unary=lambda outputs: chat_completion(meta, outputs, token_text=token_text, logprobs=body.logprobs),
+            chunks=lambda outputs: chat_completion_chunks(
+                meta, outputs, token_text=token_text, logprobs=body.logprobs, include_usage=body.include_usage
+            ),
+        )
 
     @route("/v1/completions", "POST")
-    async def completions(request: Request, caller: KeyGrant) -> Response:
+    async def completions(request: Request, caller: KeyGrant, admitted: contextlib.ExitStack) -> Response:
         frontend = get_frontend()
-        with contextlib.ExitStack() as admitted:
-            admitted.enter_context(frontend.admit(caller))
-            body = await _parse(request, CompletionRequest, frontend)
-            meta = ResponseMeta.new("cmpl", frontend.model.name)
-            engine_request = await frontend.completion(
-                body.single_prompt(), body.sampling(), caller=caller, priority=body.priority, cache_salt=body.cache_salt
-            )
-            token_text = _token_text(frontend)
-            return await _respond(
-                request,
-                frontend,
-                engine_request,
-                admitted.pop_all(),
-                stream=body.stream,
-                unary=lambda outputs: text_completion(meta, outputs, token_text=token_text),
-                chunks=lambda outputs: text_completion_chunks(
-                    meta, outputs, token_text=token_text, include_usage=body.include_usage
-                ),
-            )
+        body = await _parse(request, CompletionRequest, frontend)
+        meta = ResponseMeta.new("cmpl", frontend.model.name)
+        engine_request = await frontend.completion(
+            body.single_prompt(), body.sampling(), caller=caller, priority=body.priority, cache_salt=body.cache_salt
+        )
+        token_text = _token_text(frontend)
+        return await _respond(
+            request,
+            frontend,
+            engine_request,
+            admitted,
+            stream=body.stream,
+            unary=lambda outputs: text_completion(meta, outputs, token_text=token_text),
+            chunks=lambda outputs: text_completion_chunks(
+                meta, outputs, token_text=token_text, include_usage=body.include_usage
+            ),
+        )
 
 
-def _openai_endpoint(handler: Handler, get_api_keys: Callable[[], ApiKeys]) -> Endpoint:
-    """Check the API key, then run `handler`, answering any failure in OpenAI's error format.
+def _openai_endpoint(
+    handler: Handler, get_api_keys: Callable[[], ApiKeys], get_frontend: Callable[[], Frontend]
+) -> Endpoint:
+    """Check the API key and admit the request (the key's rate and streams, the gateway's queue), then
+    run `handler`, answering any failure in OpenAI's error format. The handler gets the admission slot
+    and owns it: what it does not release stays held until this returns (`_respond` keeps it for the
+    whole answer, stream included).
 
     (Not `functools.wraps`: FastAPI would read the handler's own signature and take `caller` for a body.)
     """
@@ -160,7 +161,9 @@ def _openai_endpoint(handler: Handler, get_api_keys: Callable[[], ApiKeys]) -> E
     async def endpoint(request: Request) -> Response:
         try:
             caller = get_api_keys().authenticate(presented_keys(request.headers))
-            return await handler(request, caller)
+            with contextlib.ExitStack() as admitted:
+                admitted.enter_context(get_frontend().admit(caller))
+                return await handler(request, caller, admitted)
         except ServingError as exc:
             if exc.is_client_error:
                 log_client_error(logger, f"{request.method} {request.url.path}", exc)
@@ -229,7 +232,7 @@ async def _respond(
     body, or when the event stream ends however it ends.
     """
     with contextlib.ExitStack() as cleanup:
-        cleanup.push(admitted)
+        cleanup.push(admitted.pop_all())
         outputs = frontend.stream(engine_request, trace_context=tracing.carrier_from_metadata(request.headers))
         if not stream:
             return await _unary(request, unary(outputs))

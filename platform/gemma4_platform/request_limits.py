@@ -3,8 +3,9 @@
 Every check raises `InvalidArgument` naming the field (`messages`, `tools[2].function.parameters`,
 `stop[0]`, ...). Client JSON text is parsed by pydantic-core's parser, whose own recursion limit keeps a
 deeply nested value from exhausting the stack; the configured `max_json_depth` is then checked without
-recursion. The prompt-length check here is a cheap lower bound (characters over the longest token), so
-a text that certainly exceeds the context is refused without tokenizing it.
+recursion. The prompt-length check here is a cheap lower bound (characters the template certainly
+writes, over the longest token's length), so a text that certainly exceeds the context is refused
+without rendering or tokenizing it.
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def _check_tool(tool: Any, where: str, limits: LimitSettings) -> Any:
     return tool
 
 
-def client_text_chars(value: Any) -> int:
-    """Characters of every string (keys included) in a JSON-like value: what the prompt is built from."""
+def string_chars(value: Any) -> int:
+    """Characters of every string (mapping keys included) in a JSON-like value."""
     total = 0
     stack = [value]
     while stack:
@@ -151,6 +152,34 @@ def client_text_chars(value: Any) -> int:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
+    return total
+
+
+def rendered_chars(messages: Sequence[Any]) -> int:
+    """A lower bound on the characters the chat template writes from the client's conversation: the
+    text of user, system and tool turns (as the template strips it) and tool-call arguments. Assistant
+    text is left out (the template drops earlier thoughts from it), as is anything the template does not
+    write verbatim; leaving text out only weakens the bound, never makes it wrong."""
+    total = 0
+    for message in messages:
+        if not isinstance(message, Mapping):
+            continue
+        content = message.get("content")
+        if message.get("role") in ("user", "system", "developer"):
+            if isinstance(content, str):
+                total += len(content.strip())
+            elif isinstance(content, list):
+                total += sum(
+                    len(part["text"].strip())
+                    for part in content
+                    if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+                )
+        elif message.get("role") == "tool":
+            total += string_chars(content)
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(function, Mapping):
+                total += string_chars(function.get("arguments"))
     return total
 
 
