@@ -123,8 +123,8 @@ def test_constants_shared_with_the_platform_agree() -> None:
 
     assert manifests.SERVICER_FUNCTION == grpc_registration.SERVICER_FUNCTION
     assert (manifests.TLS_PORT_ENV, manifests.TLS_HOST_ENV, manifests.TLS_CERT_ENV, manifests.TLS_KEY_ENV) == (
-        grpc_registration.TLS_PORT_ENV, grpc_registration.TLS_HOST_ENV, grpc_registration.TLS_CERT_ENV,
-        grpc_registration.TLS_KEY_ENV)
+        proxy_setup.TLS_PORT_ENV, proxy_setup.TLS_HOST_ENV, proxy_setup.TLS_CERT_ENV,
+        proxy_setup.TLS_KEY_ENV)
     assert (manifests.PROXY_CALLBACK_ENV, manifests.PROXY_CALLBACK, manifests.GRPC_HOST_ENV,
             manifests.MAX_REQUEST_BYTES_ENV, manifests.STALLED_TIMEOUT_ENV) == (
         proxy_setup.CALLBACK_ENV, proxy_setup.CALLBACK, proxy_setup.GRPC_HOST_ENV,

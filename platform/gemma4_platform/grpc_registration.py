@@ -15,35 +15,25 @@ from typing import Any
 
 import grpc
 
+from gemma4_platform import proxy_streams
 from gemma4_platform.grpc_handlers import add_serving_handlers
-from gemma4_platform.settings import PlatformSettings
+from gemma4_platform.proxy_setup import (
+    CALLBACK,
+    CALLBACK_ENV,
+    TLS_CERT_ENV,
+    TLS_HOST_ENV,
+    TLS_KEY_ENV,
+    TLS_PORT_ENV,
+    grpc_address,
+    stream_policy,
+)
 from gemma4_platform.serve_logs import serve_logger
 
-TLS_PORT_ENV = "GEMMA4_GRPC_TLS_PORT"
-TLS_HOST_ENV = "GEMMA4_GRPC_TLS_HOST"
-TLS_CERT_ENV = "GEMMA4_TLS_CERT_FILE"
-TLS_KEY_ENV = "GEMMA4_TLS_KEY_FILE"
 SERVICER_FUNCTION = "gemma4_platform.grpc_registration.add_servicer"
 logger = serve_logger(__name__)
 
 
-def tls_environment(settings: PlatformSettings) -> dict[str, str]:
-    """The proxy's TLS port settings, as environment variables (empty without a TLS port)."""
-    server = settings.server
-    if server.grpc_tls_port is None:
-        return {}
-    return {
-        TLS_PORT_ENV: str(server.grpc_tls_port),
-        TLS_HOST_ENV: server.host,
-        TLS_CERT_ENV: str(server.tls_cert_file),
-        TLS_KEY_ENV: str(server.tls_key_file),
-    }
-
-
 def add_servicer(servicer: Any, server: Any) -> None:
-    from gemma4_platform import proxy_streams
-    from gemma4_platform.proxy_setup import CALLBACK, CALLBACK_ENV, grpc_address, stream_policy
-
     proxy_streams.install(stream_policy())  # a no-op when configure_proxy already did it
     if os.environ.get(CALLBACK_ENV) != CALLBACK:
         logger.warning(

@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from gemma4_platform.proxy_streams import StreamPolicy
 from gemma4_platform.settings import PlatformSettings
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
@@ -28,13 +29,15 @@ CALLBACK = "gemma4_platform.proxy_setup.configure_proxy"
 GRPC_HOST_ENV = "GEMMA4_GRPC_HOST"
 MAX_REQUEST_BYTES_ENV = "GEMMA4_MAX_REQUEST_BYTES"
 STALLED_TIMEOUT_ENV = "GEMMA4_STALLED_STREAM_TIMEOUT_S"
+TLS_PORT_ENV = "GEMMA4_GRPC_TLS_PORT"  # read by grpc_registration, which opens the TLS port
+TLS_HOST_ENV = "GEMMA4_GRPC_TLS_HOST"
+TLS_CERT_ENV = "GEMMA4_TLS_CERT_FILE"
+TLS_KEY_ENV = "GEMMA4_TLS_KEY_FILE"
 DEFAULT_MAX_REQUEST_BYTES = PlatformSettings().limits.max_request_bytes
 
 
 def proxy_environment(settings: PlatformSettings) -> dict[str, str]:
     """What every Ray process of this platform needs in its environment for the proxies to be hardened."""
-    from gemma4_platform.grpc_registration import tls_environment
-
     return {
         CALLBACK_ENV: CALLBACK,
         GRPC_HOST_ENV: settings.server.plaintext_grpc_host,
@@ -44,10 +47,21 @@ def proxy_environment(settings: PlatformSettings) -> dict[str, str]:
     }
 
 
-def stream_policy() -> "proxy_streams.StreamPolicy":
-    from gemma4_platform import proxy_streams
+def tls_environment(settings: PlatformSettings) -> dict[str, str]:
+    """The proxy's TLS port settings (empty without a TLS port)."""
+    server = settings.server
+    if server.grpc_tls_port is None:
+        return {}
+    return {
+        TLS_PORT_ENV: str(server.grpc_tls_port),
+        TLS_HOST_ENV: server.host,
+        TLS_CERT_ENV: str(server.tls_cert_file),
+        TLS_KEY_ENV: str(server.tls_key_file),
+    }
 
-    return proxy_streams.StreamPolicy(stalled_timeout_s=float(os.environ.get(STALLED_TIMEOUT_ENV, "30")))
+
+def stream_policy() -> StreamPolicy:
+    return StreamPolicy(stalled_timeout_s=float(os.environ.get(STALLED_TIMEOUT_ENV, "30")))
 
 
 def with_retry_hint(grpc_response_status: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,6 +84,15 @@ def grpc_address(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def binding_plaintext_on(host: str) -> Callable[[Any, str], Any]:
+    """Ray's `add_grpc_address`, binding `host` instead of the `[::]:PORT` Ray passes."""
+
+    def add_grpc_address(server: Any, address: str) -> Any:
+        return server.add_insecure_port(grpc_address(host, address.rsplit(":", 1)[1]))
+
+    return add_grpc_address
+
+
 def configure_proxy() -> list[Any]:
     """Ray's HTTP-proxy callback: runs in each proxy process before its servers start."""
     from ray.serve._private import constants, default_impl, grpc_util, proxy
@@ -81,10 +104,7 @@ def configure_proxy() -> list[Any]:
     max_bytes = int(os.environ.get(MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES))
     host = os.environ.get(GRPC_HOST_ENV)
     if host:
-        port_of = lambda address: address.rsplit(":", 1)[1]  # noqa: E731 - Ray passes "[::]:PORT"
-        default_impl.add_grpc_address = lambda server, address: server.add_insecure_port(
-            grpc_address(host, port_of(address))
-        )
+        default_impl.add_grpc_address = binding_plaintext_on(host)
     grpc_util.add_RayServeAPIServiceServicer_to_server = lambda servicer, server: None
     constants.DEFAULT_GRPC_SERVER_OPTIONS[:] = [
         ("grpc.max_send_message_length", max_bytes),
