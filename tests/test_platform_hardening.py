@@ -208,6 +208,23 @@ def test_concurrent_stream_limit_per_key(platform) -> None:
     wait_until(admitted_again, 30, what="the key's stream slot to be released")
 
 
+def test_concurrent_stream_limit_per_key_over_http(platform) -> None:
+    body = {"model": "tiny-moe", "prompt": "go", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with http_client(platform, "streams") as http, http.stream("POST", "/v1/completions", json=body) as first:
+        assert first.status_code == 200
+        lines = first.iter_lines()  # kept: a dropped iterator would close the stream
+        next(lines)  # in flight
+        with http_client(platform, "streams") as other:
+            refused = other.post("/v1/completions", json={"model": "tiny-moe", "prompt": "hi", "max_tokens": 1})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+
+    def admitted_again() -> bool:
+        with http_client(platform, "streams") as http:
+            return http.post("/v1/completions", json={"model": "tiny-moe", "prompt": "hi", "max_tokens": 1}).status_code == 200
+
+    wait_until(admitted_again, 30, what="the key's stream slot to be released")
+
+
 def nested(depth: int) -> Any:
     value: Any = "leaf"
     for _ in range(depth):
@@ -368,6 +385,23 @@ def test_prefix_cache_hits_only_within_a_key_and_salt(platform) -> None:
     assert chat_usage(platform, "tenant-a", salt="s1").cached_prompt_tokens > 0
 
 
+def http_cached_tokens(platform: dict[str, Any], key: str, salt: str | None = None) -> int:
+    text = "Describe the harbours of Oslo and Lima, their ships and their trade, in great detail."  # no prefix shared with other tests
+    body = {**CHAT, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+    with http_client(platform, key) as http:
+        response = http.post("/v1/chat/completions", json=body if salt is None else {**body, "cache_salt": salt})
+    response.raise_for_status()
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_prefix_cache_isolation_over_http(platform) -> None:
+    assert http_cached_tokens(platform, "tenant-a") == 0
+    assert http_cached_tokens(platform, "tenant-a") > 0
+    assert http_cached_tokens(platform, "tenant-b") == 0
+    assert http_cached_tokens(platform, "tenant-a", salt="s2") == 0
+    assert http_cached_tokens(platform, "tenant-a", salt="s2") > 0
+
+
 def test_request_ids_of_different_clients_never_collide(platform) -> None:
     stub = platform["stub"]
     request = pb.GenerateRequest(text="hi", sampling=greedy(200), request_id="shared-id")
@@ -498,6 +532,11 @@ def test_a_stop_string_before_min_tokens_neither_stops_nor_cuts_the_text(platfor
     assert stop in response.text  # the early match did not cut the text
     expected = offline.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, min_tokens=16, stop=[stop]))[0]
     assert (response.text, list(response.token_ids)) == (expected.text, expected.token_ids)
+    body = {"model": "tiny-moe", "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+            "min_tokens": 16, "stop": [stop]}
+    with http_client(platform) as http:
+        choice = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["text"] == expected.text and stop in choice["text"]
 
 
 def test_sequences_far_past_the_sliding_window_match_the_offline_engine(platform) -> None:
@@ -509,6 +548,10 @@ def test_sequences_far_past_the_sliding_window_match_the_offline_engine(platform
         pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=greedy(80)), metadata=auth("plain"), timeout=120
     )
     assert list(response.token_ids) == expected.token_ids
+    body = {"model": "tiny-moe", "prompt": prompt, "max_tokens": 80, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    with http_client(platform) as http:
+        choice = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["text"] == expected.text
 
 
 def serve_logs() -> dict[Path, int]:

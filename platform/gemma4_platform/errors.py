@@ -87,10 +87,6 @@ class RateLimited(QueueFull):
     """A key's request rate or concurrent-stream limit was reached."""
 
 
-class StreamStalled(QueueFull):
-    """The client stopped reading a stream for longer than the gateway allows."""
-
-
 class Unavailable(ServingError):
     grpc_code = "UNAVAILABLE"
     http_status = 503
