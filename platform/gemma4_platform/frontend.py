@@ -306,9 +306,6 @@ class Frontend:
             raise ServingError("the engine returned no output")
         return final
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 def _client_request_id(request_id: str | None) -> str:
     """The id echoed to the client: its own (bounded, printable) or a fresh one."""
