@@ -56,7 +56,7 @@ def test_thinking_and_content_edge_cases(text: str, thinking: str | None, conten
 def test_stop_marker_followed_by_more_text_is_kept_and_parsing_goes_on() -> None:
     # The engine cuts generation at its stop tokens, so one inside the text did not stop it (ignore_eos, or
     # the request's own stop_token_ids): it is text, reported, and what follows is parsed as usual.
-    parsed = parse(f"Answer.<turn|>More <|tool_call>call:f{{a:1}}<tool_call|> end<eos>tail<eos>")
+    parsed = parse("Answer.<turn|>More <|tool_call>call:f{a:1}<tool_call|> end<eos>tail<eos>")
     assert parsed.content == "Answer.<turn|>More  end<eos>tail"  # the final <eos> ends the text: dropped
     assert parsed.tool_calls == [ToolCall("f", {"a": 1})]
     assert len(parsed.errors) == 2 and "<turn|>" in parsed.errors[0] and "<eos>" in parsed.errors[1]

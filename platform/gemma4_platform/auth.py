@@ -132,6 +132,9 @@ class ApiKeys:
         return found
 
 
+NO_KEYS = ApiKeys(())  # authentication off
+
+
 def presented_keys(headers: Sequence[tuple[str, Any]] | Mapping[str, Any]) -> Iterator[str]:
     """API keys in gRPC metadata or HTTP headers: `authorization: Bearer KEY` or `x-api-key: KEY`."""
     items = headers.items() if isinstance(headers, Mapping) else headers

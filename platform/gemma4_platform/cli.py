@@ -97,11 +97,10 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from gemma4_platform.auth import ApiKeys
-    from gemma4_platform.graph import DRAIN_S, build_app, check_exposure
+    from gemma4_platform.graph import DRAIN_S, build_app
 
     try:
-        check_exposure(settings, ApiKeys(settings.api_key_entries()))  # before starting anything
+        application = build_app(settings.model_dump())  # checks the settings (and keys) before Ray starts
     except ValueError as exc:
         raise SystemExit(f"gemma4-platform serve: {exc}") from None
 
@@ -115,7 +114,7 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
             port=server.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION], enable_reflection=False
         ),
     )
-    serve.run(build_app(settings.model_dump()), name=APP_NAME, route_prefix="/")
+    serve.run(application, name=APP_NAME, route_prefix="/")
     scheme = "https" if server.tls_cert_file else "http"
     print(f"gemma4-platform is ready: OpenAI HTTP {scheme}://{server.host}:{server.http_port}/v1, "
           f"gRPC {server.plaintext_grpc_host}:{server.grpc_port}"

@@ -2,7 +2,7 @@
 
 A `ServingError` is a client-visible outcome: its message goes to the client as it is, so it never
 holds a traceback, a path or an address. Anything else that escapes a request is an internal error:
-`internal_error` logs it once with a short error id and gives the client only that id.
+`reported` logs it once with a short error id and gives the client only that id.
 """
 
 from __future__ import annotations
@@ -121,13 +121,13 @@ def invalid_from_value_error(exc: ValueError) -> InvalidArgument:
     return InvalidArgument(message, field=field)
 
 
-def internal_error(logger: logging.Logger, what: str, exc: BaseException) -> Internal:
-    """Log an unexpected exception once, with its traceback and a fresh error id; the client gets the id."""
+def reported(logger: logging.Logger, what: str, exc: BaseException) -> ServingError:
+    """The error the client gets for `exc`, logged once: a refusal as one line; anything unexpected with
+    its traceback and a fresh error id, which is all the client learns of it."""
+    if isinstance(exc, ServingError):
+        if exc.is_client_error:
+            logger.info("%s refused: %s: %s", what, exc.grpc_code, exc.message)
+        return exc
     error_id = uuid.uuid4().hex[:12]
     logger.error("%s failed (error id %s)", what, error_id, exc_info=(type(exc), exc, exc.__traceback__))
     return Internal(error_id)
-
-
-def log_client_error(logger: logging.Logger, what: str, exc: ServingError) -> None:
-    """One line per refused request: what was asked, the status and the reason."""
-    logger.info("%s refused: %s: %s", what, exc.grpc_code, exc.message)

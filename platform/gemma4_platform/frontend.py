@@ -128,8 +128,7 @@ class Frontend:
         check_sampling(sampling, self.limits, self.model.max_model_len)
         if isinstance(prompt, str):
             check_prompt_bound(len(prompt), self.longest_token_chars, self.max_prompt_tokens, "prompt")
-            encode = self.tokenizer.encode_plain if self.limits.strict_raw_prompts else self.tokenizer.encode
-            token_ids = await self._offload(encode, len(prompt), prompt)
+            token_ids = await self._offload(self._encode_raw, len(prompt), prompt)
         else:
             token_ids = list(prompt)
         if not token_ids:
@@ -183,8 +182,11 @@ class Frontend:
     async def tokenize(self, text: str) -> list[int]:
         """Token ids of a raw text (the Tokenize RPC), as a Generate text prompt would be tokenized."""
         check_prompt_bound(len(text), self.longest_token_chars, self.model.max_model_len, "text")
-        encode = self.tokenizer.encode_plain if self.limits.strict_raw_prompts else self.tokenizer.encode
-        return await self._offload(encode, len(text), text)
+        return await self._offload(self._encode_raw, len(text), text)
+
+    def _encode_raw(self, text: str) -> list[int]:
+        """A raw prompt's ids: special-token strings parsed, unless `limits.strict_raw_prompts`."""
+        return self.tokenizer.encode_plain(text) if self.limits.strict_raw_prompts else self.tokenizer.encode(text)
 
     async def count_tokens(self, text: str) -> int:
         """Tokens of a piece of output text (e.g. the thinking part, for usage and metrics)."""

@@ -39,8 +39,7 @@ from gemma4_platform.errors import (
     ServingError,
     Unauthenticated,
     Unavailable,
-    internal_error,
-    log_client_error,
+    reported,
 )
 from gemma4_platform.frontend import Frontend, GatewayPolicy, ModelDescription
 from gemma4_platform.grpc_service import Gemma4ServingService, retry_metadata
@@ -272,7 +271,6 @@ class Gateway:
         global _gateway
         self.settings = PlatformSettings.model_validate(settings)
         self.api_keys = ApiKeys(self.settings.api_key_entries())
-        check_exposure(self.settings, self.api_keys)
         self.scrape_token = self.settings.metrics_token()
         tracing.configure("gemma4-gateway", self.settings.telemetry.tracing)
         serve_logs.install()
@@ -350,9 +348,7 @@ class Gateway:
             code = "CANCELLED"  # the client went away or its deadline passed
             raise
         except Exception as exc:  # noqa: BLE001
-            error = exc if isinstance(exc, ServingError) else internal_error(logger, f"gRPC {method}", exc)
-            if error.is_client_error:
-                log_client_error(logger, f"gRPC {method}", error)
+            error = reported(logger, f"gRPC {method}", exc)
             code = error.grpc_code
             context.set_code(grpc.StatusCode[error.grpc_code])
             context.set_details(error.message)

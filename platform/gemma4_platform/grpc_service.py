@@ -19,8 +19,8 @@ import grpc
 from gemma4_platform import tracing
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1 import serving_pb2_grpc
-from gemma4_platform.auth import ApiKeys, KeyGrant, presented_keys
-from gemma4_platform.errors import DeadlineExceeded, InvalidArgument, ServingError, internal_error, log_client_error
+from gemma4_platform.auth import NO_KEYS, ApiKeys, KeyGrant, presented_keys
+from gemma4_platform.errors import DeadlineExceeded, InvalidArgument, ServingError, reported
 from gemma4_platform.frontend import Frontend
 from gemma4_platform.grpc_handlers import add_serving_handlers, check_request
 from gemma4_platform.grpc_convert import (
@@ -55,7 +55,7 @@ class Gemma4ServingService:
         self,
         frontend: Frontend,
         *,
-        api_keys: ApiKeys = ApiKeys(()),
+        api_keys: ApiKeys = NO_KEYS,
         health: Callable[[], Awaitable[Mapping[str, Any]]] | None = None,
     ) -> None:
         self.frontend = frontend
@@ -207,9 +207,7 @@ def _check_deadline(context: grpc.aio.ServicerContext) -> None:
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     """End the call with the error's status (an unexpected one as INTERNAL with an error id)."""
-    error = exc if isinstance(exc, ServingError) else internal_error(logger, f"gRPC {method}", exc)
-    if error.is_client_error:
-        log_client_error(logger, f"gRPC {method}", error)
+    error = reported(logger, f"gRPC {method}", exc)
     context.set_trailing_metadata(retry_metadata(error))
     await context.abort(grpc.StatusCode[error.grpc_code], error.message)
 

@@ -19,8 +19,9 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from gemma4.engine import EngineStats, FinishReason, RequestOutput
+from gemma4.engine.outputs import LATENCY_BUCKET_BOUNDS
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+LATENCY_BUCKETS = LATENCY_BUCKET_BOUNDS  # the engine's own latency histograms use the same bounds
 TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192, 32768, 131072)
 STALE_AFTER_S = 10.0  # a replica that stopped publishing this long ago is gone (killed, not stopped)
 

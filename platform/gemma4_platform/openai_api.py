@@ -30,14 +30,13 @@ from starlette.types import Receive, Scope, Send
 from gemma4.engine import RequestOutput
 
 from gemma4_platform import tracing
-from gemma4_platform.auth import ApiKeys, KeyGrant, presented_keys
+from gemma4_platform.auth import NO_KEYS, ApiKeys, KeyGrant, presented_keys
 from gemma4_platform.backend import EngineRequest
 from gemma4_platform.errors import (
     ModelNotFound,
     PayloadTooLarge,
     ServingError,
-    internal_error,
-    log_client_error,
+    reported,
 )
 from gemma4_platform.frontend import Frontend
 from gemma4_platform.openai_schemas import (
@@ -66,7 +65,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client left before the an
 INLINE_PARSE_BYTES = 65_536  # larger bodies are parsed on a worker thread
 
 
-def build_openai_app(get_frontend: Callable[[], Frontend], *, api_keys: ApiKeys = ApiKeys(())) -> FastAPI:
+def build_openai_app(get_frontend: Callable[[], Frontend], *, api_keys: ApiKeys = NO_KEYS) -> FastAPI:
     """A FastAPI app serving only the OpenAI routes."""
     app = FastAPI(title="Gemma 4 OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     add_openai_routes(app, get_frontend, lambda: api_keys)
@@ -76,7 +75,7 @@ def build_openai_app(get_frontend: Callable[[], Frontend], *, api_keys: ApiKeys 
 def add_openai_routes(
     app: FastAPI,
     get_frontend: Callable[[], Frontend],
-    get_api_keys: Callable[[], ApiKeys] = lambda: ApiKeys(()),
+    get_api_keys: Callable[[], ApiKeys] = lambda: NO_KEYS,
 ) -> None:
     """Register the routes on `app`; `get_frontend` and `get_api_keys` are called per request (both may be
     known only once the serving process has started).
@@ -164,12 +163,8 @@ def _openai_endpoint(
             with contextlib.ExitStack() as admitted:
                 admitted.enter_context(get_frontend().admit(caller))
                 return await handler(request, caller, admitted)
-        except ServingError as exc:
-            if exc.is_client_error:
-                log_client_error(logger, f"{request.method} {request.url.path}", exc)
-            return error_response(exc)
         except Exception as exc:  # noqa: BLE001 - a client still gets a well-formed error, never a traceback
-            return error_response(internal_error(logger, f"{request.method} {request.url.path}", exc))
+            return error_response(reported(logger, f"{request.method} {request.url.path}", exc))
 
     endpoint.__name__ = endpoint.__qualname__ = handler.__name__
     return endpoint
@@ -313,10 +308,8 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     try:
         async for chunk in chunks:
             yield _event(chunk)
-    except ServingError as exc:
-        yield _event(error_body(exc))
     except Exception as exc:  # noqa: BLE001 - the stream has started: report in-band
-        yield _event(error_body(internal_error(logger, "OpenAI stream", exc)))
+        yield _event(error_body(reported(logger, "OpenAI stream", exc)))
     yield "data: [DONE]\n\n"
 
 
