@@ -9,7 +9,7 @@ import torch
 
 from gemma4.config import variant_config
 from gemma4.engine.kv_cache_manager import NULL_BLOCK, KVCacheManager, block_hashes
-from gemma4.engine.paged_attention import PagedAttention, PagedKVCache, SequenceSlice, debug_checks_enabled
+from gemma4.engine.paged_attention import PagedKVCache, SequenceSlice, check_block_tables, debug_checks_enabled
 from gemma4.kv_layout import CacheGroup, cache_groups, pool_rows, split_kv_budget
 
 BS = 4
@@ -177,14 +177,13 @@ def test_budget_split_pays_for_each_pools_null_block() -> None:
     assert budget - tensor_bytes < per_block  # and nothing more than a block's worth is left unused
 
 
-def _attention(tables: dict[str, list[int]], context_len: int, query_len: int) -> PagedAttention:
+def _attention(tables: dict[str, list[int]], context_len: int, query_len: int) -> None:
+    """The check the runner makes before staging a step, on one sequence's block tables."""
     cache = PagedKVCache((SLIDING, FULL), {"sliding": 8, "full": 8}, BS, torch.float32, "cpu")
-    positions = torch.arange(context_len - query_len, context_len)
-    sequence = SequenceSlice(0, query_len, context_len, [tables["sliding"], tables["full"]])
-    return PagedAttention(cache, [sequence], positions, key_from_value=lambda layer, v, pos: v)
+    check_block_tables(cache, [SequenceSlice(0, query_len, context_len, [tables["sliding"], tables["full"]])])
 
 
-def test_debug_checks_reject_null_and_out_of_range_blocks_in_attention() -> None:
+def test_debug_checks_reject_null_and_out_of_range_blocks_before_a_step() -> None:
     assert debug_checks_enabled()  # tests/conftest.py turns them on for every test
     # Query at position 11, window 8: keys 4..11, i.e. sliding blocks 1 and 2; block 0 was released.
     _attention({"sliding": [NULL_BLOCK, 3, 4], "full": [1, 2, 5]}, context_len=12, query_len=1)

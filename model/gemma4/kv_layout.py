@@ -7,8 +7,8 @@ token instead of two. The engine allocates its pools from these groups and the m
 prices them with the same numbers, so both agree.
 
 Every pool tensor has one row more than its usable blocks: row `NULL_BLOCK`, never allocated and
-never written, so a block-table entry a sequence does not hold reads zeros, not another
-sequence's KV.
+all-zero (only the padded tokens of a bucketed step write there, and they write zeros), so a
+block-table entry a sequence does not hold reads zeros, not another sequence's KV.
 """
 
 from __future__ import annotations

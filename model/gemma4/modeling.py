@@ -380,7 +380,12 @@ class Gemma4ForCausalLM(nn.Module):
         return logits
 
     def hidden_states(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionBackend,
+        *,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states `[B, T, H]`; the engine computes logits only for rows it samples."""
         return self.model(self.text_input_ids(input_ids), positions, attention)

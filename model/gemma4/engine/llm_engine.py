@@ -55,6 +55,10 @@ class EngineArgs:
     `kv_cache_memory_bytes=None` sizes the budget from the device: on a GPU, what
     `gemma4.memory.kv_cache_budget_bytes` leaves of `gpu_memory_utilization` of its memory (the
     same arithmetic the planner sizes pods with); on the CPU, `CPU_KV_CACHE_BYTES`.
+
+    `cuda_graphs` captures decode steps per batch-size bucket on CUDA (ignored elsewhere);
+    `torch_compile` compiles the step's forward (`fullgraph=True`); None: on for CUDA, where it
+    fuses the many small ops of a step, off on the CPU, where compiling costs more than it saves.
     """
 
     block_size: int = 16
@@ -66,6 +70,8 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
     seed: int = 0
+    cuda_graphs: bool = True
+    torch_compile: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -76,6 +82,10 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a boolean, got {self.cuda_graphs!r}")
+        if self.torch_compile is not None and not isinstance(self.torch_compile, bool):
+            raise ValueError(f"torch_compile must be a boolean or None, got {self.torch_compile!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
 
@@ -97,7 +107,7 @@ def resolve_kv_cache_bytes(model: Gemma4ForCausalLM, args: EngineArgs) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         ple_on_device=True,  # this model keeps the PLE table in its embedding on the device
-        cuda_graphs=False,  # the runner executes eagerly
+        cuda_graphs=args.cuda_graphs,
     )
     if budget == 0:
         raise ValueError(
@@ -154,7 +164,18 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len), self.kv
         )
-        self.runner = ModelRunner(model, groups, num_blocks, args.block_size)
+        device = next(model.parameters()).device
+        self.runner = ModelRunner(
+            model,
+            groups,
+            num_blocks,
+            args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            cuda_graphs=args.cuda_graphs,
+            torch_compile=device.type == "cuda" if args.torch_compile is None else args.torch_compile,
+        )
         self.sampler = Sampler(args.seed)
         self._tracked: dict[str, _Tracked] = {}
         self._arrivals = itertools.count()

@@ -1,8 +1,14 @@
 """Runs one scheduled step through the model over the paged KV cache.
 
-The step's tokens are flattened into one row; logits are computed only for the last token of each
-request whose computed tokens reach its end (a finished prefill or a decode), since only those
-sample. The attention op is chosen here, so a kernel or CUDA-graph runner replaces it in one place.
+The step's tokens are flattened into one row, padded to bucketed shapes and staged through
+persistent buffers (`step_inputs`); logits are computed only for the last token of each request whose
+computed tokens reach its end (a finished prefill or a decode), since only those sample.
+
+Decode-only steps run at a batch-size bucket with one query per sequence and block tables of the
+full `max_model_len` width: on CUDA each bucket is a captured graph (`DecodeGraphs`) replayed over
+the same buffers; elsewhere (and above the largest bucket) the same padded step runs eagerly, so the
+CPU tests cover everything but the capture itself. Prefill and mixed steps run eagerly at bucketed
+shapes. `torch.compile` of the forward (`fullgraph=True`) is an option.
 """
 
 from __future__ import annotations
@@ -11,57 +17,141 @@ import torch
 
 from gemma4.config import FULL
 from gemma4.engine.kv_cache_manager import KVCacheManager
-from gemma4.engine.paged_attention import PagedAttention, PagedKVCache, SequenceSlice
+from gemma4.engine.paged_attention import PagedAttention, PagedKVCache, SequenceSlice, check_block_tables, debug_checks_enabled
 from gemma4.engine.request import Request
 from gemma4.engine.scheduler import ScheduledBatch
+from gemma4.engine.step_inputs import StagedStep, StepBuffers, StepShape, StepTensors, bucket
 from gemma4.kv_layout import CacheGroup
 from gemma4.modeling import Gemma4ForCausalLM, apply_rope
 
 
+def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Batch sizes decode steps are padded to (and captured at): powers of two up to `max_num_seqs`."""
+    return tuple(sorted({bucket(n, max_num_seqs) for n in range(1, max_num_seqs + 1)}))
+
+
 class ModelRunner:
+    """Stages steps, runs the forward (graph replay, compiled or eager) and returns the sampling rows' logits."""
+
     def __init__(
         self,
         model: Gemma4ForCausalLM,
         groups: tuple[CacheGroup, ...],
         num_blocks: dict[str, int],
         block_size: int,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        cuda_graphs: bool = True,
+        torch_compile: bool = False,
     ) -> None:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.block_size = block_size
         self.cache = PagedKVCache(groups, num_blocks, block_size, self.dtype, self.device)
+        self.max_cols = -(-max_model_len // block_size)
+        self.buckets = decode_buckets(max_num_seqs)
+        max_tokens = bucket(max(max_num_batched_tokens, max_num_seqs))
+        self.buffers = StepBuffers(max_tokens, self.buckets[-1], self.max_cols, len(groups), self.device)
         layers = model.model.layers
         self._k_norm = {
             spec.index: layers[spec.index].self_attn.k_norm.weight
             for spec in model.text_config.layers
             if spec.k_eq_v and not spec.shares_kv
         }
+        self.forward = torch.compile(self._forward, fullgraph=True) if torch_compile else self._forward
+        self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
 
-    def _key_from_value(self, layer: int, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _keys_from_values(self, layer: int, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """K-as-V layers: keys are the stored (normed) values times k_norm's weight, rotated."""
-        cos, sin = self.model.model.rotary[FULL](positions[None], values.dtype)
-        return apply_rope((values * self._k_norm[layer])[None], cos, sin)[0]
+        cos, sin = self.model.model.rotary[FULL](positions, values.dtype)
+        return apply_rope(values * self._k_norm[layer], cos, sin)
+
+    def _forward(self, step: StepTensors) -> torch.Tensor:
+        """The model over a staged step: fp32 logits `[S, vocab]` of each sequence's sampling row."""
+        attention = PagedAttention(self.cache, step, self._keys_from_values)
+        token_mask = (step.layout.token_mask != 0)[None]
+        hidden = self.model.hidden_states(step.input_ids[None], step.positions[None], attention, token_mask=token_mask)
+        return self.model.compute_logits(hidden[0, step.sample_rows]).float()
+
+    def step_shape(self, batch: ScheduledBatch) -> StepShape:
+        """The padded shape of `batch`: a decode bucket, or bucketed prefill/mixed sizes."""
+        num_seqs = len(batch.requests)
+        if max(batch.num_tokens) == 1 and num_seqs <= self.buckets[-1]:
+            size = next(b for b in self.buckets if b >= num_seqs)
+            # Graph buckets read tables of the full width; eager decode only what the batch needs.
+            cols = self.max_cols if self.graphs is not None else self._table_cols(batch)
+            return StepShape(size, size, 1, cols)
+        return StepShape(
+            num_tokens=bucket(batch.total_tokens, self.buffers.max_tokens),
+            num_seqs=bucket(num_seqs, self.buffers.max_seqs),
+            max_query_len=bucket(max(batch.num_tokens)),
+            table_cols=self._table_cols(batch),
+        )
+
+    def _table_cols(self, batch: ScheduledBatch) -> int:
+        longest = max(r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens))
+        return bucket(-(-longest // self.block_size), self.max_cols)
+
+    def stage(self, batch: ScheduledBatch, kv: KVCacheManager) -> StagedStep:
+        tables = [kv.block_tables(r.request_id) for r in batch.requests]
+        if debug_checks_enabled():
+            check_block_tables(self.cache, _slices(batch, tables))
+        return self.buffers.stage(self.step_shape(batch), batch.requests, batch.num_tokens, tables)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> tuple[torch.Tensor, list[Request]]:
-        """Run the step; returns fp32 logits `[n, vocab]` for the requests that sample, in order."""
-        token_ids: list[int] = []
-        positions: list[int] = []
-        sequences: list[SequenceSlice] = []
-        sample_rows: list[int] = []
-        sampling: list[Request] = []
-        for request, n in zip(batch.requests, batch.num_tokens):
-            start = request.num_computed_tokens
-            sequences.append(SequenceSlice(len(token_ids), n, start + n, kv.block_tables(request.request_id)))
-            token_ids.extend(request.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            if start + n == request.num_tokens:
-                sample_rows.append(len(token_ids) - 1)
-                sampling.append(request)
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
-        attention = PagedAttention(self.cache, sequences, pos[0], self._key_from_value)
-        hidden = self.model.hidden_states(ids, pos, attention)
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[0, rows]).float()
-        return logits, sampling
+        """Run the step; returns fp32 logits `[n, vocab]` for the requests that sample, in order (n >= the
+        number of sampling requests: padded rows follow and are to be ignored)."""
+        staged = self.stage(batch, kv)
+        step = staged.tensors
+        if self.graphs is not None and step.shape.max_query_len == 1 and step.shape.num_seqs in self.graphs.logits:
+            logits = self.graphs.replay(step.shape.num_seqs)
+        else:
+            logits = self.forward(step)
+        return logits, staged.sampling
+
+
+def _slices(batch: ScheduledBatch, tables: list[list[list[int]]]) -> list[SequenceSlice]:
+    """The step as the debug block-table check reads it."""
+    slices, row = [], 0
+    for request, n, table in zip(batch.requests, batch.num_tokens, tables):
+        slices.append(SequenceSlice(row, n, request.num_computed_tokens + n, table))
+        row += n
+    return slices
+
+
+class DecodeGraphs:
+    """CUDA graphs of decode steps, one per batch-size bucket, over the runner's persistent buffers.
+
+    Captured at start-up with every sequence padded (they write only the null block and count no
+    expert load), largest bucket first so smaller ones reuse its memory pool. A replay reads the
+    step the runner staged into the same buffer addresses.
+    """
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for size in reversed(runner.buckets):
+                shape = StepShape(size, size, 1, runner.max_cols)
+                runner.buffers.stage(shape, [], [], [])
+                step = runner.buffers.views(shape)
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm up (allocator, autotuning, compilation) outside capture
+                        runner.forward(step)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[size] = runner.forward(step)
+                self.graphs[size] = graph
+        torch.cuda.synchronize()
+
+    def replay(self, size: int) -> torch.Tensor:
+        self.graphs[size].replay()
+        return self.logits[size]

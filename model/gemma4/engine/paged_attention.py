@@ -1,15 +1,17 @@
-"""Attention over the paged KV cache: the cache tensors, the per-step batch layout, and the torch reference op.
+"""Attention over the paged KV cache: the cache tensors, the model's attention backend for a step, checks.
 
 A step's tokens (prefill chunks and decode tokens of many sequences) are flattened into one row
 `[1, T]`. Each producer layer writes its new keys/values into its group's blocks, then every layer
 attends each sequence's queries to the keys that sequence may see, read back through its block
-table. KV-sharing layers only read (their producer wrote earlier in the same step). K-as-V layers
-store the normed values once; their keys are re-derived on read (values times k_norm's weight,
-rotated at the key positions), exactly the reference's K = RoPE(RMS(raw) * w).
+table (`gemma4.ops.paged_attention`, one call per layer). KV-sharing layers only read (their
+producer wrote earlier in the same step). K-as-V layers store the normed values once; their keys are
+re-derived on read (values times k_norm's weight, rotated at the key positions), exactly the
+reference's K = RoPE(RMS(raw) * w).
 
-Entries a sequence does not hold point at the pool's zero row `NULL_BLOCK`. With
+Entries a sequence does not hold point at the pool's zero row `NULL_BLOCK`, which no valid query
+attends to; padded tokens of a bucketed step write zeros there. With
 `GEMMA4_DEBUG_CHECKS=1` (on in the tests) every step's block tables are checked before use, so a
-bookkeeping bug fails loudly instead of attending to zeros or to another sequence's KV.
+bookkeeping bug fails loudly instead of attending to another sequence's KV.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from gemma4.config import LayerSpec
+from gemma4.engine.step_inputs import StepTensors
 from gemma4.kv_layout import NULL_BLOCK, CacheGroup, pool_rows
+from gemma4.ops.paged_attention import group_metadata, paged_attention, write_kv
 
-# (layer index, values [N, kv_heads, D], key positions [N]) -> keys [N, kv_heads, D]
+# (layer index, values [S, L, kv_heads, D], key positions [S, L]) -> keys [S, L, kv_heads, D]
 KeyFromValue = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 DEBUG_CHECKS_ENV = "GEMMA4_DEBUG_CHECKS"
@@ -114,92 +117,54 @@ def check_block_tables(cache: PagedKVCache, sequences: list[SequenceSlice]) -> N
                     )
 
 
-@dataclass(frozen=True)
-class _KeyView:
-    rows: slice  # the sequence's query rows in the step
-    positions: torch.Tensor  # key positions it may attend to
-    slots: torch.Tensor  # their cache slots
-    mask: torch.Tensor  # [queries, keys]
-
-
 class PagedAttention:
-    """`AttentionBackend` over `PagedKVCache` for one step (torch reference op, loops over sequences)."""
+    """`AttentionBackend` over `PagedKVCache` for one step: one `ops.paged_attention` call per layer.
 
-    def __init__(
-        self,
-        cache: PagedKVCache,
-        sequences: list[SequenceSlice],
-        positions: torch.Tensor,
-        key_from_value: KeyFromValue,
-    ) -> None:
-        if debug_checks_enabled():
-            check_block_tables(cache, sequences)
+    Each group's gather plan is built from the step tensors when the step starts and shared by the
+    group's layers; producer layers write their new keys/values first, KV-sharing layers only read.
+    """
+
+    def __init__(self, cache: PagedKVCache, step: StepTensors, keys_from_values: KeyFromValue) -> None:
         self.cache = cache
-        self.sequences = sequences
-        self.positions = positions  # [T]
-        self.key_from_value = key_from_value
-        self._tables = [
-            [torch.tensor(seq.block_tables[gi], dtype=torch.long, device=positions.device) for seq in sequences]
-            for gi in range(len(cache.groups))
+        self.keys_from_values = keys_from_values
+        self.token_mask = step.layout.token_mask
+        cols = step.shape.table_cols
+        self.metadata = [
+            group_metadata(
+                step.layout,
+                step.positions,
+                table,
+                block_size=cache.block_size,
+                sliding_window=group.sliding_window,
+                key_blocks=key_blocks(group.sliding_window, cache.block_size, cols, step.shape.max_query_len),
+            )
+            for group, table in zip(cache.groups, step.block_tables)
         ]
-        # Where each new token goes, per group.
-        new_positions = [torch.arange(seq.first_query_pos, seq.context_len, device=positions.device) for seq in sequences]
-        self.slot_mapping = [
-            torch.cat([self._slots(table, pos) for table, pos in zip(tables, new_positions)]) for tables in self._tables
-        ]
-        self._views: dict[int, list[_KeyView]] = {}
-
-    def _slots(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        bs = self.cache.block_size
-        return table[positions // bs] * bs + positions % bs
-
-    def _key_views(self, gi: int) -> list[_KeyView]:
-        """Per sequence: the key positions it may see in group `gi`, their slots and the mask (once per step,
-        shared by every layer of the group)."""
-        if gi not in self._views:
-            window = self.cache.groups[gi].sliding_window
-            views = []
-            for seq, table in zip(self.sequences, self._tables[gi]):
-                rows = slice(seq.query_start, seq.query_start + seq.query_len)
-                q_pos = self.positions[rows]
-                k_pos = torch.arange(seq.first_key_pos(window), seq.context_len, device=q_pos.device)
-                mask = k_pos[None, :] <= q_pos[:, None]
-                if window is not None:
-                    mask &= q_pos[:, None] - k_pos[None, :] < window
-                views.append(_KeyView(rows, k_pos, self._slots(table, k_pos), mask))
-            self._views[gi] = views
-        return self._views[gi]
-
-    def _write(self, gi: int, li: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        slots = self.slot_mapping[gi]
-        values = self.cache.values[gi][li].view(-1, *v.shape[-2:])
-        values[slots] = v[0]
-        keys = self.cache.keys[gi]
-        if keys is not None:
-            keys[li].view(-1, *k.shape[-2:])[slots] = k[0]
 
     def __call__(
         self, layer: LayerSpec, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
     ) -> torch.Tensor:
         gi, li = self.cache.location[layer.kv_source]
+        meta = self.metadata[gi]
+        keys = self.cache.keys[gi]
         if k is not None and v is not None:
-            self._write(gi, li, k, v)
-        group = self.cache.groups[gi]
-        values = self.cache.values[gi][li].view(-1, group.num_kv_heads, group.head_dim)
-        keys_t = self.cache.keys[gi]
-        keys = None if keys_t is None else keys_t[li].view(-1, group.num_kv_heads, group.head_dim)
-        out = torch.empty_like(q[0])
-        for view in self._key_views(gi):
-            rows = view.rows
-            seq_v = values[view.slots]
-            seq_k = self.key_from_value(layer.kv_source, seq_v, view.positions) if keys is None else keys[view.slots]
-            attn = F.scaled_dot_product_attention(
-                q[0, rows].transpose(0, 1),
-                seq_k.transpose(0, 1),
-                seq_v.transpose(0, 1),
-                attn_mask=view.mask,
-                scale=1.0,
-                enable_gqa=True,
-            )
-            out[rows] = attn.transpose(0, 1)
+            write_kv(self.cache.values[gi][li], meta.slot_mapping, v[0], self.token_mask)
+            if keys is not None:
+                write_kv(keys[li], meta.slot_mapping, k[0], self.token_mask)
+        source = layer.kv_source
+        out = paged_attention(
+            q[0],
+            None if keys is None else keys[li],
+            self.cache.values[gi][li],
+            meta,
+            None if keys is not None else lambda values, positions: self.keys_from_values(source, values, positions),
+        )
         return out[None]
+
+
+def key_blocks(sliding_window: int | None, block_size: int, table_cols: int, max_query_len: int) -> int:
+    """Blocks gathered per sequence: the whole table (full attention), or what a window and the
+    step's longest query can span (sliding: the window may start mid-block)."""
+    if sliding_window is None:
+        return table_cols
+    return min(table_cols, -(-(sliding_window - 1 + max_query_len) // block_size) + 1)
