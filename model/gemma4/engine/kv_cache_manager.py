@@ -82,6 +82,7 @@ class _Sequence:
     cache_salt: str | None
     block_hashes: list[bytes] = field(default_factory=list)
     num_committed_blocks: int = 0
+    released: list[int] = field(default_factory=list)  # per group: leading entries already released (NULL)
 
 
 @dataclass(frozen=True)
@@ -219,10 +220,13 @@ class KVCacheManager:
                 cache_salt=cache_salt,
                 block_hashes=hashes,
                 num_committed_blocks=len(hashes),
+                released=[0] * len(self.groups),
             )
         else:
             self._release_out_of_window(seq, num_computed)
         end_block = -(-(num_computed + num_new) // bs)
+        if not new_seq and all(len(table) >= end_block for table in seq.tables):
+            return True  # a decode inside its last block: nothing to allocate
         plans = []
         for group, pool, table in zip(self.groups, self.pools, seq.tables):
             shared: list[int] = []
@@ -250,16 +254,20 @@ class KVCacheManager:
         return True
 
     def _release_out_of_window(self, seq: _Sequence, first_query_pos: int) -> None:
-        for group, pool, table in zip(self.groups, self.pools, seq.tables):
-            for i in range(min(self._first_needed_block(group, first_query_pos), len(table))):
+        for g, (group, pool, table) in enumerate(zip(self.groups, self.pools, seq.tables)):
+            if group.sliding_window is None:
+                continue
+            end = min(self._first_needed_block(group, first_query_pos), len(table))
+            for i in range(seq.released[g], end):
                 if table[i] != NULL_BLOCK:
                     pool.release(table[i])
                     table[i] = NULL_BLOCK
+            seq.released[g] = max(seq.released[g], end)
 
     def commit(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
         """After a step: index the blocks that became full, then release sliding blocks no later query needs."""
         seq = self._seqs[seq_id]
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and num_computed // self.block_size > seq.num_committed_blocks:
             hashes = block_hashes(
                 token_ids, self.block_size, num_computed // self.block_size, seq.cache_salt, known=seq.block_hashes
             )

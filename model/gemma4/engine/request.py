@@ -21,9 +21,9 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One generation request.
+    """One generation request (compared by identity: the scheduler's queues test membership often).
 
     `token_ids` is prompt + output so far; `num_computed_tokens` of them have KV in the cache. A
     preempted request drops its cache and recomputes all its tokens later, outputs included.
