@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -73,6 +74,7 @@ class StepBuffers:
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
         self._host_np = self.host.numpy()
         self.device_buffer = self.host.to(device) if device.type != "cpu" else self.host
+        self._tables = _TableRows(num_groups, max_cols, keep=2 * max_seqs)
 
     def _offsets(self, shape: StepShape) -> tuple[dict[str, tuple[int, int]], int]:
         """Section name -> (offset, length) for `shape`, packed from the start; and the total used."""
@@ -111,26 +113,27 @@ class StepBuffers:
 
         ids, pos, seq, mask = (section(n) for n in self._SECTIONS)
         q_start, q_len, ctx, sample = (section(n) for n in self._SEQ_SECTIONS)
-        sampling: list[Request] = []
-        row = 0
-        for i, (request, n) in enumerate(zip(requests, num_tokens)):
-            start = request.num_computed_tokens
-            end = row + n
-            ids[row:end] = request.token_ids[start : start + n]
-            pos[row:end] = np.arange(start, start + n)
-            seq[row:end] = i
-            q_start[i], q_len[i], ctx[i] = row, n, start + n
-            if start + n == request.num_tokens:
-                sample[len(sampling)] = end - 1
-                sampling.append(request)
-            row = end
-        mask[:row] = 1
-        cols = shape.table_cols
+        count = len(requests)
+        starts = np.fromiter((r.num_computed_tokens for r in requests), np.int64, count)
+        lengths = np.asarray(num_tokens, dtype=np.int64)
+        total = int(lengths.sum())
+        offsets = np.cumsum(lengths) - lengths
+        q_start[:count], q_len[:count], ctx[:count] = offsets, lengths, starts + lengths
+        if total == count:  # decode-only: one token each
+            ids[:count] = [r.token_ids[r.num_computed_tokens] for r in requests]
+            pos[:count] = starts
+            seq[:count] = np.arange(count)
+        else:
+            ids[:total] = list(chain.from_iterable(r.token_ids[s : s + n] for r, s, n in zip(requests, starts.tolist(), num_tokens)))
+            seq[:total] = np.repeat(np.arange(count), lengths)
+            pos[:total] = np.arange(total) - np.repeat(offsets - starts, lengths)
+        mask[:total] = 1
+        samples = np.flatnonzero(ctx[:count] == np.fromiter((r.num_tokens for r in requests), np.int64, count))
+        sample[: len(samples)] = offsets[samples] + lengths[samples] - 1
+        sampling = [requests[i] for i in samples.tolist()]
         for g in range(self.num_groups):
-            table = section(f"table{g}").reshape(shape.num_seqs, cols)
-            for i, request_tables in enumerate(tables):
-                blocks = request_tables[g]
-                table[i, : len(blocks)] = blocks[:cols]
+            table = section(f"table{g}").reshape(shape.num_seqs, shape.table_cols)
+            self._tables.fill(table, g, requests, [t[g] for t in tables])
         if self.device_buffer is not self.host:
             self.device_buffer[:used].copy_(self.host[:used], non_blocking=True)
         return StagedStep(self._views(shape, sections), sampling, len(requests))
@@ -154,3 +157,44 @@ class StepBuffers:
         )
         tables = tuple(view(f"table{g}").view(shape.num_seqs, shape.table_cols) for g in range(self.num_groups))
         return StepTensors(shape, view("input_ids"), view("positions"), layout, view("sample_rows"), tables)
+
+
+class _TableRows:
+    """Each running request's block tables as array rows, updated by appending (block tables only grow;
+    entries a sliding group releases lie before every later query's window and are never read).
+
+    A table list the KV manager replaced (after preemption) is copied afresh. Rows of requests that
+    left are dropped once more than `keep` are held.
+    """
+
+    def __init__(self, num_groups: int, max_cols: int, keep: int) -> None:
+        self.num_groups, self.max_cols, self.keep = num_groups, max_cols, keep
+        # request id -> per group: (the KV manager's table list, its row, entries copied so far)
+        self._rows: dict[str, list[tuple[list[int], np.ndarray, int]]] = {}
+
+    def fill(self, out: np.ndarray, group: int, requests: Sequence[Request], tables: Sequence[list[int]]) -> None:
+        """Write `tables[i]` (group `group` of `requests[i]`) into row i of `out [S, cols]`."""
+        cols = out.shape[1]
+        for i, (request, table) in enumerate(zip(requests, tables)):
+            entry = self._rows.get(request.request_id)
+            if entry is None:
+                if len(self._rows) >= self.keep:
+                    self._prune({r.request_id for r in requests})
+                entry = self._rows[request.request_id] = [([], np.zeros(0, np.int64), 0)] * self.num_groups
+            source, row, synced = entry[group]
+            if source is not table or len(row) < len(table):
+                if source is not table:
+                    synced = 0
+                grown = np.zeros(max(len(table), min(2 * len(row), self.max_cols), 1), np.int64)
+                grown[:synced] = row[:synced]
+                row = grown
+            if synced < len(table):
+                row[synced : len(table)] = table[synced:]
+                synced = len(table)
+            entry[group] = (table, row, synced)
+            n = min(synced, cols)
+            out[i, :n] = row[:n]
+
+    def _prune(self, live: set[str]) -> None:
+        for request_id in [r for r in self._rows if r not in live]:
+            del self._rows[request_id]
