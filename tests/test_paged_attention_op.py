@@ -8,15 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemma4.engine.paged_attention import key_blocks
 from gemma4.ops.paged_attention import SequenceLayout, group_metadata, paged_attention, write_kv
 
 BS = 4
 HEADS, KV_HEADS, DIM = 4, 2, 8
 
 
-def _step(seqs: list[tuple[int, int]], num_tokens: int, num_seqs: int, max_query_len: int, cols: int, rows: int):
-    """A padded step for `seqs` of (context_len, query_len): layout, positions, block tables (distinct blocks)."""
+def _step(seqs: list[tuple[int, int, int]], num_tokens: int, grids: tuple[tuple[int, int], ...], cols: int, rows: int):
+    """A padded step for `seqs` of (slot, context_len, query_len), tokens in list order; unused slots are
+    padding. Returns the layout, positions and block tables (distinct blocks)."""
+    num_seqs = sum(n for n, _ in grids)
     gen = torch.Generator().manual_seed(len(seqs))
     free = (torch.randperm(rows - 1, generator=gen) + 1).tolist()  # row 0 is the null block
     start = torch.zeros(num_seqs, dtype=torch.long)
@@ -27,15 +28,15 @@ def _step(seqs: list[tuple[int, int]], num_tokens: int, num_seqs: int, max_query
     positions = torch.zeros(num_tokens, dtype=torch.long)
     tables = torch.zeros(num_seqs, cols, dtype=torch.long)
     row = 0
-    for i, (context, query) in enumerate(seqs):
-        start[i], qlen[i], ctx[i] = row, query, context
-        token_seq[row : row + query] = i
+    for slot, context, query in seqs:
+        start[slot], qlen[slot], ctx[slot] = row, query, context
+        token_seq[row : row + query] = slot
         mask[row : row + query] = 1
         positions[row : row + query] = torch.arange(context - query, context)
         for b in range(math.ceil(context / BS)):
-            tables[i, b] = free.pop()
+            tables[slot, b] = free.pop()
         row += query
-    layout = SequenceLayout(start, qlen, ctx, token_seq, mask, max_query_len)
+    layout = SequenceLayout(start, qlen, ctx, token_seq, mask, grids)
     return layout, positions, tables
 
 
@@ -43,7 +44,7 @@ def _oracle(q, keys, values, seqs, tables, positions, window):
     """Each sequence on its own: its keys 0..context-1 read through its table, causal (+ window) SDPA."""
     out = torch.zeros_like(q)
     row = 0
-    for i, (context, query) in enumerate(seqs):
+    for i, context, query in seqs:
         slots = torch.tensor([int(tables[i, p // BS]) * BS + p % BS for p in range(context)])
         k = keys.view(-1, KV_HEADS, DIM)[slots].repeat_interleave(HEADS // KV_HEADS, dim=1)
         v = values.view(-1, KV_HEADS, DIM)[slots].repeat_interleave(HEADS // KV_HEADS, dim=1)
@@ -60,16 +61,18 @@ def _oracle(q, keys, values, seqs, tables, positions, window):
     return out
 
 
-# (context, query) per sequence: a long prefill chunk, decodes, a chunk continuing a prompt, one-token prompt.
-MIXED = [(19, 7), (9, 1), (30, 1), (12, 5), (1, 1)]
+# (slot, context, query) per sequence, in token order: decodes in the single-query grid (slots 0-3), a
+# prefill chunk and a chunk continuing a prompt in the other (slots 4-7), a one-token prompt.
+MIXED = [(4, 19, 7), (0, 9, 1), (1, 30, 1), (5, 12, 5), (2, 1, 1)]
+GRIDS = ((4, 1), (4, 8))
 
 
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("k_as_v", [False, True])
 def test_mixed_padded_step_equals_per_sequence_attention(window: int | None, k_as_v: bool) -> None:
     rows, cols = 64, 8
-    num_tokens, num_seqs, max_q = 32, 8, 8  # padded: 15 real tokens, 5 real sequences
-    layout, positions, tables = _step(MIXED, num_tokens, num_seqs, max_q, cols, rows)
+    num_tokens = 32  # padded: 15 real tokens, 5 real sequences
+    layout, positions, tables = _step(MIXED, num_tokens, GRIDS, cols, rows)
     gen = torch.Generator().manual_seed(1)
     values = torch.randn(rows, BS, KV_HEADS, DIM, generator=gen)
     values[0] = 0  # the null block
@@ -82,14 +85,12 @@ def test_mixed_padded_step_equals_per_sequence_attention(window: int | None, k_a
     def keys_from_values(v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # any position-dependent map
         return v * scale + pos[..., None, None].float() / 10
 
-    meta = group_metadata(
-        layout, positions, tables, block_size=BS, sliding_window=window, key_blocks=key_blocks(window, BS, cols, max_q)
-    )
+    meta = group_metadata(layout, positions, tables, block_size=BS, sliding_window=window)
     out = paged_attention(q, keys, values, meta, keys_from_values if k_as_v else None)
     assert out.shape == q.shape and torch.isfinite(out).all()
     if k_as_v:  # the oracle reads the keys the op derives, slot by slot
         slot_pos = torch.zeros(rows * BS)
-        for i, (context, _) in enumerate(MIXED):
+        for i, context, _ in MIXED:
             for p in range(context):
                 slot_pos[int(tables[i, p // BS]) * BS + p % BS] = p
         keys = keys_from_values(values.view(-1, KV_HEADS, DIM), slot_pos.long()).view_as(values)
@@ -100,8 +101,8 @@ def test_mixed_padded_step_equals_per_sequence_attention(window: int | None, k_a
 
 def test_writes_go_to_table_slots_and_padding_writes_zeros_to_the_null_block() -> None:
     rows, cols = 32, 8
-    layout, positions, tables = _step(MIXED, 32, 8, 8, cols, rows)
-    meta = group_metadata(layout, positions, tables, block_size=BS, sliding_window=None, key_blocks=cols)
+    layout, positions, tables = _step(MIXED, 32, GRIDS, cols, rows)
+    meta = group_metadata(layout, positions, tables, block_size=BS, sliding_window=None)
     cache = torch.zeros(rows, BS, KV_HEADS, DIM)
     new = torch.randn(32, KV_HEADS, DIM) + 5  # nonzero everywhere, padding included
     write_kv(cache, meta.slot_mapping, new, layout.token_mask)
@@ -114,19 +115,20 @@ def test_writes_go_to_table_slots_and_padding_writes_zeros_to_the_null_block() -
 
 def test_op_has_no_data_dependent_shapes_and_compiles_fullgraph() -> None:
     rows, cols = 32, 8
-    layout, positions, tables = _step(MIXED, 16, 8, 8, cols, rows)
+    layout, positions, tables = _step(MIXED, 16, GRIDS, cols, rows)
     values = torch.randn(rows, BS, KV_HEADS, DIM)
     keys = torch.randn(rows, BS, KV_HEADS, DIM)
     q = torch.randn(16, HEADS, DIM)
 
     def step(q, keys, values, layout, positions, tables):
-        meta = group_metadata(layout, positions, tables, block_size=BS, sliding_window=6, key_blocks=key_blocks(6, BS, cols, 8))
+        meta = group_metadata(layout, positions, tables, block_size=BS, sliding_window=6)
         return paged_attention(q, keys, values, meta)
 
     def on_meta(t: torch.Tensor) -> torch.Tensor:
         return t.to("meta")
 
-    meta_layout = SequenceLayout(*(on_meta(getattr(layout, f)) for f in ("query_start", "query_len", "context_len", "token_seq", "token_mask")), layout.max_query_len)
+    fields = ("query_start", "query_len", "context_len", "token_seq", "token_mask")
+    meta_layout = SequenceLayout(*(on_meta(getattr(layout, f)) for f in fields), layout.grids)
     assert step(on_meta(q), on_meta(keys), on_meta(values), meta_layout, on_meta(positions), on_meta(tables)).shape == q.shape
     eager = step(q, keys, values, layout, positions, tables)
     compiled = torch.compile(step, fullgraph=True)(q, keys, values, layout, positions, tables)

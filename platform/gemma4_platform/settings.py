@@ -42,6 +42,10 @@ class EngineSettings(_Strict):
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
     enable_prefix_caching: bool = True
     seed: int = 0
+    cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs per batch-size bucket (CUDA only)")
+    torch_compile: bool | None = Field(
+        None, description="torch.compile the step's forward; None = on for CUDA, off on the CPU"
+    )
 
 
 class AutoscalingSettings(_Strict):

@@ -54,7 +54,8 @@ class ModelRunner:
         self.max_cols = -(-max_model_len // block_size)
         self.buckets = decode_buckets(max_num_seqs)
         max_tokens = bucket(max(max_num_batched_tokens, max_num_seqs))
-        self.buffers = StepBuffers(max_tokens, self.buckets[-1], self.max_cols, len(groups), self.device)
+        # Two grids of up to a bucket each: decodes and prefill chunks.
+        self.buffers = StepBuffers(max_tokens, 2 * self.buckets[-1], self.max_cols, len(groups), self.device)
         layers = model.model.layers
         self._k_norm = {
             spec.index: layers[spec.index].self_attn.k_norm.weight
@@ -82,12 +83,15 @@ class ModelRunner:
         if max(batch.num_tokens) == 1 and num_seqs <= self.buckets[-1]:
             size = next(b for b in self.buckets if b >= num_seqs)
             # Graph buckets read tables of the full width; eager decode only what the batch needs.
-            cols = self.max_cols if self.graphs is not None else self._table_cols(batch)
-            return StepShape(size, size, 1, cols)
+            cols = self.max_cols if self.graphs is not None and size in self.graphs.sizes else self._table_cols(batch)
+            return StepShape(size, size, 0, 1, cols)
+        decodes = sum(1 for n in batch.num_tokens if n == 1)
+        chunks = [n for n in batch.num_tokens if n > 1]
         return StepShape(
             num_tokens=bucket(batch.total_tokens, self.buffers.max_tokens),
-            num_seqs=bucket(num_seqs, self.buffers.max_seqs),
-            max_query_len=bucket(max(batch.num_tokens)),
+            decode_seqs=bucket(decodes) if decodes else 0,
+            prefill_seqs=bucket(len(chunks)) if chunks else 0,
+            max_query_len=bucket(max(chunks, default=1)),
             table_cols=self._table_cols(batch),
         )
 
@@ -107,8 +111,8 @@ class ModelRunner:
         number of sampling requests: padded rows follow and are to be ignored)."""
         staged = self.stage(batch, kv)
         step = staged.tensors
-        if self.graphs is not None and step.shape.max_query_len == 1 and step.shape.num_seqs in self.graphs.logits:
-            logits = self.graphs.replay(step.shape.num_seqs)
+        if self.graphs is not None and self.graphs.captured(step.shape):
+            logits = self.graphs.replay(step.shape.decode_seqs)
         else:
             logits = self.forward(step)
         return logits, staged.sampling
@@ -126,18 +130,29 @@ def _slices(batch: ScheduledBatch, tables: list[list[list[int]]]) -> list[Sequen
 class DecodeGraphs:
     """CUDA graphs of decode steps, one per batch-size bucket, over the runner's persistent buffers.
 
-    Captured at start-up with every sequence padded (they write only the null block and count no
-    expert load), largest bucket first so smaller ones reuse its memory pool. A replay reads the
-    step the runner staged into the same buffer addresses.
+    A graph's step has block tables of the full `max_model_len` width, so the reference attention op
+    gathers that many keys per sequence: buckets whose gather would exceed `GATHER_BUDGET_BYTES` per
+    layer are not captured and run eagerly at the widths the step needs. Captured at start-up with
+    every sequence padded (they write only zeros to the null block and count no expert load), largest
+    bucket first so smaller ones reuse its memory pool. A replay reads the step the runner staged
+    into the same buffer addresses.
     """
 
+    GATHER_BUDGET_BYTES = 1 << 30
+
     def __init__(self, runner: ModelRunner) -> None:
+        self.max_cols = runner.max_cols
+        per_sequence = max(
+            runner.max_cols * runner.block_size * g.num_kv_heads * g.head_dim * runner.dtype.itemsize
+            for g in runner.cache.groups
+        )
+        self.sizes = [b for b in runner.buckets if b * per_sequence <= self.GATHER_BUDGET_BYTES]
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
-            for size in reversed(runner.buckets):
-                shape = StepShape(size, size, 1, runner.max_cols)
+            for size in reversed(self.sizes):
+                shape = self.shape(size)
                 runner.buffers.stage(shape, [], [], [])
                 step = runner.buffers.views(shape)
                 stream = torch.cuda.Stream()
@@ -151,6 +166,13 @@ class DecodeGraphs:
                     self.logits[size] = runner.forward(step)
                 self.graphs[size] = graph
         torch.cuda.synchronize()
+
+    def shape(self, size: int) -> StepShape:
+        """The step shape a decode graph of batch `size` was captured at."""
+        return StepShape(size, size, 0, 1, self.max_cols)
+
+    def captured(self, shape: StepShape) -> bool:
+        return shape.decode_seqs in self.graphs and shape == self.shape(shape.decode_seqs)
 
     def replay(self, size: int) -> torch.Tensor:
         self.graphs[size].replay()

@@ -128,15 +128,9 @@ class PagedAttention:
         self.cache = cache
         self.keys_from_values = keys_from_values
         self.token_mask = step.layout.token_mask
-        cols = step.shape.table_cols
         self.metadata = [
             group_metadata(
-                step.layout,
-                step.positions,
-                table,
-                block_size=cache.block_size,
-                sliding_window=group.sliding_window,
-                key_blocks=key_blocks(group.sliding_window, cache.block_size, cols, step.shape.max_query_len),
+                step.layout, step.positions, table, block_size=cache.block_size, sliding_window=group.sliding_window
             )
             for group, table in zip(cache.groups, step.block_tables)
         ]
@@ -160,11 +154,3 @@ class PagedAttention:
             None if keys is not None else lambda values, positions: self.keys_from_values(source, values, positions),
         )
         return out[None]
-
-
-def key_blocks(sliding_window: int | None, block_size: int, table_cols: int, max_query_len: int) -> int:
-    """Blocks gathered per sequence: the whole table (full attention), or what a window and the
-    step's longest query can span (sliding: the window may start mid-block)."""
-    if sliding_window is None:
-        return table_cols
-    return min(table_cols, -(-(sliding_window - 1 + max_query_len) // block_size) + 1)

@@ -31,12 +31,24 @@ def bucket(n: int, cap: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class StepShape:
-    """Static sizes of one padded step: tokens, sequences, longest query, block-table columns."""
+    """Static sizes of one padded step: tokens; single-query sequences (decodes) and longer ones
+    (prefill chunks, padded to `max_query_len`); block-table columns."""
 
     num_tokens: int
-    num_seqs: int
+    decode_seqs: int
+    prefill_seqs: int
     max_query_len: int
     table_cols: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.decode_seqs + self.prefill_seqs
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        """The query grids (sequences, query length) of `ops.paged_attention`, empty ones left out."""
+        grids = ((self.decode_seqs, 1), (self.prefill_seqs, self.max_query_len))
+        return tuple(g for g in grids if g[0])
 
 
 @dataclass(frozen=True)
@@ -118,22 +130,25 @@ class StepBuffers:
         lengths = np.asarray(num_tokens, dtype=np.int64)
         total = int(lengths.sum())
         offsets = np.cumsum(lengths) - lengths
-        q_start[:count], q_len[:count], ctx[:count] = offsets, lengths, starts + lengths
+        # Sequence slots: single-query sequences first (the decode grid), then the prefill grid's.
+        single = lengths == 1
+        slots = np.where(single, np.cumsum(single) - 1, shape.decode_seqs + np.cumsum(~single) - 1)
+        q_start[slots], q_len[slots], ctx[slots] = offsets, lengths, starts + lengths
         if total == count:  # decode-only: one token each
             ids[:count] = [r.token_ids[r.num_computed_tokens] for r in requests]
             pos[:count] = starts
-            seq[:count] = np.arange(count)
+            seq[:count] = slots
         else:
             ids[:total] = list(chain.from_iterable(r.token_ids[s : s + n] for r, s, n in zip(requests, starts.tolist(), num_tokens)))
-            seq[:total] = np.repeat(np.arange(count), lengths)
+            seq[:total] = np.repeat(slots, lengths)
             pos[:total] = np.arange(total) - np.repeat(offsets - starts, lengths)
         mask[:total] = 1
-        samples = np.flatnonzero(ctx[:count] == np.fromiter((r.num_tokens for r in requests), np.int64, count))
+        samples = np.flatnonzero(starts + lengths == np.fromiter((r.num_tokens for r in requests), np.int64, count))
         sample[: len(samples)] = offsets[samples] + lengths[samples] - 1
         sampling = [requests[i] for i in samples.tolist()]
         for g in range(self.num_groups):
             table = section(f"table{g}").reshape(shape.num_seqs, shape.table_cols)
-            self._tables.fill(table, g, requests, [t[g] for t in tables])
+            self._tables.fill(table, slots, g, requests, [t[g] for t in tables])
         if self.device_buffer is not self.host:
             self.device_buffer[:used].copy_(self.host[:used], non_blocking=True)
         return StagedStep(self._views(shape, sections), sampling, len(requests))
@@ -153,7 +168,7 @@ class StepBuffers:
             context_len=view("context_len"),
             token_seq=view("token_seq"),
             token_mask=view("token_mask"),
-            max_query_len=shape.max_query_len,
+            grids=shape.grids,
         )
         tables = tuple(view(f"table{g}").view(shape.num_seqs, shape.table_cols) for g in range(self.num_groups))
         return StepTensors(shape, view("input_ids"), view("positions"), layout, view("sample_rows"), tables)
@@ -172,10 +187,12 @@ class _TableRows:
         # request id -> per group: (the KV manager's table list, its row, entries copied so far)
         self._rows: dict[str, list[tuple[list[int], np.ndarray, int]]] = {}
 
-    def fill(self, out: np.ndarray, group: int, requests: Sequence[Request], tables: Sequence[list[int]]) -> None:
-        """Write `tables[i]` (group `group` of `requests[i]`) into row i of `out [S, cols]`."""
+    def fill(
+        self, out: np.ndarray, rows: np.ndarray, group: int, requests: Sequence[Request], tables: Sequence[list[int]]
+    ) -> None:
+        """Write `tables[i]` (group `group` of `requests[i]`) into row `rows[i]` of `out [S, cols]`."""
         cols = out.shape[1]
-        for i, (request, table) in enumerate(zip(requests, tables)):
+        for i, request, table in zip(rows.tolist(), requests, tables):
             entry = self._rows.get(request.request_id)
             if entry is None:
                 if len(self._rows) >= self.keep:
