@@ -8,7 +8,8 @@ Decode-only steps run at a batch-size bucket with one query per sequence and blo
 full `max_model_len` width: on CUDA each bucket is a captured graph (`DecodeGraphs`) replayed over
 the same buffers; elsewhere (and above the largest bucket) the same padded step runs eagerly, so the
 CPU tests cover everything but the capture itself. Prefill and mixed steps run eagerly at bucketed
-shapes. `torch.compile` of the forward (`fullgraph=True`) is an option.
+shapes. `torch.compile` of the decode forward (`fullgraph=True`, one static graph per bucket, compiled
+while the graphs are captured at start-up) is an option; the whole forward compiles, prefill included.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ class ModelRunner:
             for spec in model.text_config.layers
             if spec.k_eq_v and not spec.shares_kv
         }
-        self.forward = torch.compile(self._forward, fullgraph=True) if torch_compile else self._forward
+        if torch_compile:
+            # One static graph per decode bucket (and table width): room for each of them.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(self.buckets))
+        self._decode_forward = torch.compile(self.eager_forward, fullgraph=True, dynamic=False) if torch_compile else self.eager_forward
         self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
 
     def _keys_from_values(self, layer: int, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -70,8 +74,12 @@ class ModelRunner:
         cos, sin = self.model.model.rotary[FULL](positions, values.dtype)
         return apply_rope(values * self._k_norm[layer], cos, sin)
 
-    def _forward(self, step: StepTensors) -> torch.Tensor:
-        """The model over a staged step: fp32 logits `[S, vocab]` of each sequence's sampling row."""
+    def forward(self, step: StepTensors) -> torch.Tensor:
+        """The model over a staged step: fp32 logits of the sampling rows, `[S, vocab]` (compiled for
+        decode steps when `torch_compile` is on; prefill and mixed steps, whose shapes vary most, run eagerly)."""
+        return (self._decode_forward if step.shape.prefill_seqs == 0 else self.eager_forward)(step)
+
+    def eager_forward(self, step: StepTensors) -> torch.Tensor:
         attention = PagedAttention(self.cache, step, self._keys_from_values)
         token_mask = (step.layout.token_mask != 0)[None]
         hidden = self.model.hidden_states(step.input_ids[None], step.positions[None], attention, token_mask=token_mask)
