@@ -87,6 +87,8 @@ class StepBuffers:
         self._host_np = self.host.numpy()
         self.device_buffer = self.host.to(device) if device.type != "cpu" else self.host
         self._tables = _TableRows(num_groups, max_cols, keep=2 * max_seqs)
+        # The host buffer is rewritten only once the previous step's copy out of it has completed.
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
     def _offsets(self, shape: StepShape) -> tuple[dict[str, tuple[int, int]], int]:
         """Section name -> (offset, length) for `shape`, packed from the start; and the total used."""
@@ -116,6 +118,8 @@ class StepBuffers:
         if shape.num_tokens > self.max_tokens or shape.num_seqs > self.max_seqs or shape.table_cols > self.max_cols:
             raise ValueError(f"step shape {shape} exceeds the step buffers' capacity")
         sections, used = self._offsets(shape)
+        if self._copied is not None:
+            self._copied.synchronize()
         buf = self._host_np
         buf[:used] = 0
 
@@ -151,6 +155,8 @@ class StepBuffers:
             self._tables.fill(table, slots, g, requests, [t[g] for t in tables])
         if self.device_buffer is not self.host:
             self.device_buffer[:used].copy_(self.host[:used], non_blocking=True)
+            if self._copied is not None:
+                self._copied.record()
         return StagedStep(self._views(shape, sections), sampling, len(requests))
 
     def views(self, shape: StepShape) -> StepTensors:
