@@ -43,9 +43,7 @@ class EngineSettings(_Strict):
     enable_prefix_caching: bool = True
     seed: int = 0
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs per batch-size bucket (CUDA only)")
-    torch_compile: bool | None = Field(
-        None, description="torch.compile the step's forward; None = on for CUDA, off on the CPU"
-    )
+    torch_compile: bool = Field(False, description="torch.compile the decode step (one graph per batch bucket)")
 
 
 class AutoscalingSettings(_Strict):

@@ -57,8 +57,9 @@ class EngineArgs:
     same arithmetic the planner sizes pods with); on the CPU, `CPU_KV_CACHE_BYTES`.
 
     `cuda_graphs` captures decode steps per batch-size bucket on CUDA (ignored elsewhere);
-    `torch_compile` compiles the step's forward (`fullgraph=True`); None: on for CUDA, where it
-    fuses the many small ops of a step, off on the CPU, where compiling costs more than it saves.
+    `torch_compile` compiles the decode forward (`fullgraph=True`, one static graph per bucket). It is
+    off by default: CUDA graphs already remove the launch overhead compiling would save, compiling
+    costs start-up time per bucket, and its gain on a GPU has not been measured yet.
     """
 
     block_size: int = 16
@@ -71,7 +72,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     cuda_graphs: bool = True
-    torch_compile: bool | None = None
+    torch_compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -84,8 +85,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be a boolean, got {self.cuda_graphs!r}")
-        if self.torch_compile is not None and not isinstance(self.torch_compile, bool):
-            raise ValueError(f"torch_compile must be a boolean or None, got {self.torch_compile!r}")
+        if not isinstance(self.torch_compile, bool):
+            raise ValueError(f"torch_compile must be a boolean, got {self.torch_compile!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
 
@@ -164,7 +165,6 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len), self.kv
         )
-        device = next(model.parameters()).device
         self.runner = ModelRunner(
             model,
             groups,
@@ -174,7 +174,7 @@ class LLMEngine:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             cuda_graphs=args.cuda_graphs,
-            torch_compile=device.type == "cuda" if args.torch_compile is None else args.torch_compile,
+            torch_compile=args.torch_compile,
         )
         self.sampler = Sampler(args.seed)
         self._tracked: dict[str, _Tracked] = {}
