@@ -295,7 +295,7 @@ class ScaledEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, dim: int, scale: float) -> None:
         super().__init__(num_embeddings, dim)
         self.scale = scale
-        # Rounded once here: forward creates no host tensor (per-step host work a graph replay cannot hide).
+        # Rounded once here: forward creates no host tensor (no CPU op or Python float from a tensor per step).
         self.rounded_scales = {dtype: rounded_scale(scale, dtype) for dtype in WEIGHT_DTYPES}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
