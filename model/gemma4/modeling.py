@@ -16,11 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma4.config import FULL, SLIDING, Gemma4Config, Gemma4TextConfig, LayerSpec, RopeConfig
+from gemma4.ops.moe import moe_experts
+
+# The dtypes a model's weights may take; the embedding scale is rounded to each once, at construction.
+WEIGHT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def rounded_scale(value: float, dtype: torch.dtype) -> float:
     """`value` rounded to `dtype`, as the reference does for the embedding scale (bf16: sqrt(5376) -> 73.5)."""
-    return float(torch.tensor(value, dtype=torch.float32).to(dtype))
+    return float(torch.tensor(value, dtype=torch.float32, device="cpu").to(dtype))
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -213,13 +217,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's chosen experts, `x [N, H]` -> `[N, H]` (torch reference op)."""
-        out = torch.zeros_like(x)
-        for expert in torch.unique(experts).tolist():
-            token, slot = torch.where(experts == expert)
-            gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(gelu_tanh(gate) * up, self.down_proj[expert])
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
-        return out
+        return moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -258,13 +256,15 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         attention: AttentionBackend,
         per_layer_input: torch.Tensor | None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`token_mask` (True = real token) keeps padded rows out of the expert-load counters."""
         attn = self.self_attn(self.input_layernorm(x), rope, attention)
         x = x + self.post_attention_layernorm(attn)
 
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.has_moe:
-            h = self.post_feedforward_layernorm_1(h) + self._moe(x)
+            h = self.post_feedforward_layernorm_1(h) + self._moe(x, token_mask)
         x = x + self.post_feedforward_layernorm(h)
 
         if self.has_per_layer_input:
@@ -273,12 +273,20 @@ class DecoderLayer(nn.Module):
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
         return x * self.layer_scalar
 
-    def _moe(self, residual: torch.Tensor) -> torch.Tensor:
+    def _moe(self, residual: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         flat = residual.reshape(-1, residual.shape[-1])
         weights, experts = self.router(flat)
-        self.expert_tokens += torch.bincount(experts.flatten(), minlength=self.expert_tokens.numel())
+        self._count(experts, token_mask)
         out = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts)
         return self.post_feedforward_layernorm_2(out.reshape(residual.shape))
+
+    def _count(self, experts: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        """Add the routed (unmasked) tokens to `expert_tokens` on the device, without a host sync."""
+        if token_mask is None:
+            counts = torch.ones_like(experts)
+        else:
+            counts = token_mask.reshape(-1, 1).expand_as(experts).to(experts.dtype)
+        self.expert_tokens.index_add_(0, experts.reshape(-1), counts.reshape(-1))
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -287,9 +295,11 @@ class ScaledEmbedding(nn.Embedding):
     def __init__(self, num_embeddings: int, dim: int, scale: float) -> None:
         super().__init__(num_embeddings, dim)
         self.scale = scale
+        # Rounded once here: forward creates no host tensor (no CPU op or Python float from a tensor per step).
+        self.rounded_scales = {dtype: rounded_scale(scale, dtype) for dtype in WEIGHT_DTYPES}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids) * rounded_scale(self.scale, self.weight.dtype)
+        return super().forward(ids) * self.rounded_scales[self.weight.dtype]
 
 
 class Gemma4TextModel(nn.Module):
@@ -325,14 +335,20 @@ class Gemma4TextModel(nn.Module):
         return (context + token_part) * 2.0**-0.5
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionBackend,
+        *,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Final-normed hidden states; `token_mask [B, T]` (True = real token, None = all) gates expert counts."""
         x = self.embed_tokens(input_ids)
         ple = self.per_layer_inputs(input_ids, x) if self.config.hidden_size_per_layer_input else None
         ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
         for i, layer in enumerate(self.layers):
             spec = self.config.layers[i]
-            x = layer(x, ropes[spec.attention_type], attention, None if ple is None else ple[:, :, i])
+            x = layer(x, ropes[spec.attention_type], attention, None if ple is None else ple[:, :, i], token_mask)
         return self.norm(x)
 
 
@@ -362,7 +378,7 @@ class Gemma4ForCausalLM(nn.Module):
         )
 
     def expert_load(self) -> dict[int, list[int]]:
-        """Tokens routed to each expert so far, per MoE layer (empty for dense models)."""
+        """Tokens routed to each expert so far, per MoE layer (empty for dense models); syncs, for metrics only."""
         return {i: layer.expert_tokens.tolist() for i, layer in enumerate(self.model.layers) if layer.has_moe}
 
     def text_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -387,8 +403,11 @@ class Gemma4ForCausalLM(nn.Module):
         *,
         token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states `[B, T, H]`; the engine computes logits only for rows it samples."""
-        return self.model(self.text_input_ids(input_ids), positions, attention)
+        """Final-normed hidden states `[B, T, H]`; the engine computes logits only for rows it samples.
+
+        `token_mask [B, T]` (bool, True = real token) keeps padded rows out of the expert-load counters.
+        """
+        return self.model(self.text_input_ids(input_ids), positions, attention, token_mask=token_mask)
 
     def forward(
         self,
