@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
+from gemma4.config import FULL, SLIDING, Gemma4Config
+from gemma4.tiny import tiny_config
 from gemma4.tiny_tokenizer import write_tiny_tokenizer
 from reference_models import VOCAB, build_reference, save_reference
 
@@ -29,3 +32,15 @@ def mixed_prompts(count: int = 16, seed: int = 0) -> list[list[int]]:
         tail = torch.randint(3, 400, (int(torch.randint(2, 30, (1,), generator=gen)),), generator=gen).tolist()
         prompts.append(shared + tail if i % 3 == 0 else tail)
     return prompts
+
+
+def small_config(variant: str) -> Gemma4Config:
+    """The tiny variant cut to a few layers, keeping its features (KV sharing on both layer kinds, MoE, ...):
+    for tests that compile the model, where every layer costs compile time."""
+    config = tiny_config(variant)
+    shared = 2 if config.text.num_kv_shared_layers else 0
+    layers = (SLIDING, FULL) * (2 if shared else 1)
+    text = dataclasses.replace(
+        config.text, num_hidden_layers=len(layers), layer_types=layers, num_kv_shared_layers=shared
+    )
+    return dataclasses.replace(config, text=text)

@@ -7,6 +7,7 @@ import torch
 
 from gemma4.engine import EngineArgs, LLMEngine, SamplingParams, random_weights_model
 from gemma4.engine.model_runner import decode_buckets
+from engine_fixtures import small_config
 from gemma4.tiny import tiny_config
 
 VARIANTS = ["e2b", "e4b", "26b-a4b", "31b"]
@@ -41,7 +42,7 @@ def _run(engine: LLMEngine) -> tuple[list[torch.Tensor], list[int]]:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_step_forward_compiles_fullgraph_for_prefill_and_decode_and_matches_eager(variant: str) -> None:
     torch._dynamo.reset()
-    model = random_weights_model(tiny_config(variant), dtype=torch.float32, device="cpu")
+    model = random_weights_model(small_config(variant), dtype=torch.float32, device="cpu")
     engine = _engine(model)
     runner = engine.runner
     compiled = torch.compile(runner.eager_forward, fullgraph=True, dynamic=False)
@@ -66,7 +67,7 @@ def test_step_forward_compiles_fullgraph_for_prefill_and_decode_and_matches_eage
 
 
 def test_engine_with_torch_compile_gives_the_eager_tokens() -> None:
-    model = random_weights_model(tiny_config("31b"), dtype=torch.float32, device="cpu")
+    model = random_weights_model(small_config("31b"), dtype=torch.float32, device="cpu")
     eager, _ = _run(_engine(model, torch_compile=False))
     compiled, _ = _run(_engine(model, torch_compile=True))
     assert len(eager) == len(compiled) == 3

@@ -1,4 +1,6 @@
-"""The routed-experts op and the sync-free model forward: oracle parity, meta tensors, fullgraph compile, counters."""
+"""The routed-experts op and the sync-free model forward: oracle parity, meta tensors, fullgraph compile, counters.
+
+The whole step forward, MoE included, is compiled in tests/test_model_runner.py."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from gemma4.config import FULL, SLIDING, Gemma4Config
 from gemma4.modeling import DenseAttention, Gemma4ForCausalLM, ScaledEmbedding
 from gemma4.ops.moe import FORMULATIONS, formulation, moe_experts, moe_grouped
 from gemma4.tiny import tiny_config
+from engine_fixtures import small_config
 
 E, K, H, I = 8, 2, 16, 8  # fp32 rows of 16 and 8 values keep _grouped_mm's 16-byte strides
 VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
@@ -78,17 +81,6 @@ def test_compiled_moe_experts_equals_eager(n: int) -> None:
     torch.testing.assert_close(compiled(*inputs), moe_experts(*inputs), atol=1e-5, rtol=1e-5)
 
 
-def small_config(variant: str) -> Gemma4Config:
-    """The tiny variant cut to a few layers, keeping its features (KV sharing on both layer kinds, MoE, ...)."""
-    config = tiny_config(variant)
-    shared = 2 if config.text.num_kv_shared_layers else 0
-    layers = (SLIDING, FULL) * (2 if shared else 1)
-    text = dataclasses.replace(
-        config.text, num_hidden_layers=len(layers), layer_types=layers, num_kv_shared_layers=shared
-    )
-    return dataclasses.replace(config, text=text)
-
-
 def random_model(variant: str, seed: int = 0) -> Gemma4ForCausalLM:
     """A small fp32 model with random weights (1-D weights around 1, like the reference tests)."""
     torch.manual_seed(seed)
@@ -129,22 +121,6 @@ def test_model_forward_runs_on_meta_without_host_tensors(variant: str) -> None:
             logits = model(torch.zeros(batch, length, dtype=torch.long, device="meta"))
         assert logits.shape == (batch, length, vocab) and logits.is_meta
         assert spy.host_ops == []
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_compiled_model_equals_eager(variant: str) -> None:
-    """fullgraph=True fails on any graph break: host syncs, Python floats from tensors, data-dependent shapes."""
-    model = random_model(variant)
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    shapes = [(4, 1), (2, 9)] if variant == "26b-a4b" else [(2, 9)]
-    with torch.no_grad():
-        for batch, length in shapes:
-            ids = token_ids(batch, length)
-            model.reset_buffers()
-            expected, expected_load = model(ids), model.expert_load()
-            model.reset_buffers()
-            torch.testing.assert_close(compiled(ids), expected, atol=1e-5, rtol=1e-5)
-            assert model.expert_load() == expected_load
 
 
 def routed_experts(model: Gemma4ForCausalLM) -> dict[int, list[torch.Tensor]]:
