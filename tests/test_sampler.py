@@ -10,7 +10,7 @@ import torch
 from gemma4.engine.request import Request
 from gemma4.engine.sampler import Sampler
 from gemma4.engine.sampling_params import SamplingParams
-from gemma4.ops.sampling import filtered_probs, mix64, race, row_keys
+from gemma4.ops.sampling import filtered_probs, mix64, race, row_keys, seed_keys
 
 VOCAB = 50
 
@@ -92,7 +92,7 @@ def test_top_p_over_the_top_k_candidates_equals_the_full_sort() -> None:
     full, full_ids = torch.sort(logits, dim=-1, descending=True)
     args = [torch.tensor([p.top_k for p in bounded])] + [torch.tensor([getattr(p, a) for p in bounded]) for a in ("temperature", "top_p", "min_p")]
     for step in range(20):
-        keys = row_keys(torch.arange(len(bounded)) * 7919, torch.full((len(bounded),), step))
+        keys = row_keys(seed_keys(torch.arange(len(bounded))), torch.full((len(bounded),), step))
         assert race(filtered_probs(candidates, *args), ids, keys).tolist() == race(filtered_probs(full, *args), full_ids, keys).tolist()
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from gemma4.engine.request import Request
-from gemma4.ops.sampling import apply_penalties, filtered_probs, mask_tokens, race, record_tokens, row_keys
+from gemma4.ops.sampling import apply_penalties, filtered_probs, mask_tokens, race, record_tokens, row_keys, seed_keys
 
 _SEED_RANGE = 2**63 - 1
 
@@ -37,17 +37,43 @@ class SampleResult:
     logprobs: TokenLogprobs | None
 
 
+class _SlotTable:
+    """Device tensors with one row per slot (a request's), growing by doubling; released slots are reused."""
+
+    def __init__(self, device: torch.device, **columns: tuple[tuple[int, ...], torch.dtype]) -> None:
+        self.tensors = {name: torch.zeros((0, *shape), dtype=dtype, device=device) for name, (shape, dtype) in columns.items()}
+        self._free: list[int] = []
+
+    def acquire(self) -> int:
+        """A zeroed slot."""
+        if not self._free:
+            capacity = next(iter(self.tensors.values())).shape[0]
+            grow = max(1, capacity)
+            self.tensors = {name: torch.cat([t, t.new_zeros((grow, *t.shape[1:]))]) for name, t in self.tensors.items()}
+            self._free.extend(range(capacity + grow - 1, capacity - 1, -1))
+        slot = self._free.pop()
+        for tensor in self.tensors.values():
+            tensor[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+
 @dataclass
 class _RowState:
-    """What the sampler keeps for one request between steps."""
+    """What the sampler keeps on the host for one request between steps."""
 
-    seed: int
+    slot: int  # its row of the parameter table
     top_k: int  # the vocabulary size when top-k is off
-    filters: tuple[float, float, float]  # temperature, top_p, min_p
-    penalties: tuple[float, float, float]  # repetition, presence, frequency
     stop_ids: tuple[int, ...]  # masked while fewer than min_tokens outputs exist; empty if min_tokens is 0
     penalty_slot: int | None  # its row of the penalty state, None without penalties
     counted: int = 0  # how many of the request's tokens the penalty state holds
+
+
+# Columns of the parameter table.
+_TEMPERATURE, _TOP_P, _MIN_P, _REPETITION, _PRESENCE, _FREQUENCY = range(6)
+_TOP_K, _SEED_KEY = range(2)
 
 
 class Sampler:
@@ -61,15 +87,16 @@ class Sampler:
         self.device = device
         self._generator = torch.Generator().manual_seed(seed)
         self._rows: dict[str, _RowState] = {}
-        self._seen = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
-        self._counts = torch.zeros((0, vocab_size), dtype=torch.int32, device=device)
-        self._free_slots: list[int] = []
+        self._params = _SlotTable(device, floats=((6,), torch.float32), ints=((2,), torch.int64))
+        self._penalty = _SlotTable(device, seen=((vocab_size,), torch.bool), counts=((vocab_size,), torch.int32))
 
     def remove(self, request_id: str) -> None:
         """Forget a request's state (unknown ids are ignored); it is rebuilt from its tokens if seen again."""
         state = self._rows.pop(request_id, None)
-        if state is not None and state.penalty_slot is not None:
-            self._free_slots.append(state.penalty_slot)
+        if state is not None:
+            self._params.release(state.slot)
+            if state.penalty_slot is not None:
+                self._penalty.release(state.penalty_slot)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         """`logits [N, vocab]` (row i for requests[i]; rows past len(requests) are padding) -> one token per request."""
@@ -81,16 +108,23 @@ class Sampler:
         if n == 0:
             return []
         logits = logits[:n].float()
-        states = [self._state(r) for r in requests]
+        states = self._states(requests)
         processed = self._processed(logits, requests, states)
-        tokens = torch.argmax(processed, dim=-1)
         drawn = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
-        bounded = [i for i in drawn if states[i].top_k < self.vocab_size]
-        unbounded = [i for i in drawn if states[i].top_k >= self.vocab_size]
-        if bounded:
-            self._draw(processed, tokens, bounded, requests, states, max(states[i].top_k for i in bounded))
-        if unbounded:
-            self._draw(processed, tokens, unbounded, requests, states, self.vocab_size)
+        if len(drawn) < n:
+            tokens = torch.argmax(processed, dim=-1)
+        else:
+            tokens = torch.empty(n, dtype=torch.int64, device=self.device)
+        if drawn:
+            step = self._upload([s.slot for s in states] + [r.num_output_tokens for r in requests], torch.int64).view(2, n)
+            slots, output_index = step[0], step[1]
+            bounded = [i for i in drawn if states[i].top_k < self.vocab_size]
+            unbounded = [i for i in drawn if states[i].top_k >= self.vocab_size]
+            if bounded:
+                k = max(states[i].top_k for i in bounded)
+                tokens = self._draw(processed, tokens, bounded, slots, output_index, k)
+            if unbounded:
+                tokens = self._draw(processed, tokens, unbounded, slots, output_index, self.vocab_size)
         return self._results(logits, tokens, requests)
 
     @staticmethod
@@ -98,39 +132,45 @@ class Sampler:
         """One request's logits `[V]` after its penalties and min_tokens mask, from its tokens alone
         (the state a preempted or newly seen request starts from); the input is left alone."""
         sampler = Sampler(row.numel(), row.device)
-        return sampler._processed(row[None].float(), [request], [sampler._state(request)])[0]
+        return sampler._processed(row[None].float(), [request], sampler._states([request]))[0]
 
     # ------------------------------------------------------------------ per-request state
-    def _state(self, request: Request) -> _RowState:
-        state = self._rows.get(request.request_id)
-        if state is None:
-            params = request.sampling_params
-            seed = params.seed
-            if seed is None:
-                seed = 0 if params.greedy else int(torch.randint(0, _SEED_RANGE, (), generator=self._generator))
-            state = _RowState(
-                seed=seed,
-                top_k=params.top_k if 0 < params.top_k < self.vocab_size else self.vocab_size,
-                filters=(params.temperature, params.top_p, params.min_p),
-                penalties=(params.repetition_penalty, params.presence_penalty, params.frequency_penalty),
-                stop_ids=tuple(sorted(t for t in request.stop_token_ids if t < self.vocab_size)) if params.min_tokens else (),
-                penalty_slot=self._acquire_slot() if params.uses_penalties else None,
-            )
-            self._rows[request.request_id] = state
-        return state
+    def _states(self, requests: list[Request]) -> list[_RowState]:
+        """Each request's state; those seen for the first time get slots and their parameter rows written."""
+        states = []
+        new: list[tuple[int, Request]] = []
+        for request in requests:
+            state = self._rows.get(request.request_id)
+            if state is None:
+                params = request.sampling_params
+                state = _RowState(
+                    slot=self._params.acquire(),
+                    top_k=params.top_k if 0 < params.top_k < self.vocab_size else self.vocab_size,
+                    stop_ids=tuple(sorted(t for t in request.stop_token_ids if t < self.vocab_size)) if params.min_tokens else (),
+                    penalty_slot=self._penalty.acquire() if params.uses_penalties else None,
+                )
+                self._rows[request.request_id] = state
+                new.append((state.slot, request))
+            states.append(state)
+        if new:
+            self._write_params(new)
+        return states
 
-    def _acquire_slot(self) -> int:
-        """A zeroed row of the penalty state, growing it (doubling) when none is free."""
-        if not self._free_slots:
-            capacity = self._seen.shape[0]
-            grow = max(1, capacity)
-            self._seen = torch.cat([self._seen, self._seen.new_zeros((grow, self.vocab_size))])
-            self._counts = torch.cat([self._counts, self._counts.new_zeros((grow, self.vocab_size))])
-            self._free_slots.extend(range(capacity + grow - 1, capacity - 1, -1))
-        slot = self._free_slots.pop()
-        self._seen[slot] = False
-        self._counts[slot] = 0
-        return slot
+    def _write_params(self, new: list[tuple[int, Request]]) -> None:
+        """Fill the parameter rows of newly seen requests (a request without a seed gets one drawn here)."""
+        floats, ints = [], []
+        for _, request in new:
+            p = request.sampling_params
+            seed = p.seed
+            if seed is None:
+                seed = 0 if p.greedy else int(torch.randint(0, _SEED_RANGE, (), generator=self._generator))
+            floats.append((p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty))
+            ints.append((self._rows[request.request_id].top_k, seed))
+        slots = self._upload([slot for slot, _ in new], torch.int64)
+        ints_t = self._upload(ints, torch.int64)
+        table = self._params.tensors
+        table["floats"][slots] = self._upload(floats, torch.float32)
+        table["ints"][slots] = torch.stack([ints_t[:, _TOP_K], seed_keys(ints_t[:, _SEED_KEY])], dim=1)
 
     def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """A small host list as a device tensor, through pinned memory on CUDA so the copy never waits."""
@@ -145,12 +185,15 @@ class Sampler:
         penalised = [i for i, s in enumerate(states) if s.penalty_slot is not None]
         if penalised:
             self._record_new_tokens([requests[i] for i in penalised], [states[i] for i in penalised])
-            index = self._upload([(i, states[i].penalty_slot) for i in penalised], torch.int64)
-            rows, slots = index[:, 0], index[:, 1]
-            strengths = self._upload([states[i].penalties for i in penalised], torch.float32)
+            m = len(penalised)
+            index = self._upload(
+                penalised + [states[i].penalty_slot for i in penalised] + [states[i].slot for i in penalised], torch.int64
+            ).view(3, m)
+            rows, pool = index[0], self._penalty.tensors
+            strengths = self._params.tensors["floats"][index[2]]
             changed = apply_penalties(
-                logits.index_select(0, rows), self._seen[slots], self._counts[slots],
-                strengths[:, 0], strengths[:, 1], strengths[:, 2],
+                logits.index_select(0, rows), pool["seen"][index[1]], pool["counts"][index[1]],
+                strengths[:, _REPETITION], strengths[:, _PRESENCE], strengths[:, _FREQUENCY],
             )
             logits = logits.index_copy(0, rows, changed)
         mask_rows: list[int] = []
@@ -178,29 +221,33 @@ class Sampler:
                 is_output.extend([0] * prompt_left + [1] * (len(new) - prompt_left))
                 state.counted = request.num_tokens
         if tokens:
-            update = self._upload([slots, tokens, is_output], torch.int64)
-            record_tokens(self._seen, self._counts, update[0], update[1], update[2])
+            update = self._upload(slots + tokens + is_output, torch.int64).view(3, len(tokens))
+            record_tokens(self._penalty.tensors["seen"], self._penalty.tensors["counts"], update[0], update[1], update[2])
 
     def _draw(
         self,
         logits: torch.Tensor,
         tokens: torch.Tensor,
         rows: list[int],
-        requests: list[Request],
-        states: list[_RowState],
+        slots: torch.Tensor,
+        output_index: torch.Tensor,
         k: int,
-    ) -> None:
-        """Draw the `rows` of `tokens` in place from their `k` best candidates (k = vocab: the full sort)."""
-        index = self._upload(rows, torch.int64)
-        subset = logits if len(rows) == logits.shape[0] else logits.index_select(0, index)
+    ) -> torch.Tensor:
+        """`tokens` with `rows` drawn from their `k` best candidates (k = vocab: the full sort)."""
+        everyone = len(rows) == logits.shape[0]
+        index = None if everyone else self._upload(rows, torch.int64)
+        if index is not None:
+            logits, slots, output_index = logits.index_select(0, index), slots.index_select(0, index), output_index.index_select(0, index)
         if k < self.vocab_size:
-            candidates, ids = torch.topk(subset, k, dim=-1)
+            candidates, ids = torch.topk(logits, k, dim=-1)
         else:
-            candidates, ids = torch.sort(subset, dim=-1, descending=True)
-        filters = self._upload([states[i].filters for i in rows], torch.float32)
-        ints = self._upload([(states[i].top_k, states[i].seed, requests[i].num_output_tokens) for i in rows], torch.int64)
-        probs = filtered_probs(candidates, ints[:, 0], filters[:, 0], filters[:, 1], filters[:, 2])
-        tokens.index_copy_(0, index, race(probs, ids, row_keys(ints[:, 1], ints[:, 2])))
+            candidates, ids = torch.sort(logits, dim=-1, descending=True)
+        floats, ints = self._params.tensors["floats"][slots], self._params.tensors["ints"][slots]
+        probs = filtered_probs(candidates, ints[:, _TOP_K], floats[:, _TEMPERATURE], floats[:, _TOP_P], floats[:, _MIN_P])
+        drawn = race(probs, ids, row_keys(ints[:, _SEED_KEY], output_index))
+        if index is None:
+            return drawn
+        return tokens.index_copy(0, index, drawn)
 
     def _results(self, logits: torch.Tensor, tokens: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
         """Gather logprobs for the rows that asked, copy everything to the host at once, build the results."""

@@ -37,9 +37,14 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def row_keys(seeds: torch.Tensor, output_index: torch.Tensor) -> torch.Tensor:
-    """One key per row from its request's seed and the index of the token being drawn (both int64 `[M]`)."""
-    return mix64(mix64(seeds + _signed(_GOLDEN_GAMMA)) ^ output_index)
+def seed_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """Scrambled request seeds (int64), computed once per request so that nearby seeds share nothing."""
+    return mix64(seeds + _signed(_GOLDEN_GAMMA))
+
+
+def row_keys(keys: torch.Tensor, output_index: torch.Tensor) -> torch.Tensor:
+    """One key per row from its request's `seed_keys` and the index of the token being drawn (int64 `[M]`)."""
+    return mix64(keys ^ output_index)
 
 
 def exponential_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
