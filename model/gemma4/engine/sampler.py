@@ -3,9 +3,11 @@
 Order, per request's `SamplingParams`: penalties (repetition over prompt + output, presence and
 frequency over output), the min_tokens mask (stop ids), then greedy argmax, or temperature, top-k,
 top-p, min-p and a draw. The tensor work is in `gemma4.ops.sampling`; this module keeps what each
-request needs across steps: its parameters, its seed (a request without one gets one drawn once from
-the sampler's generator, so `Sampler(seed=s)` runs repeat) and, only for requests with penalties, a
-row of device penalty state that grows by the tokens appended since the last step. A draw depends on
+request needs across steps: a row of a device parameter table (written once, so a step uploads only
+slot numbers and output indices) holding its filters, penalties and scrambled seed (a request without
+one gets one drawn once from the sampler's generator, so `Sampler(seed=s)` runs repeat) and, only for
+requests with penalties, a row of device penalty state that grows by the tokens appended since the
+last step. A draw depends on
 (seed, output index) and the row's logits only, so tokens do not change with batching or preemption.
 Logprobs are those of the model's raw distribution. One device-to-host copy per step.
 """
