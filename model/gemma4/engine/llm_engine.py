@@ -176,7 +176,7 @@ class LLMEngine:
             cuda_graphs=args.cuda_graphs,
             torch_compile=args.torch_compile,
         )
-        self.sampler = Sampler(args.seed)
+        self.sampler = Sampler(self.vocab_size, self.runner.device, args.seed)
         self._tracked: dict[str, _Tracked] = {}
         self._arrivals = itertools.count()
         self._ids = itertools.count()
@@ -345,6 +345,7 @@ class LLMEngine:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
+        self.sampler.remove(request.request_id)
         self.finished_requests[reason.value] += 1
         if request.first_token_time is not None:
             self.time_to_first_token = self.time_to_first_token.add([request.first_token_time - request.arrival_time])
