@@ -75,7 +75,7 @@ class RequestOutput:
     def __post_init__(self) -> None:
         missing = [name for name in _TOTALS if getattr(self, name) is None]
         if self.finished and (missing or self.finish_reason is None):
-            raise ValueError(f"a final output needs a finish_reason and its totals; missing: {missing or ['finish_reason']}")
+            raise ValueError(f"a final output needs a finish reason and totals; missing: {missing or ['finish_reason']}")
         ends = (self.finish_reason, self.stop_reason, self.logprobs)
         if not self.finished and (len(missing) < len(_TOTALS) or any(v is not None for v in ends)):
             raise ValueError("only the final output carries totals, logprobs and a finish or stop reason")
