@@ -5,7 +5,7 @@ token ids and logprobs and the few numbers an output needs. It does no text work
 stop strings and chat parsing belong to `gemma4.engine.output_processor`, which may run on another
 thread. The core ends requests on stop tokens (after `min_tokens`), `max_tokens`, `max_model_len`
 and abort; when the output processor finds a stop string, `stop_request` ends the request here and
-drops any token sampled after the one that completed the string.
+frees it (the output processor drops whatever the core sampled after the completing token).
 """
 
 from __future__ import annotations
@@ -42,13 +42,10 @@ class CoreOutput:
 
 @dataclass(frozen=True)
 class StopRequest:
-    """The output processor's order to end a request that a stop string finished.
-
-    The string completed at output token `num_output_tokens`; later tokens are dropped.
-    """
+    """The output processor's order to end a request that a stop string finished (its final output,
+    cut where the string completed, is already out; what the core sampled since is dropped there)."""
 
     request_id: str
-    num_output_tokens: int
     stop_string: str
 
 
@@ -89,13 +86,10 @@ class EngineCore:
         return self._record(request, [], [], time.monotonic())
 
     def stop_request(self, stop: StopRequest) -> None:
-        """End a request a stop string finished (no-op if the core ended it already)."""
+        """End a request a stop string finished and free its blocks (no-op if the core ended it already)."""
         request = self.requests.get(stop.request_id)
-        if request is None:
-            return
-        del request.token_ids[request.num_prompt_tokens + stop.num_output_tokens :]
-        del request.token_times[stop.num_output_tokens :]
-        self._finish(request, FinishReason.STOP, stop_reason=stop.stop_string)
+        if request is not None:
+            self._finish(request, FinishReason.STOP, stop_reason=stop.stop_string)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work

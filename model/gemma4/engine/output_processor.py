@@ -74,7 +74,7 @@ class OutputProcessor:
                 continue  # a stop string ended it here while the core sampled on
             new, logprobs, reason, stop_reason = self._take_tokens(state, record)
             if isinstance(stop_reason, str) and record.finish_reason is None:
-                stops.append(StopRequest(record.request_id, len(state.token_ids), stop_reason))
+                stops.append(StopRequest(record.request_id, stop_reason))
             outputs.append(self._output(state, record, new, logprobs, reason, stop_reason))
         return ProcessedOutputs(outputs, stops)
 
