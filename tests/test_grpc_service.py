@@ -8,6 +8,7 @@ or the request the engine receives must be known.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -90,20 +91,20 @@ class ScriptedBackend:
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         self.requests.append(request)
         for i, deltas in enumerate(self.steps, start=1):
-            finished = i == len(self.steps)
-            yield RequestOutput(
-                request_id=request.request_id,
+            delta = RequestOutput(request.request_id, delta_token_ids=[i - 1], chat_deltas=deltas)
+            if i < len(self.steps):
+                yield delta
+                continue
+            yield dataclasses.replace(
+                delta,
+                finished=True,
+                finish_reason=self.finish_reason,
+                stop_reason=106,
                 prompt_token_ids=request.prompt_token_ids,
                 token_ids=list(range(i)),
                 text="",
-                delta_token_ids=[i - 1],
-                delta_text="",
-                finished=finished,
-                finish_reason=self.finish_reason if finished else None,
-                stop_reason=106 if finished else None,
                 usage=Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=i),
                 metrics=RequestMetrics(0.0, None, None, (), 0),
-                chat_deltas=deltas,
             )
 
 

@@ -316,20 +316,20 @@ class ScriptedBackend:
             if i == self.fail_after:
                 raise Unavailable("replica lost")
             tokens.append(100 + i)
-            last = i == len(self.script) - 1
-            yield RequestOutput(
-                request_id=request.request_id,
+            delta = RequestOutput(request.request_id, delta_token_ids=[tokens[-1]], chat_deltas=deltas)
+            if i < len(self.script) - 1:
+                yield delta
+                continue
+            yield dataclasses.replace(
+                delta,
+                finished=True,
+                finish_reason=FinishReason.STOP,
+                stop_reason=106,
                 prompt_token_ids=request.prompt_token_ids,
-                token_ids=list(tokens),
+                token_ids=tokens,
                 text="",
-                delta_token_ids=[tokens[-1]],
-                delta_text="",
-                finished=last,
-                finish_reason=FinishReason.STOP if last else None,
-                stop_reason=106 if last else None,
                 usage=Usage(len(request.prompt_token_ids), len(tokens), cached_prompt_tokens=4),
                 metrics=RequestMetrics(0.0, None, None, (), 0),
-                chat_deltas=deltas,
             )
 
 

@@ -134,7 +134,7 @@ def test_greedy_rows_equal_argmax_of_the_processed_logits_as_penalty_state_grows
                 processed = Sampler.processed_logits(logits[i], request)
                 assert result.token_id == int(torch.argmax(processed))
                 changed_by_penalties += result.token_id != int(torch.argmax(logits[i]))
-            request.append_token(result.token_id, 0.0)
+            request.append_token(result.token_id)
     assert changed_by_penalties > 5
 
 
@@ -147,7 +147,7 @@ def test_min_tokens_masks_stop_ids_until_enough_outputs() -> None:
     tokens = []
     for _ in range(5):
         token = sampler.sample(logits, [request])[0].token_id
-        request.append_token(token, 0.0)
+        request.append_token(token)
         tokens.append(token)
     assert tokens == [17, 17, 17, 9, 9]
 
@@ -164,7 +164,7 @@ def _seeded_tokens(sampler: Sampler, request: Request, row_logits: list[torch.Te
         logits = torch.randn(len(batch), VOCAB, generator=gen)
         logits[position] = row
         token = sampler.sample(logits, batch)[position].token_id
-        request.append_token(token, 0.0)
+        request.append_token(token)
         tokens.append(token)
     return tokens
 
@@ -193,7 +193,7 @@ def test_unseeded_rows_repeat_with_the_sampler_seed() -> None:
         out = []
         for _ in range(4):
             for request, result in zip(requests, sampler.sample(logits, requests)):
-                request.append_token(result.token_id, 0.0)
+                request.append_token(result.token_id)
                 out.append(result.token_id)
         return out
 
@@ -225,7 +225,7 @@ def test_logprobs_are_the_raw_log_softmax_with_sorted_top_n() -> None:
         for i, n in enumerate(wanted)
     ]
     for request in requests:
-        request.append_token(int(torch.argmax(logits[0])), 0.0)
+        request.append_token(int(torch.argmax(logits[0])))
     raw = torch.log_softmax(logits[:5], dim=-1)
     results = Sampler(VOCAB, "cpu").sample(logits, requests)
     assert len(results) == 5 and results[0].logprobs is None

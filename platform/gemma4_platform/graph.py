@@ -134,6 +134,8 @@ class Replica:
         self.hub.publish.remote(self.replica_id, report)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the engine's delta outputs through Ray: each message is as small at the thousandth
+        token as at the first; only the final one carries the totals."""
         finished = False
         with tracing.span("replica.generate", parent=request.trace_context, replica=self.replica_id) as carrier:
             with tracing.span("engine.request", parent=carrier, prompt_tokens=len(request.prompt_token_ids)):

@@ -390,12 +390,12 @@ async def text_completion_chunks(
     extra = {"usage": None} if include_usage else {}
     final = None
     async for final in outputs:
-        if not (final.delta_text or final.finished or (final.logprobs is not None and final.delta_token_ids)):
+        if not (final.delta_text or final.finished or final.delta_logprobs):
             continue  # the detokenizer is holding text back and there are no logprobs to report
         choice = {
             "index": 0,
             "text": final.delta_text,
-            "logprobs": completion_logprobs(final.delta_logprobs, token_text) if final.logprobs is not None else None,
+            "logprobs": None if final.delta_logprobs is None else completion_logprobs(final.delta_logprobs, token_text),
             "finish_reason": finish_reason(final),
             "stop_reason": final.stop_reason,
         }

@@ -1,26 +1,27 @@
 """The synchronous engine: validated requests in, one scheduled model step at a time, outputs out.
 
-`LLMEngine.step()` schedules, runs the model over the paged cache, samples, detokenizes, applies
-stop conditions and frees finished requests' blocks. The offline `LLM` and the `AsyncEngine` both
-drive it; it knows nothing of servers.
+`LLMEngine` validates and tokenizes requests and owns the two halves of a step: the engine core
+(`gemma4.engine.core`: schedule, forward, sample, token stops, free blocks) and the output processor
+(`gemma4.engine.output_processor`: detokenize, stop strings, chat parsing, delta outputs).
+`LLMEngine.step()` runs both inline; the `AsyncEngine` runs them on two threads. The offline `LLM`
+drives it directly; it knows nothing of servers.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
 import torch
 
-from gemma4.chat import ChatDelta, StreamParser
-from gemma4.engine.detokenizer import IncrementalDetokenizer
+from gemma4.engine.core import EngineCore
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.model_runner import ModelRunner
-from gemma4.engine.outputs import CacheGroupStats, EngineStats, LatencyHistogram, RequestMetrics, RequestOutput, Usage
-from gemma4.engine.request import FinishReason, Request, RequestStatus
-from gemma4.engine.sampler import Sampler, TokenLogprobs
+from gemma4.engine.output_processor import OutputProcessor
+from gemma4.engine.outputs import EngineStats, RequestOutput
+from gemma4.engine.request import Request
+from gemma4.engine.sampler import Sampler
 from gemma4.engine.sampling_params import SamplingParams
 from gemma4.engine.scheduler import Scheduler, SchedulerConfig
 from gemma4.kv_layout import cache_groups, split_kv_budget
@@ -119,17 +120,6 @@ def resolve_kv_cache_bytes(model: Gemma4ForCausalLM, args: EngineArgs) -> int:
     return budget
 
 
-@dataclass
-class _Tracked:
-    """Engine-side state of a request beyond scheduling: streaming text and what was reported."""
-
-    request: Request
-    detokenizer: IncrementalDetokenizer | None
-    chat_parser: StreamParser | None
-    reported_tokens: int = 0
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-
-
 class LLMEngine:
     def __init__(self, model: Gemma4ForCausalLM, tokenizer: Gemma4Tokenizer | None, args: EngineArgs) -> None:
         self.model = model
@@ -177,15 +167,10 @@ class LLMEngine:
             torch_compile=args.torch_compile,
         )
         self.sampler = Sampler(self.vocab_size, self.runner.device, args.seed)
-        self._tracked: dict[str, _Tracked] = {}
+        self.core = EngineCore(self.kv, self.scheduler, self.runner, self.sampler, self.max_model_len)
+        self.output_processor = OutputProcessor(tokenizer)
         self._arrivals = itertools.count()
         self._ids = itertools.count()
-        self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
-        self.finished_requests: dict[str, int] = {reason.value: 0 for reason in FinishReason}
-        self.time_to_first_token = LatencyHistogram.empty()
-        self.inter_token_latency = LatencyHistogram.empty()
-        self.e2e_latency = LatencyHistogram.empty()
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: Prompt) -> tuple[list[int], bool]:
@@ -221,14 +206,33 @@ class LLMEngine:
         Requests share prefix-cache blocks only with requests of the same `cache_salt` (None: the
         shared namespace), so a tenant's salt keeps others from reusing, or timing, its prompts' KV.
         """
+        request, chat = self.make_request(
+            prompt, params, request_id=request_id, priority=priority, parse_chat=parse_chat, cache_salt=cache_salt
+        )
+        self.core.add_request(request)
+        self.output_processor.add_request(request, chat)
+        return request.request_id
+
+    def make_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        parse_chat: bool | None = None,
+        cache_salt: str | None = None,
+    ) -> tuple[Request, bool]:
+        """A validated request, not queued, and whether to chat-parse its output (ValueError if invalid).
+
+        Reads only the tokenizer and fixed limits, so it may run beside a step on another thread;
+        whether the id is in use is checked where the request is queued.
+        """
         params = params or SamplingParams()
         token_ids, chat = self.check_request(prompt, params, priority, cache_salt)
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._tracked:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(self.eos_token_ids))
         request = Request(
-            request_id=request_id,
+            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
             prompt_token_ids=token_ids,
             sampling_params=params,
             stop_token_ids=frozenset(stop_ids),
@@ -236,15 +240,7 @@ class LLMEngine:
             cache_salt=cache_salt,
             arrival_order=next(self._arrivals),
         )
-        needs_text = self.tokenizer is not None
-        self._tracked[request_id] = _Tracked(
-            request=request,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens) if needs_text else None,
-            chat_parser=StreamParser() if needs_text and (chat if parse_chat is None else parse_chat) else None,
-        )
-        self.scheduler.add(request)
-        self.prompt_tokens_total += len(token_ids)
-        return request_id
+        return request, self.tokenizer is not None and (chat if parse_chat is None else parse_chat)
 
     def check_request(
         self, prompt: Prompt, params: SamplingParams, priority: int = 0, cache_salt: str | None = None
@@ -289,124 +285,26 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown)."""
-        tracked = self._tracked.get(request_id)
-        if tracked is None:
+        record = self.core.abort_request(request_id)
+        if record is None:
             return None
-        request = tracked.request
-        self.scheduler.remove(request_id)
-        self._finish(request, FinishReason.ABORT)
-        return self._output(tracked)
+        return self.output_processor.process([record]).outputs[0]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work
+        return self.core.has_unfinished_requests()
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
-        """One scheduled forward pass; outputs for every request that produced a token or finished."""
-        batch = self.scheduler.schedule()
-        if not batch.requests:
-            return []
-        logits, sampling = self.runner.execute(batch, self.kv)
-        for request, n in zip(batch.requests, batch.num_tokens):
-            request.num_computed_tokens += n
-            self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
-        results = self.sampler.sample(logits, sampling)
-        now = time.monotonic()
-        outputs = []
-        for request, result in zip(sampling, results):
-            tracked = self._tracked[request.request_id]
-            request.append_token(result.token_id, now)
-            self.generation_tokens_total += 1
-            if result.logprobs is not None:
-                tracked.logprobs.append(result.logprobs)
-            self._check_stop(tracked, result.token_id)
-            if request.finished:
-                self.scheduler.remove(request.request_id)
-            outputs.append(self._output(tracked))
-        return outputs
+        """One scheduled forward pass; outputs for every request that produced a token or finished.
 
-    def _check_stop(self, tracked: _Tracked, token: int) -> None:
-        """Stop tokens and stop strings end a request only after its first `min_tokens` output tokens
-        (the sampler never draws a stop token before; the detokenizer ignores earlier stop strings)."""
-        request = tracked.request
-        params = request.sampling_params
-        if token in request.stop_token_ids and request.num_output_tokens > params.min_tokens:
-            self._finish(request, FinishReason.STOP, stop_reason=token)
-            return
-        if tracked.detokenizer is not None:
-            tracked.detokenizer.add_token(token)
-            if tracked.detokenizer.stopped_on is not None:
-                self._finish(request, FinishReason.STOP, stop_reason=tracked.detokenizer.stopped_on)
-                return
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            self._finish(request, FinishReason.LENGTH)
-
-    def _finish(self, request: Request, reason: FinishReason, stop_reason: int | str | None = None) -> None:
-        request.status = RequestStatus.FINISHED
-        request.finish_reason = reason
-        request.stop_reason = stop_reason
-        self.sampler.remove(request.request_id)
-        self.finished_requests[reason.value] += 1
-        if request.first_token_time is not None:
-            self.time_to_first_token = self.time_to_first_token.add([request.first_token_time - request.arrival_time])
-        self.inter_token_latency = self.inter_token_latency.add(request.inter_token_times)
-        self.e2e_latency = self.e2e_latency.add([time.monotonic() - request.arrival_time])
-
-    def _output(self, tracked: _Tracked) -> RequestOutput:
-        request = tracked.request
-        finished = request.finished
-        delta_ids = request.output_token_ids[tracked.reported_tokens :]
-        tracked.reported_tokens = request.num_output_tokens
-        text = delta_text = ""
-        chat_deltas: list[ChatDelta] = []
-        if tracked.detokenizer is not None:
-            if finished and request.finish_reason != FinishReason.STOP:
-                tracked.detokenizer.flush()
-            delta_text = tracked.detokenizer.take_delta(finished)
-            text = tracked.detokenizer.streamed_text
-            if tracked.chat_parser is not None:
-                chat_deltas = tracked.chat_parser.feed(delta_text) if delta_text else []
-                if finished:
-                    chat_deltas += tracked.chat_parser.finish()
-        metrics = RequestMetrics(
-            arrival_time=request.arrival_time,
-            first_token_time=request.first_token_time,
-            last_token_time=request.token_times[-1] if request.token_times else None,
-            inter_token_times=request.inter_token_times,
-            num_preemptions=request.num_preemptions,
-        )
-        if finished:
-            del self._tracked[request.request_id]
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=request.output_token_ids,
-            text=text,
-            delta_token_ids=delta_ids,
-            delta_text=delta_text,
-            finished=finished,
-            finish_reason=request.finish_reason,
-            stop_reason=request.stop_reason,
-            usage=Usage(request.num_prompt_tokens, request.num_output_tokens, request.num_cached_prompt_tokens),
-            metrics=metrics,
-            logprobs=list(tracked.logprobs) if request.sampling_params.logprobs is not None else None,
-            chat_deltas=chat_deltas,
-        )
+        A request a stop string ended is stopped in the core before this returns, so the next
+        step never runs it.
+        """
+        processed = self.output_processor.process(self.core.step())
+        for stop in processed.stops:
+            self.core.stop_request(stop)
+        return processed.outputs
 
     # ------------------------------------------------------------------ statistics
     def stats(self) -> EngineStats:
-        return EngineStats(
-            num_waiting=len(self.scheduler.waiting),
-            num_running=len(self.scheduler.running),
-            kv_cache=[CacheGroupStats(u.name, u.num_blocks, u.used_blocks, u.usage) for u in self.kv.usage()],
-            prefix_query_tokens=self.scheduler.prefix_query_tokens,
-            prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
-            num_preemptions=self.scheduler.num_preemptions,
-            prompt_tokens_total=self.prompt_tokens_total,
-            generation_tokens_total=self.generation_tokens_total,
-            finished_requests=dict(self.finished_requests),
-            time_to_first_token=self.time_to_first_token,
-            inter_token_latency=self.inter_token_latency,
-            e2e_latency=self.e2e_latency,
-        )
-
+        return EngineStats.of(self.core.stats(), self.output_processor.finished_stats)

@@ -1,9 +1,9 @@
-"""What the engine reports: per-request incremental outputs and engine-wide statistics."""
+"""What the engine reports: per-request delta outputs (totals on the final one) and engine-wide statistics."""
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterable
 
 from gemma4.chat import ChatDelta
@@ -24,7 +24,8 @@ class Usage:
 
 @dataclass(frozen=True)
 class RequestMetrics:
-    """Timings in seconds (monotonic clock); `inter_token_times` are the gaps between output tokens."""
+    """A finished request's timings in seconds (monotonic clock); `inter_token_times` are the gaps
+    between its output tokens (final outputs only carry this, so its length costs once per request)."""
 
     arrival_time: float
     first_token_time: float | None
@@ -37,35 +38,47 @@ class RequestMetrics:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
+_TOTALS = ("prompt_token_ids", "token_ids", "text", "usage", "metrics")
+
+
 @dataclass(frozen=True)
 class RequestOutput:
-    """One request's progress: everything so far plus what is new since the previous output.
+    """One request's progress since its previous output; the final output adds the totals.
 
-    `text` is the text streamed so far (every `delta_text` joined), always a prefix of the final
-    text: possible stop-string prefixes are held back until decided. `logprobs` covers every output
-    token so far (`delta_logprobs` the new ones). `chat_deltas` holds the chat parser's events for
-    this delta (thinking text, answer text, completed tool calls) when the request asked for chat parsing.
+    Every output carries only what is new: `delta_token_ids`, `delta_text` (possible stop-string
+    prefixes are held back until decided, so the joined deltas are always a prefix of the final
+    text), `delta_logprobs` (None unless logprobs were requested) and `chat_deltas` (the chat
+    parser's events for this delta, when the request is chat-parsed). Its size does not grow with
+    the generation, so streaming costs the same per token however long the output gets.
+
+    The totals (`prompt_token_ids`, all `token_ids`, the full `text`, all `logprobs`, `usage`,
+    `metrics`) are set on the final output (`finished`) and are None on every other one: joining
+    the deltas of all outputs, the final one included, gives them. `logprobs` is also None on a
+    final output when logprobs were not requested. `text` is "" for an engine without a tokenizer.
     """
 
     request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
     delta_token_ids: list[int]
-    delta_text: str
-    finished: bool
-    finish_reason: FinishReason | None
-    stop_reason: int | str | None
-    usage: Usage
-    metrics: RequestMetrics
-    logprobs: list[TokenLogprobs] | None = None
+    delta_text: str = ""
+    delta_logprobs: list[TokenLogprobs] | None = None
     chat_deltas: list[ChatDelta] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+    text: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    usage: Usage | None = None
+    metrics: RequestMetrics | None = None
 
-    @property
-    def delta_logprobs(self) -> list[TokenLogprobs] | None:
-        if self.logprobs is None:
-            return None
-        return self.logprobs[len(self.logprobs) - len(self.delta_token_ids) :]
+    def __post_init__(self) -> None:
+        missing = [name for name in _TOTALS if getattr(self, name) is None]
+        if self.finished and (missing or self.finish_reason is None):
+            raise ValueError(f"a final output needs a finish reason and totals; missing: {missing or ['finish_reason']}")
+        ends = (self.finish_reason, self.stop_reason, self.logprobs)
+        if not self.finished and (len(missing) < len(_TOTALS) or any(v is not None for v in ends)):
+            raise ValueError("only the final output carries totals, logprobs and a finish or stop reason")
 
 
 @dataclass(frozen=True)
@@ -111,8 +124,12 @@ class LatencyHistogram:
 
 
 @dataclass(frozen=True)
-class EngineStats:
-    """Engine-wide state and cumulative counters; small and fixed-size (it crosses processes on health checks)."""
+class CoreStats:
+    """What the engine core knows: its queues, KV pools, prefix cache and token counters.
+
+    `generation_tokens_total` counts every token the model sampled, also one an asynchronously
+    found stop string then cut (usage counts only the tokens a request kept).
+    """
 
     num_waiting: int
     num_running: int
@@ -122,10 +139,47 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+
+
+@dataclass(frozen=True)
+class FinishedStats:
+    """Finished requests as their final outputs reported them (the output processor's view).
+
+    Immutable: `add` returns a new value, so another thread can read the latest one at any time.
+    """
+
     finished_requests: dict[str, int]
     time_to_first_token: LatencyHistogram  # finished requests that produced a token: arrival to first token
     inter_token_latency: LatencyHistogram  # gaps between consecutive output tokens of finished requests
     e2e_latency: LatencyHistogram  # finished requests: arrival to finish
+
+    @classmethod
+    def empty(cls) -> FinishedStats:
+        none = LatencyHistogram.empty()
+        return cls({reason.value: 0 for reason in FinishReason}, none, none, none)
+
+    def add(self, final: RequestOutput, finish_time: float) -> FinishedStats:
+        """These stats with the request of `final` (a finished output) counted as well."""
+        assert final.metrics is not None and final.finish_reason is not None
+        ttft = final.metrics.time_to_first_token
+        counts = dict(self.finished_requests)
+        counts[final.finish_reason.value] += 1
+        return FinishedStats(
+            finished_requests=counts,
+            time_to_first_token=self.time_to_first_token.add([] if ttft is None else [ttft]),
+            inter_token_latency=self.inter_token_latency.add(final.metrics.inter_token_times),
+            e2e_latency=self.e2e_latency.add([finish_time - final.metrics.arrival_time]),
+        )
+
+
+@dataclass(frozen=True)
+class EngineStats(CoreStats, FinishedStats):
+    """Engine-wide state and cumulative counters; small and fixed-size (it crosses processes on health checks)."""
+
+    @classmethod
+    def of(cls, core: CoreStats, finished: FinishedStats) -> EngineStats:
+        parts = {f.name: getattr(core, f.name) for f in fields(CoreStats)}
+        return cls(**parts, **{f.name: getattr(finished, f.name) for f in fields(FinishedStats)})
 
     @property
     def prefix_hit_rate(self) -> float:

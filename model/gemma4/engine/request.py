@@ -1,4 +1,5 @@
-"""A request's state inside the engine: tokens, progress through the cache, status and timings."""
+"""A request's state inside the engine core: tokens, progress through the cache, status (timings are the
+output processor's)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,6 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     num_cached_prompt_tokens: int = 0
-    first_token_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -69,11 +68,6 @@ class Request:
         return self.num_tokens - self.num_prompt_tokens
 
     @property
-    def inter_token_times(self) -> tuple[float, ...]:
-        """Gaps between consecutive output tokens."""
-        return tuple(b - a for a, b in zip(self.token_times, self.token_times[1:]))
-
-    @property
     def finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
@@ -82,8 +76,5 @@ class Request:
         """Scheduling order: lower priority value first, then first come first served."""
         return (self.priority, self.arrival_order)
 
-    def append_token(self, token: int, now: float) -> None:
+    def append_token(self, token: int) -> None:
         self.token_ids.append(token)
-        if self.first_token_time is None:
-            self.first_token_time = now
-        self.token_times.append(now)

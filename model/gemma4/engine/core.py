@@ -1,0 +1,160 @@
+"""The engine core: schedule a step, run the model over the paged cache, sample, apply token stops.
+
+Per step it produces one plain `CoreOutput` per request that sampled a token or finished: the new
+token ids and logprobs and the few numbers an output needs. It does no text work: detokenizing,
+stop strings and chat parsing belong to `gemma4.engine.output_processor`, which may run on another
+thread. The core ends requests on stop tokens (after `min_tokens`), `max_tokens`, `max_model_len`
+and abort; when the output processor finds a stop string, `stop_request` ends the request here and
+frees it (the output processor drops whatever the core sampled after the completing token).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Container
+
+from gemma4.engine.kv_cache_manager import KVCacheManager
+from gemma4.engine.model_runner import ModelRunner
+from gemma4.engine.outputs import CacheGroupStats, CoreStats
+from gemma4.engine.request import FinishReason, Request, RequestStatus
+from gemma4.engine.sampler import Sampler, TokenLogprobs
+from gemma4.engine.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class CoreOutput:
+    """What one step did for one request; `finish_reason` is set when the core ended it.
+
+    `stop_token` is the stop token id that ended it (finish_reason STOP); that token is the last of
+    `new_token_ids`. `timestamp` is when the tokens were sampled (or the request was aborted).
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None  # None unless the request asked for logprobs
+    timestamp: float
+    num_cached_prompt_tokens: int
+    num_preemptions: int
+    finish_reason: FinishReason | None = None
+    stop_token: int | None = None
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """The output processor's order to end a request that a stop string finished (its final output,
+    cut where the string completed, is already out; what the core sampled since is dropped there)."""
+
+    request_id: str
+    stop_string: str
+
+
+def check_request_id(request_id: str, in_use: Container[str]) -> None:
+    """Request ids are unique among the requests an engine is running (ValueError naming the field)."""
+    if request_id in in_use:
+        raise ValueError(f"request_id {request_id!r} is already in use")
+
+
+class EngineCore:
+    """Owns the requests being scheduled; every method runs on one thread (the step thread)."""
+
+    def __init__(
+        self, kv: KVCacheManager, scheduler: Scheduler, runner: ModelRunner, sampler: Sampler, max_model_len: int
+    ) -> None:
+        self.kv = kv
+        self.scheduler = scheduler
+        self.runner = runner
+        self.sampler = sampler
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def add_request(self, request: Request) -> None:
+        """Queue a validated request (its id must not be in use here)."""
+        check_request_id(request.request_id, self.requests)
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+        self.prompt_tokens_total += request.num_prompt_tokens
+
+    def abort_request(self, request_id: str) -> CoreOutput | None:
+        """End a request now and free its blocks; its final record (None if it is not here)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._finish(request, FinishReason.ABORT)
+        return self._record(request, [], [], time.monotonic())
+
+    def stop_request(self, stop: StopRequest) -> None:
+        """End a request a stop string finished and free its blocks (no-op if the core ended it already)."""
+        request = self.requests.get(stop.request_id)
+        if request is not None:
+            self._finish(request, FinishReason.STOP, stop_reason=stop.stop_string)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[CoreOutput]:
+        """One scheduled forward pass; a record for every request that sampled a token."""
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        logits, sampling = self.runner.execute(batch, self.kv)
+        for request, n in zip(batch.requests, batch.num_tokens):
+            request.num_computed_tokens += n
+            self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
+        results = self.sampler.sample(logits, sampling)
+        now = time.monotonic()
+        records = []
+        for request, result in zip(sampling, results):
+            request.append_token(result.token_id)
+            self.generation_tokens_total += 1
+            self._check_stop(request, result.token_id)
+            logprobs = None if result.logprobs is None else [result.logprobs]
+            records.append(self._record(request, [result.token_id], logprobs, now))
+        return records
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        """A stop token ends a request only after its first `min_tokens` output tokens (the sampler
+        never draws one before); then max_tokens and max_model_len."""
+        params = request.sampling_params
+        if token in request.stop_token_ids and request.num_output_tokens > params.min_tokens:
+            self._finish(request, FinishReason.STOP, stop_reason=token)
+        elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            self._finish(request, FinishReason.LENGTH)
+
+    def _finish(self, request: Request, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
+        self.scheduler.remove(request.request_id)
+        self.sampler.remove(request.request_id)
+        del self.requests[request.request_id]
+
+    @staticmethod
+    def _record(
+        request: Request, tokens: list[int], logprobs: list[TokenLogprobs] | None, now: float
+    ) -> CoreOutput:
+        finished = request.finished
+        return CoreOutput(
+            request_id=request.request_id,
+            new_token_ids=tokens,
+            new_logprobs=logprobs if request.sampling_params.logprobs is not None else None,
+            timestamp=now,
+            num_cached_prompt_tokens=request.num_cached_prompt_tokens,
+            num_preemptions=request.num_preemptions,
+            finish_reason=request.finish_reason if finished else None,
+            stop_token=request.stop_reason if finished and isinstance(request.stop_reason, int) else None,
+        )
+
+    def stats(self) -> CoreStats:
+        return CoreStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_cache=[CacheGroupStats(u.name, u.num_blocks, u.used_blocks, u.usage) for u in self.kv.usage()],
+            prefix_query_tokens=self.scheduler.prefix_query_tokens,
+            prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+        )
