@@ -4,7 +4,6 @@ The whole step forward, MoE included, is compiled in tests/test_model_runner.py.
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -12,10 +11,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from gemma4.config import FULL, SLIDING, Gemma4Config
 from gemma4.modeling import DenseAttention, Gemma4ForCausalLM, ScaledEmbedding
 from gemma4.ops.moe import FORMULATIONS, formulation, moe_experts, moe_grouped
-from gemma4.tiny import tiny_config
 from engine_fixtures import small_config
 
 E, K, H, I = 8, 2, 16, 8  # fp32 rows of 16 and 8 values keep _grouped_mm's 16-byte strides
