@@ -114,7 +114,7 @@ class Sampler:
         processed = self._processed(logits, requests, states)
         drawn = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if len(drawn) < n:
-            tokens = torch.argmax(processed, dim=-1)
+            tokens = processed.max(dim=-1).indices  # the first maximum, as argmax; faster on the CPU
         else:
             tokens = torch.empty(n, dtype=torch.int64, device=self.device)
         if drawn:

@@ -85,10 +85,11 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        preempted: set[int] = set()  # ids of requests preempted earlier in this loop
         for request in list(self.running):
             if budget == 0:
                 break
-            if request not in self.running:  # preempted earlier in this loop
+            if id(request) in preempted:
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate(
@@ -96,6 +97,7 @@ class Scheduler:
             ):
                 victim = self.running[-1]  # lowest priority, not yet scheduled this step
                 self._preempt(victim)
+                preempted.add(id(victim))
                 batch.preempted.append(victim)
                 if victim is request:
                     break
