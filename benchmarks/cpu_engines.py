@@ -149,7 +149,8 @@ def run_vllm(checkpoint: Path, prompts: list[list[int]], args: argparse.Namespac
     }
     log = workdir / f"{checkpoint.name}-vllm.log"
     with log.open("w") as sink:
-        done = subprocess.run([str(python), __file__, "--vllm-worker", str(spec_path)], env=env, stdout=sink, stderr=sink)
+        command = [str(python), __file__, "--vllm-worker", str(spec_path)]
+        done = subprocess.run(command, env=env, stdout=sink, stderr=sink)
     if done.returncode != 0:
         raise RuntimeError(f"vLLM worker failed ({done.returncode}); its log: {log}\n{log.read_text()[-3000:]}")
     return json.loads(Path(spec["result"]).read_text())
@@ -162,9 +163,9 @@ def vllm_worker(spec_path: Path) -> None:
 
     spec = json.loads(spec_path.read_text())
     llm = vllm.LLM(
-        model=spec["checkpoint"], dtype="float32", max_num_seqs=max(spec["batches"]), max_model_len=spec["max_model_len"],
-        max_num_batched_tokens=2048, enable_prefix_caching=False, enforce_eager=spec["enforce_eager"],
-        skip_tokenizer_init=True, seed=0,
+        model=spec["checkpoint"], dtype="float32", max_num_seqs=max(spec["batches"]),
+        max_model_len=spec["max_model_len"], max_num_batched_tokens=2048, enable_prefix_caching=False,
+        enforce_eager=spec["enforce_eager"], skip_tokenizer_init=True, seed=0,
     )
     startup = time.perf_counter() - start
     params = vllm.SamplingParams(

@@ -5,16 +5,17 @@
         --variants e2b --batches 1,2 --input-len 16 --output-len 4 --hf-batches 1 --peak-bandwidth-gbs 50
 
 For each variant (E2B, E4B, 26B-A4B; 31B when the device has >= 120 GiB) and each engine mode
-(`eager`: no CUDA graphs, no torch.compile; `graphs`: CUDA graphs on), every batch size B runs B
-prompts of input_len tokens to output_len new tokens (greedy, EOS ignored, prefix caching off), and
-transformers' `generate` runs the same prompts at `--hf-batches`. Each row prints output tok/s,
-TTFT (from submission to the first token), ITL p50/p99 (gaps between a request's tokens), the peak
-`torch.cuda.max_memory_allocated` against the memory model's prediction (weights + the KV pools
-this run sizes + step activations + graph pools, from `gemma4.memory`) and the share of the
-bandwidth roofline: (weights read per decode step + KV read) / peak bandwidth, over the measured
-ITL p50. Modes the engine cannot express (no `cuda_graphs` field in `EngineArgs`) are reported as
-skipped. `--budget-s` stops starting new variants once that much time has gone; every result is
-printed as it arrives and `--out` is rewritten after each, so a cut-off run still leaves its rows.
+(`eager`: no CUDA graphs, no torch.compile; `graphs`: CUDA graphs on; optional `graphs+compile`),
+every batch size B runs B prompts of input_len tokens to output_len new tokens (greedy, EOS
+ignored, prefix caching off), and transformers' `generate` runs the same prompts at `--hf-batches`.
+Each row prints output tok/s, TTFT (from submission to the first token), ITL p50/p99 (gaps between
+a request's tokens), the peak `torch.cuda.max_memory_allocated` against the memory model's
+prediction (weights + the KV pools this run sizes + step activations + graph pools, from
+`gemma4.memory`) and the share of the bandwidth roofline: (weights read per decode step + KV read)
+/ peak bandwidth, over the measured ITL p50. Modes the engine cannot express (an `EngineArgs`
+without the switch the mode turns on) are reported as skipped. `--budget-s` stops starting new
+variants once that much time has gone; every result is printed as it arrives and `--out` is
+rewritten after each, so a cut-off run still leaves its rows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import statistics
 import sys
 import time
@@ -44,7 +44,12 @@ PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}
 # Output tokens per variant unless --output-len says otherwise: fewer for the big ones, to fit 8 minutes.
 OUTPUT_LEN = {"e2b": 256, "e4b": 256, "26b-a4b": 128, "31b": 64}
 BIG_DEVICE_BYTES = 120 * 2**30  # 31B bf16 (62 GB of weights) plus its KV at batch 64 needs an H200
-MODES = {"eager": {"cuda_graphs": False, "torch_compile": False}, "graphs": {"cuda_graphs": True, "torch_compile": False}}
+# Engine switches per mode; a mode whose enabled switch EngineArgs lacks is skipped. Default: eager, graphs.
+MODES = {
+    "eager": {"cuda_graphs": False, "torch_compile": False},
+    "graphs": {"cuda_graphs": True, "torch_compile": False},
+    "graphs+compile": {"cuda_graphs": True, "torch_compile": True},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +90,9 @@ def predicted_memory(setup: Setup, dtype: str, kv_bytes: int, cuda_graphs: bool)
         config, tokens=setup.max_num_batched_tokens,
         sampled_rows=min(setup.max_num_seqs, setup.max_num_batched_tokens), activation_width=width,
     )
-    graphs = memory.cuda_graph_bytes(config, max_num_seqs=setup.max_num_seqs, activation_width=width) if cuda_graphs else 0
+    graphs = 0
+    if cuda_graphs:
+        graphs = memory.cuda_graph_bytes(config, max_num_seqs=setup.max_num_seqs, activation_width=width)
     parts = {"weights": weights, "kv_cache": kv_bytes, "activations": activations, "cuda_graphs": graphs}
     return {**parts, "total": sum(parts.values())}
 
@@ -105,11 +112,11 @@ def decode_step_bytes(config: Gemma4Config, dtype: str, batch: int, context_len:
 
 
 def _engine_args(setup: Setup, mode: str, kv_bytes: int, seed: int) -> EngineArgs | None:
-    """EngineArgs for `mode`, or None when this engine has no switch for it (today's engine: no graphs)."""
+    """EngineArgs for `mode`, or None when this engine lacks a switch the mode turns on (today's: no graphs)."""
     known = {f.name for f in dataclasses.fields(EngineArgs)}
-    switches = {k: v for k, v in MODES[mode].items() if k in known}
-    if MODES[mode]["cuda_graphs"] and "cuda_graphs" not in switches:
+    if any(on and name not in known for name, on in MODES[mode].items()):
         return None
+    switches = {name: on for name, on in MODES[mode].items() if name in known}
     return EngineArgs(
         block_size=setup.block_size, max_num_seqs=setup.max_num_seqs,
         max_num_batched_tokens=setup.max_num_batched_tokens, max_model_len=setup.max_model_len,
@@ -233,7 +240,7 @@ def run_variant(setup: Setup, args: argparse.Namespace, device: torch.device, re
     for mode in args.modes:
         engine_args = _engine_args(setup, mode, kv_bytes, args.seed)
         if engine_args is None:
-            report.add("skipped", {"variant": setup.variant, "mode": mode, "why": "EngineArgs has no cuda_graphs field"})
+            report.add("skipped", {"variant": setup.variant, "mode": mode, "why": "EngineArgs lacks the mode's switch"})
             continue
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -292,7 +299,9 @@ def plan_setup(variant: str, args: argparse.Namespace, device_bytes: int | None)
     output_len = args.output_len or OUTPUT_LEN[variant]
     batches = sorted(args.batches)
     while batches:
-        setup = Setup(variant, config, batches, args.input_len, output_len, args.max_num_batched_tokens, args.block_size)
+        setup = Setup(
+            variant, config, batches, args.input_len, output_len, args.max_num_batched_tokens, args.block_size
+        )
         need = predicted_memory(setup, args.dtype, kv_pool_bytes(setup, DTYPES[args.dtype].itemsize), True)["total"]
         if device_bytes is None or need <= 0.9 * device_bytes:
             return setup, None
@@ -307,7 +316,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--variants", type=str_list, default=["e2b", "e4b", "26b-a4b", "31b"])
     parser.add_argument("--batches", type=int_list, default=[1, 8, 32, 64])
-    parser.add_argument("--modes", type=str_list, default=list(MODES), help="eager, graphs")
+    parser.add_argument("--modes", type=str_list, default=["eager", "graphs"], help=", ".join(MODES))
     parser.add_argument("--hf-batches", type=int_list, default=[1, 32], help="transformers' generate ('' for none)")
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=0, help="0: per variant (256 small, 128 26B-A4B, 64 31B)")
