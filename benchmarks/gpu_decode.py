@@ -13,9 +13,10 @@ a request's tokens), the peak `torch.cuda.max_memory_allocated` against the memo
 prediction (weights + the KV pools this run sizes + step activations + graph pools, from
 `gemma4.memory`) and the share of the bandwidth roofline: (weights read per decode step + KV read)
 / peak bandwidth, over the measured ITL p50. Modes the engine cannot express (an `EngineArgs`
-without the switch the mode turns on) are reported as skipped. `--budget-s` stops starting new
-variants once that much time has gone; every result is printed as it arrives and `--out` is
-rewritten after each, so a cut-off run still leaves its rows.
+without the switch the mode turns on) are reported as skipped. `--budget-s` (360 s) starts no
+new variant, mode or transformers run once that much time has gone, so 31B, last, still ends within
+8 minutes; every result is printed as it arrives and `--out` is rewritten after each, so a cut-off
+run still leaves its rows.
 """
 
 from __future__ import annotations
@@ -223,6 +224,14 @@ class Report:
             self.out.write_text(json.dumps(self.data, indent=2))
 
 
+def _over_budget(report: Report, deadline: float, what: dict[str, str]) -> bool:
+    """Past the deadline: record `what` as skipped and say so."""
+    if time.perf_counter() <= deadline:
+        return False
+    report.add("skipped", {**what, "why": "over --budget-s"})
+    return True
+
+
 def _roofline_pct(setup: Setup, dtype: str, batch: int, itl_ms: float | None, bandwidth: float | None) -> float | None:
     if itl_ms is None or bandwidth is None:
         return None
@@ -238,6 +247,8 @@ def run_variant(setup: Setup, args: argparse.Namespace, device: torch.device, re
     prompts = torch.randint(3, vocab, (setup.max_num_seqs, setup.input_len), generator=gen).tolist()
     model = random_weights_model(setup.config, dtype=DTYPES[dtype], device=device, seed=args.seed)
     for mode in args.modes:
+        if _over_budget(report, deadline, {"variant": setup.variant, "mode": mode}):
+            continue
         engine_args = _engine_args(setup, mode, kv_bytes, args.seed)
         if engine_args is None:
             report.add("skipped", {"variant": setup.variant, "mode": mode, "why": "EngineArgs lacks the mode's switch"})
@@ -264,7 +275,7 @@ def run_variant(setup: Setup, args: argparse.Namespace, device: torch.device, re
         _release(device)
     del model
     _release(device)
-    if not args.hf_batches or time.perf_counter() > deadline:
+    if not args.hf_batches or _over_budget(report, deadline, {"variant": setup.variant, "mode": "transformers"}):
         return
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -272,6 +283,8 @@ def run_variant(setup: Setup, args: argparse.Namespace, device: torch.device, re
     hf.generate(torch.tensor(prompts[:1], device=device), max_new_tokens=2, do_sample=False, pad_token_id=0)
     for batch in args.hf_batches:
         if batch > len(prompts):
+            report.add("skipped", {"variant": setup.variant, "mode": "transformers", "batch": batch,
+                                   "why": "larger than the batches that fit the device"})
             continue
         row = run_transformers(hf, prompts[:batch], setup.output_len, device)
         peak = _peak_bytes(device)
@@ -323,7 +336,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the --tiny configs")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="start no new variant after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=360.0, help="start nothing new after this many seconds")
     parser.add_argument("--peak-bandwidth-gbs", type=float, help="override the device's peak bandwidth (GB/s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="JSON report, rewritten after every row")
@@ -346,8 +359,7 @@ def main() -> None:
     }, args.out)
     deadline = began + args.budget_s
     for variant in args.variants:
-        if time.perf_counter() > deadline:
-            report.add("skipped", {"variant": variant, "why": f"over --budget-s {args.budget_s}"})
+        if _over_budget(report, deadline, {"variant": variant}):
             continue
         setup, why = plan_setup(variant, args, device_bytes)
         if setup is None:

@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -143,6 +144,7 @@ def main() -> None:
                 vocab_size=args.vocab_size, seed=args.seed,
             )
             results.append({"variant": f"{variant} (tiny)", **row})
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     report = {
         "benchmark": "host_overhead",
         "machine": machine(),
