@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import statistics
 import sys
 import time
@@ -69,12 +70,21 @@ def _summary(values_ns: list[int]) -> dict[str, float]:
     return {"median": round(statistics.median(ms), 4), "p90": round(percentile(ms, 90), 4)}
 
 
+def max_output_tokens(running: int, steps: int, warmup: int, prompt_len: int, batched_tokens: int) -> int:
+    """Enough output tokens that no request finishes before the last timed step: the first requests
+    prefilled decode while later ones still prefill (one token per prefill step at most)."""
+    prefill_steps = math.ceil(running * prompt_len / batched_tokens) + 1
+    return prefill_steps + warmup + steps + 1
+
+
 def measure(
-    engine: LLMEngine, *, running: int, steps: int, warmup: int, prompt_len: int, vocab_size: int, seed: int
+    engine: LLMEngine, *, running: int, steps: int, warmup: int, prompt_len: int, batched_tokens: int,
+    vocab_size: int, seed: int,
 ) -> dict[str, Any]:
     """Bring `running` requests into steady decode, then time `steps` decode steps."""
     gen = torch.Generator().manual_seed(seed)
-    params = SamplingParams(temperature=0.0, max_tokens=warmup + steps + 2, ignore_eos=True)
+    max_tokens = max_output_tokens(running, steps, warmup, prompt_len, batched_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     ids = [
         engine.add_request(torch.randint(3, vocab_size, (prompt_len,), generator=gen).tolist(), params)
         for _ in range(running)
@@ -120,12 +130,15 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     max_num_seqs = max(args.max_num_seqs, *args.running)
+    batched_tokens = max(args.max_num_batched_tokens, args.prompt_len)
+    max_tokens = max_output_tokens(max(args.running), args.steps, args.warmup, args.prompt_len, batched_tokens)
     results = []
     for variant in args.variants:
         llm = LLM(
@@ -133,15 +146,15 @@ def main() -> None:
             dtype=torch.float32,
             device="cpu",
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max(2048, args.prompt_len),
-            max_model_len=args.prompt_len + args.warmup + args.steps + 2,
+            max_num_batched_tokens=batched_tokens,
+            max_model_len=args.prompt_len + max_tokens,
             enable_prefix_caching=False,
             seed=args.seed,
         )
         for running in args.running:
             row = measure(
                 llm.engine, running=running, steps=args.steps, warmup=args.warmup, prompt_len=args.prompt_len,
-                vocab_size=args.vocab_size, seed=args.seed,
+                batched_tokens=batched_tokens, vocab_size=args.vocab_size, seed=args.seed,
             )
             results.append({"variant": f"{variant} (tiny)", **row})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)

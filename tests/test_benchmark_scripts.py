@@ -48,6 +48,7 @@ def test_host_overhead_script() -> None:
     report = _run_json([
         "benchmarks/host_overhead.py", "--variants", "e2b,26b-a4b", "--running", "1,3", "--steps", "3",
         "--warmup", "1", "--max-num-seqs", "4", "--vocab-size", "512", "--threads", "1",
+        "--prompt-len", "12", "--max-num-batched-tokens", "16",  # 3 x 12 prompt tokens: prefill over 3 steps
     ])
     rows = report["results"]
     assert [(r["variant"], r["running"]) for r in rows] == [
