@@ -13,15 +13,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _run_json(args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run a benchmark script with the repository's model package first; its stdout is one JSON report."""
+    env = env or {**os.environ, "PYTHONPATH": str(REPO / "model")}
+    out = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout)
+
+
 @pytest.mark.parametrize("variant", ["e2b", "26b-a4b"])
 def test_offline_throughput_script(variant: str) -> None:
-    cmd = [
-        sys.executable, "benchmarks/offline_throughput.py", "--variant", variant, "--tiny", "--dtype", "fp32",
+    result = _run_json([
+        "benchmarks/offline_throughput.py", "--variant", variant, "--tiny", "--dtype", "fp32",
         "--num-prompts", "3", "--input-len", "20", "--output-len", "4",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "model")}
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=True)
-    result = json.loads(out.stdout)
+    ])
     assert result["num_prompts"] == 3 and result["output_tokens_per_s"] > 0
     assert result["variant"] == f"{variant} (tiny)"
 
@@ -37,3 +42,59 @@ def test_platform_load_script() -> None:
     report = json.loads(out.stdout[out.stdout.index("{\n"):])
     for side in ("engine", "stack"):
         assert report[side][0]["requests"] == 3 and report[side][0]["output_tokens_per_s"] > 0
+
+
+def test_host_overhead_script() -> None:
+    report = _run_json([
+        "benchmarks/host_overhead.py", "--variants", "e2b,26b-a4b", "--running", "1,3", "--steps", "3",
+        "--warmup", "1", "--max-num-seqs", "4", "--vocab-size", "512", "--threads", "1",
+        "--prompt-len", "12", "--max-num-batched-tokens", "16",  # 3 x 12 prompt tokens: prefill over 3 steps
+    ])
+    rows = report["results"]
+    assert [(r["variant"], r["running"]) for r in rows] == [
+        ("e2b (tiny)", 1), ("e2b (tiny)", 3), ("26b-a4b (tiny)", 1), ("26b-a4b (tiny)", 3)
+    ]
+    for row in rows:
+        assert row["steps"] == 3
+        assert row["forward_ms"]["median"] > 0 and row["host_ms"]["median"] > 0
+        assert row["host_ms"]["median"] < row["step_ms"]["median"]  # the forward was subtracted
+        assert row["host_ms"]["p90"] >= row["host_ms"]["median"]
+    assert [r["goal_host_ms"] for r in rows[:2]] == [0.3, None]
+
+
+def test_cpu_engines_script_without_vllm(tmp_path: Path) -> None:
+    venv = tmp_path / "no-vllm-venv"
+    report = _run_json([
+        "benchmarks/cpu_engines.py", "--engines", "ours,transformers", "--variants", "26b-a4b", "--batches", "1,2",
+        "--min-prompts", "2", "--input-len", "12", "--output-len", "3", "--vocab-size", "512", "--threads", "1",
+        "--workdir", str(tmp_path / "work"), "--vllm-venv", str(venv),
+    ])
+    assert not venv.exists()  # vLLM was not asked for, so its venv was not built
+    (variant,) = report["variants"]
+    assert variant["variant"] == "26b-a4b" and list(variant["engines"]) == ["ours", "transformers"]
+    for run in variant["engines"].values():
+        assert [(r["batch"], r["prompts"], r["output_tokens"]) for r in run["rows"]] == [(1, 2, 6), (2, 2, 6)]
+        assert all(r["output_tok_s"] > 0 for r in run["rows"]) and run["startup_s"] > 0
+    assert variant["agreement"] == {"transformers vs ours": "4/4"}  # fp32 greedy: same tokens
+    assert "| 26b-a4b | transformers |" in report["markdown"]
+
+
+def test_gpu_decode_script_on_cpu() -> None:
+    report = _run_json([
+        "benchmarks/gpu_decode.py", "--device", "cpu", "--tiny", "--dtype", "fp32", "--variants", "e2b",
+        "--batches", "1,2", "--input-len", "16", "--output-len", "3", "--hf-batches", "1",
+        "--peak-bandwidth-gbs", "50", "--vocab-size", "512",
+    ])
+    rows = {(r["engine"], r["batch"]): r for r in report["rows"]}
+    graphs_ran = ("ours (graphs)", 1) in rows
+    skipped = [(s["variant"], s.get("mode")) for s in report["skipped"]]
+    assert skipped == ([] if graphs_ran else [("e2b", "graphs")])  # today's engine has no cuda_graphs switch
+    expected = {("ours (eager)", 1), ("ours (eager)", 2), ("transformers", 1)}
+    expected |= {("ours (graphs)", 1), ("ours (graphs)", 2)} if graphs_ran else set()
+    assert set(rows) == expected
+    for row in rows.values():
+        assert row["output_len"] == 3 and row["output_tok_s"] > 0 and row["ttft_ms_p50"] > 0
+        assert 0 < row["itl_ms_p50"] <= row["itl_ms_p99"] and row["roofline_pct"] > 0
+        assert row["peak_gib"] is None  # no CUDA memory on the CPU
+    assert all(rows[(e, b)]["predicted_gib"] > 0 for e, b in expected if e != "transformers")
+    assert report["peak_bandwidth_gbs"] == 50 and report["device"] == "cpu"
