@@ -173,7 +173,8 @@ def _grid_attention(
     # stacked along the query axis ([S, kv_heads, group * Q, D]).
     queries = q[grid.query_rows].reshape(s_count, q_len, kv_heads, group, dim).permute(0, 2, 3, 1, 4)
     queries = queries.reshape(s_count, kv_heads, group * q_len, dim)
-    mask = grid.mask.expand(s_count, 1, q_len, keys_len).repeat(1, 1, group, 1)
+    # The mask of query q serves its `group` stacked rows; a single query broadcasts it.
+    mask = grid.mask if q_len == 1 else grid.mask.expand(s_count, 1, q_len, keys_len).repeat(1, 1, group, 1)
     out = F.scaled_dot_product_attention(
         queries, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=1.0
     )  # [S, kv_heads, group * Q, D]
