@@ -441,8 +441,14 @@ def test_engine_budget_on_cuda_comes_from_the_memory_model(monkeypatch: pytest.M
     budget = resolve_kv_cache_bytes(_FakeCudaModel("e4b"), args)  # type: ignore[arg-type]
     assert budget == kv_cache_budget_bytes(
         variant_config("e4b"), weight_dtype="bf16", device_memory_bytes=total, usable_fraction=0.9,
-        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=False,
+        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=True,
     )
+    # Without CUDA graphs the engine does not reserve their memory.
+    eager = resolve_kv_cache_bytes(_FakeCudaModel("e4b"), EngineArgs(max_num_seqs=16, cuda_graphs=False))  # type: ignore[arg-type]
+    assert eager == kv_cache_budget_bytes(
+        variant_config("e4b"), weight_dtype="bf16", device_memory_bytes=total, usable_fraction=0.9,
+        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=False,
+    ) > budget
     # The engine keeps the PLE table on the GPU: ~14.9 GB of E4B weights come off the 0.9 x 80 GiB.
     assert 50 * GiB < budget < int(0.9 * total) - 14 * GiB
     with pytest.raises(ValueError, match="no GPU memory for a KV cache"):
