@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gemma4.config import RopeConfig
+from gemma4.modeling import RotaryEmbedding, apply_rope
 from gemma4.ops.paged_attention import SequenceLayout, group_metadata, paged_attention, write_kv
 
 BS = 4
@@ -81,19 +83,23 @@ def test_mixed_padded_step_equals_per_sequence_attention(window: int | None, k_a
         keys[0] = 0
     q = torch.randn(num_tokens, HEADS, DIM, generator=gen)
     scale = torch.randn(DIM, generator=gen)
+    rotary = RotaryEmbedding(RopeConfig(theta=10_000.0, partial_rotary_factor=0.5), DIM)  # proportional RoPE
 
-    def keys_from_values(v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # any position-dependent map
-        return v * scale + pos[..., None, None].float() / 10
+    def key_rope(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary(pos, torch.float32)
 
-    meta = group_metadata(layout, positions, tables, block_size=BS, sliding_window=window)
-    out = paged_attention(q, keys, values, meta, keys_from_values if k_as_v else None)
+    meta = group_metadata(
+        layout, positions, tables, block_size=BS, sliding_window=window, key_rope=key_rope if k_as_v else None
+    )
+    out = paged_attention(q, keys, values, meta, scale if k_as_v else None)
     assert out.shape == q.shape and torch.isfinite(out).all()
-    if k_as_v:  # the oracle reads the keys the op derives, slot by slot
-        slot_pos = torch.zeros(rows * BS)
+    if k_as_v:  # the oracle reads the keys the op derives, slot by slot: RoPE(values * scale) at each slot's position
+        slot_pos = torch.zeros(rows * BS, dtype=torch.long)
         for i, context, _ in MIXED:
             for p in range(context):
                 slot_pos[int(tables[i, p // BS]) * BS + p % BS] = p
-        keys = keys_from_values(values.view(-1, KV_HEADS, DIM), slot_pos.long()).view_as(values)
+        cos, sin = key_rope(slot_pos[None])
+        keys = apply_rope((values.view(-1, KV_HEADS, DIM) * scale)[None], cos, sin)[0].view_as(values)
     expected = _oracle(q, keys, values, MIXED, tables, positions, window)
     real = layout.token_mask.bool()
     torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)

@@ -23,7 +23,7 @@ from gemma4.engine.request import Request
 from gemma4.engine.scheduler import ScheduledBatch
 from gemma4.engine.step_inputs import StagedStep, StepBuffers, StepShape, StepTensors, bucket
 from gemma4.kv_layout import CacheGroup
-from gemma4.modeling import Gemma4ForCausalLM, apply_rope
+from gemma4.modeling import Gemma4ForCausalLM
 
 
 def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -69,10 +69,9 @@ class ModelRunner:
         self._decode_forward = torch.compile(self.eager_forward, fullgraph=True, dynamic=False) if torch_compile else self.eager_forward
         self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
 
-    def _keys_from_values(self, layer: int, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """K-as-V layers: keys are the stored (normed) values times k_norm's weight, rotated."""
-        cos, sin = self.model.model.rotary[FULL](positions, values.dtype)
-        return apply_rope(values * self._k_norm[layer], cos, sin)
+    def _key_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K-as-V (global) layers' RoPE at key positions: their keys are the stored values times k_norm's weight, rotated."""
+        return self.model.model.rotary[FULL](positions, self.dtype)
 
     def forward(self, step: StepTensors) -> torch.Tensor:
         """The model over a staged step: fp32 logits of the sampling rows, `[S, vocab]` (compiled for
@@ -80,7 +79,7 @@ class ModelRunner:
         return (self._decode_forward if step.shape.prefill_seqs == 0 else self.eager_forward)(step)
 
     def eager_forward(self, step: StepTensors) -> torch.Tensor:
-        attention = PagedAttention(self.cache, step, self._keys_from_values)
+        attention = PagedAttention(self.cache, step, self._k_norm, self._key_rope)
         token_mask = (step.layout.token_mask != 0)[None]
         hidden = self.model.hidden_states(step.input_ids[None], step.positions[None], attention, token_mask=token_mask)
         return self.model.compute_logits(hidden[0, step.sample_rows]).float()

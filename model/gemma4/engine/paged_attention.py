@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from gemma4.config import LayerSpec
 from gemma4.engine.step_inputs import StepTensors
 from gemma4.kv_layout import NULL_BLOCK, CacheGroup, pool_rows
-from gemma4.ops.paged_attention import group_metadata, paged_attention, write_kv
-
-# (layer index, values [S, L, kv_heads, D], key positions [S, L]) -> keys [S, L, kv_heads, D]
-KeyFromValue = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+from gemma4.ops.paged_attention import KeyRope, group_metadata, paged_attention, write_kv
 
 DEBUG_CHECKS_ENV = "GEMMA4_DEBUG_CHECKS"
 
@@ -124,15 +120,23 @@ class PagedAttention:
     group's layers; producer layers write their new keys/values first, KV-sharing layers only read.
     """
 
-    def __init__(self, cache: PagedKVCache, step: StepTensors, keys_from_values: KeyFromValue) -> None:
+    def __init__(
+        self, cache: PagedKVCache, step: StepTensors, key_scales: dict[int, torch.Tensor], key_rope: KeyRope
+    ) -> None:
+        """`key_scales`: each K-as-V producer layer's k_norm weight; `key_rope`: the RoPE of those layers."""
         self.cache = cache
-        self.keys_from_values = keys_from_values
+        self.key_scales = key_scales
         self.token_mask = step.layout.token_mask
         self.metadata = [
             group_metadata(
-                step.layout, step.positions, table, block_size=cache.block_size, sliding_window=group.sliding_window
+                step.layout,
+                step.positions,
+                table,
+                block_size=cache.block_size,
+                sliding_window=group.sliding_window,
+                key_rope=key_rope if keys is None else None,
             )
-            for group, table in zip(cache.groups, step.block_tables)
+            for group, table, keys in zip(cache.groups, step.block_tables, cache.keys)
         ]
 
     def __call__(
@@ -145,12 +149,11 @@ class PagedAttention:
             write_kv(self.cache.values[gi][li], meta.slot_mapping, v[0], self.token_mask)
             if keys is not None:
                 write_kv(keys[li], meta.slot_mapping, k[0], self.token_mask)
-        source = layer.kv_source
         out = paged_attention(
             q[0],
             None if keys is None else keys[li],
             self.cache.values[gi][li],
             meta,
-            None if keys is not None else lambda values, positions: self.keys_from_values(source, values, positions),
+            None if keys is not None else self.key_scales[layer.kv_source],
         )
         return out[None]

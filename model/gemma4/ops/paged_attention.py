@@ -23,8 +23,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-# (values [S, L, kv_heads, D], key positions [S, L]) -> keys [S, L, kv_heads, D] (K-as-V layers)
-KeysFromValues = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from gemma4.modeling import apply_rope
+
+# Key positions [S, L] -> their RoPE (cos, sin), each [S, L, D]: how K-as-V layers rotate derived keys.
+KeyRope = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class GridGather:
     key_blocks: torch.Tensor  # [S, B] block ids of the keys each sequence may see
     key_positions: torch.Tensor  # [S, B * block_size]
     mask: torch.Tensor  # [S, 1, Q, L] True where a query may attend to a key
+    key_rope: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [S, L, D] at the key positions (K-as-V groups)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ def _grid_gather(
     num_tokens: int,
     block_size: int,
     sliding_window: int | None,
+    key_rope: KeyRope | None,
 ) -> GridGather:
     device = table.device
     seqs = slice(first, first + num_seqs)
@@ -108,7 +112,8 @@ def _grid_gather(
     first_key = torch.zeros_like(visible)
     first_key[:, :, 0] = True
     mask = torch.where(query_valid[:, :, None], visible, first_key)
-    return GridGather(query_rows, keys, key_positions, mask[:, None])
+    rope = None if key_rope is None else key_rope(key_positions)
+    return GridGather(query_rows, keys, key_positions, mask[:, None], rope)
 
 
 def group_metadata(
@@ -118,8 +123,13 @@ def group_metadata(
     *,
     block_size: int,
     sliding_window: int | None,
+    key_rope: KeyRope | None = None,
 ) -> GroupMetadata:
-    """The plan of one cache group for a step (`positions [T]`, `block_table [S, cols]`)."""
+    """The plan of one cache group for a step (`positions [T]`, `block_table [S, cols]`).
+
+    A group that stores values only (K-as-V) passes `key_rope`: its keys' rotation is then computed
+    here once per step, not in each of its layers.
+    """
     device = positions.device
     num_tokens = positions.numel()
     cols = block_table.shape[1]
@@ -127,7 +137,9 @@ def group_metadata(
     grids, bases, widths = [], [], []
     first = out_row = 0
     for num_seqs, q_len in layout.grids:
-        grids.append(_grid_gather(layout, table, first, num_seqs, q_len, num_tokens, block_size, sliding_window))
+        grids.append(
+            _grid_gather(layout, table, first, num_seqs, q_len, num_tokens, block_size, sliding_window, key_rope)
+        )
         bases.append(out_row + torch.arange(num_seqs, device=device) * q_len)
         widths.append(torch.full((num_seqs,), q_len, device=device))
         first += num_seqs
@@ -155,7 +167,7 @@ def _grid_attention(
     key_cache: torch.Tensor | None,
     value_cache: torch.Tensor,
     grid: GridGather,
-    keys_from_values: KeysFromValues | None,
+    key_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     """One grid's attention, `[S * Q, heads, D]`."""
     s_count, q_len = grid.query_rows.shape
@@ -165,8 +177,9 @@ def _grid_attention(
     keys_len = grid.key_positions.shape[1]
     values = value_cache[grid.key_blocks].reshape(s_count, keys_len, kv_heads, dim)
     if key_cache is None:
-        assert keys_from_values is not None, "K-as-V layers need keys_from_values"
-        keys = keys_from_values(values, grid.key_positions)
+        assert key_scale is not None and grid.key_rope is not None, "K-as-V layers need key_scale and key_rope"
+        cos, sin = grid.key_rope
+        keys = apply_rope(values * key_scale, cos, sin)
     else:
         keys = key_cache[grid.key_blocks].reshape(s_count, keys_len, kv_heads, dim)
     # Grouped-query attention without repeating K/V: each KV head serves `group` query heads,
@@ -186,13 +199,14 @@ def paged_attention(
     key_cache: torch.Tensor | None,
     value_cache: torch.Tensor,
     meta: GroupMetadata,
-    keys_from_values: KeysFromValues | None = None,
+    key_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend every step query `q [T, heads, D]` to the keys its sequence may see; returns `[T, heads, D]`.
 
-    `key_cache`/`value_cache` are one layer's pool tensors `[rows, block_size, kv_heads, D]`; K-as-V
-    layers pass `key_cache=None` and `keys_from_values`, which re-derives keys from the gathered
-    values at their positions. Scale is 1.0 (Gemma 4's QK-norm replaces 1/sqrt(d)).
+    `key_cache`/`value_cache` are one layer's pool tensors `[rows, block_size, kv_heads, D]`. K-as-V
+    layers pass `key_cache=None` and `key_scale [D]` (their k_norm weight): keys are re-derived from
+    the gathered (normed) values as `RoPE(values * key_scale)` at the key positions (`meta` built with
+    `key_rope`). Scale is 1.0 (Gemma 4's QK-norm replaces 1/sqrt(d)).
     """
-    outs = [_grid_attention(q, key_cache, value_cache, grid, keys_from_values) for grid in meta.grids]
+    outs = [_grid_attention(q, key_cache, value_cache, grid, key_scale) for grid in meta.grids]
     return (outs[0] if len(outs) == 1 else torch.cat(outs))[meta.token_index]
