@@ -88,7 +88,7 @@ class ModelRunner:
         """The padded shape of `batch`: a decode bucket, or bucketed prefill/mixed sizes."""
         num_seqs = len(batch.requests)
         if max(batch.num_tokens) == 1 and num_seqs <= self.buckets[-1]:
-            size = next(b for b in self.buckets if b >= num_seqs)
+            size = bucket(num_seqs, self.buckets[-1])
             # Graph buckets read tables of the full width; eager decode only what the batch needs.
             cols = self.max_cols if self.graphs is not None and size in self.graphs.sizes else self._table_cols(batch)
             return StepShape(size, size, 0, 1, cols)

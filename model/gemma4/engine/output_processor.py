@@ -62,9 +62,6 @@ class OutputProcessor:
             logprobs=[] if params.logprobs is not None else None,
         )
 
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self._states
-
     def process(self, records: Iterable[CoreOutput]) -> ProcessedOutputs:
         """One output per record of a request still tracked here."""
         outputs, stops = [], []

@@ -69,7 +69,6 @@ class StagedStep:
 
     tensors: StepTensors
     sampling: list[Request]
-    num_seqs: int  # real sequences (the rest of the bucket is padding)
 
 
 class StepBuffers:
@@ -157,7 +156,7 @@ class StepBuffers:
             self.device_buffer[:used].copy_(self.host[:used], non_blocking=True)
             if self._copied is not None:
                 self._copied.record()
-        return StagedStep(self._views(shape, sections), sampling, len(requests))
+        return StagedStep(self._views(shape, sections), sampling)
 
     def views(self, shape: StepShape) -> StepTensors:
         """The device tensors of a step of `shape` (the same storage every time: CUDA-graph inputs)."""
