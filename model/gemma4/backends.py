@@ -1,0 +1,127 @@
+"""The one place that knows devices: what a backend can do, and which implementation of each hot-path op runs.
+
+CUDA and ROCm run the Triton kernels (`gemma4.kernels`); the CPU and XLA run the torch reference ops
+(`gemma4.ops`), which are also the kernels' oracle. The CPU can run the kernels too, through Triton's
+interpreter (`TRITON_INTERPRET=1`, set before the kernels are imported): that is how the tests check
+the engine with kernels on. Code elsewhere asks a `Backend` or calls an `Ops` member; it does not
+test device strings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+KernelChoice = Literal["auto", "triton", "torch"]
+KERNEL_CHOICES: tuple[KernelChoice, ...] = ("auto", "triton", "torch")
+
+
+def triton_interpreter() -> bool:
+    """Whether Triton kernels run through the interpreter (on CPU tensors) in this process."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A device family and its capabilities."""
+
+    name: Literal["cuda", "rocm", "xla", "cpu"]
+    triton: bool  # Triton kernels compile and run here natively
+    cuda_graphs: bool  # decode steps can be captured and replayed
+
+    @property
+    def default_kernels(self) -> Literal["triton", "torch"]:
+        return "triton" if self.triton else "torch"
+
+
+def backend_of(device: torch.device | str) -> Backend:
+    """The backend of `device` (ROCm builds of torch report device type "cuda")."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        rocm = torch.version.hip is not None
+        return Backend("rocm" if rocm else "cuda", triton=True, cuda_graphs=True)
+    if kind == "xla":
+        return Backend("xla", triton=False, cuda_graphs=False)
+    if kind == "cpu":
+        return Backend("cpu", triton=False, cuda_graphs=False)
+    raise ValueError(f"unsupported device type {kind!r}: expected cuda (NVIDIA or ROCm), xla or cpu")
+
+
+@dataclass(frozen=True)
+class Ops:
+    """One implementation of every op the model and engine call on the hot path (same signatures either way)."""
+
+    kernels: Literal["triton", "torch"]
+    rms_norm: Callable[..., torch.Tensor]
+    residual_rms_norm: Callable[..., torch.Tensor]
+    norm_rope: Callable[..., torch.Tensor]
+    gelu_mul: Callable[..., torch.Tensor]
+    per_layer_inputs: Callable[..., torch.Tensor]
+    softcap_logits: Callable[..., torch.Tensor]
+    write_kv_normed: Callable[..., None]
+    attention_plan: Callable[..., Any]
+    paged_attention: Callable[..., torch.Tensor]
+    moe_route: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    moe_experts: Callable[..., torch.Tensor]
+    sample_draw: Callable[..., torch.Tensor]
+
+
+def reference_ops() -> Ops:
+    """The torch reference ops (CPU, XLA, and the oracle everywhere)."""
+    from gemma4.ops import moe, norms, paged_attention, sampling
+
+    return Ops(
+        kernels="torch",
+        rms_norm=norms.rms_norm,
+        residual_rms_norm=norms.residual_rms_norm,
+        norm_rope=norms.norm_rope,
+        gelu_mul=norms.gelu_mul,
+        per_layer_inputs=norms.per_layer_inputs,
+        softcap_logits=norms.softcap_logits,
+        write_kv_normed=norms.write_kv_normed,
+        attention_plan=paged_attention.group_metadata,
+        paged_attention=paged_attention.paged_attention,
+        moe_route=moe.route,
+        moe_experts=moe.moe_experts,
+        sample_draw=sampling.draw,
+    )
+
+
+def triton_ops() -> Ops:
+    """The Triton kernels (imported only here: the reference path never needs triton)."""
+    from gemma4.kernels import kv_write, moe, norms, paged_attention, sampling
+
+    return Ops(
+        kernels="triton",
+        rms_norm=norms.rms_norm,
+        residual_rms_norm=norms.residual_rms_norm,
+        norm_rope=norms.norm_rope,
+        gelu_mul=norms.gelu_mul,
+        per_layer_inputs=norms.per_layer_inputs,
+        softcap_logits=norms.softcap_logits,
+        write_kv_normed=kv_write.write_kv_normed,
+        attention_plan=paged_attention.attention_plan,
+        paged_attention=paged_attention.paged_attention,
+        moe_route=moe.route,
+        moe_experts=moe.moe_experts,
+        sample_draw=sampling.draw,
+    )
+
+
+def select_ops(device: torch.device | str, kernels: KernelChoice = "auto") -> Ops:
+    """The ops for `device`: `auto` = the backend's default; `triton` on a CPU needs the interpreter."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    backend = backend_of(device)
+    choice = backend.default_kernels if kernels == "auto" else kernels
+    if choice == "torch":
+        return reference_ops()
+    if not backend.triton and not (backend.name == "cpu" and triton_interpreter()):
+        raise ValueError(
+            f"kernels='triton' needs a CUDA or ROCm device (or, on the CPU, TRITON_INTERPRET=1 set before start); "
+            f"this replica runs on {backend.name}"
+        )
+    return triton_ops()
