@@ -9,6 +9,7 @@ test device strings.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -69,6 +70,7 @@ class Ops:
     sample_draw: Callable[..., torch.Tensor]
 
 
+@functools.cache
 def reference_ops() -> Ops:
     """The torch reference ops (CPU, XLA, and the oracle everywhere)."""
     from gemma4.ops import moe, norms, paged_attention, sampling
@@ -90,6 +92,7 @@ def reference_ops() -> Ops:
     )
 
 
+@functools.cache
 def triton_ops() -> Ops:
     """The Triton kernels (imported only here: the reference path never needs triton)."""
     from gemma4.kernels import kv_write, moe, norms, paged_attention, sampling
