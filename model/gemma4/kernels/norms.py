@@ -2,15 +2,15 @@
 norm's residual add and the layer scalar), QK-norm + RoPE, the Per-Layer-Embedding inputs, the gated
 GELU and the final logit softcap. Each has the signature of its torch reference op in `gemma4.ops.norms`.
 
-Design. Every kernel reads its inputs once from global memory, computes in fp32 and writes its output
-once: what the reference spreads over 4-8 torch kernels (casts, a mean, multiplies, a concat) is one
+Design. Every kernel reads its inputs from global memory once (wide norm rows twice, the second time
+from L1/L2), computes in fp32 and writes its output once: what the reference spreads over 4-8 torch kernels (casts, a mean, multiplies, a concat) is one
 launch. Where the reference rounds an intermediate to the model dtype (each torch op in bf16 rounds
 its result), the kernel rounds at the same place (`_round`), so it reproduces the reference up to the
 fp32 reduction order and `rsqrt` instead of `pow(., -0.5)`.
 
 - Norms: one program per row. Rows up to 1024 wide are one tile; wider rows (the hidden sizes
   1536-5376) loop over 1024-wide chunks twice, first summing squares, then normalising and storing
-  (the second read hits the cache). A single 8192-wide tile would waste a third of its lanes on a
+  (the second read hits L1/L2). A single 8192-wide tile would waste a third of its lanes on a
   5376 row and hold 64 values a thread; the chunk loop keeps 8 a thread at 4 warps.
 - QK-norm + RoPE: one program per (token, head). The head vector is loaded as its two halves, so the
   rotate_half pairing (x1[j], x2[j]) is elementwise between the two tiles: no shuffles, no second load.
@@ -18,8 +18,8 @@ fp32 reduction order and `rsqrt` instead of `pow(., -0.5)`.
 - PLE inputs: one program per (token, layer): gathers the layer's p-wide slice of the token's table
   row (ids >= Vp, and negative ids, read row 0), scales both parts, norms the context part, adds.
 - Gated GELU and softcap: a 2-D grid of (row, 1024-wide chunk), rows addressed by their stride, so a
-  view of a packed gate/up output needs no copy. `tanh` is exp-based (`tl.exp` of -2|x|: no overflow,
-  and Triton's interpreter has no libdevice); GELU uses `0.5 x (1 + tanh z) = x sigmoid(2z)`.
+  view of a packed gate/up output needs no copy. `tanh` (softcap and GELU's) is exp-based: `exp(-2|x|)`
+  never overflows, and Triton's interpreter has no libdevice.
 
 Launch choices (tile widths, warps) come from `row_tile` and the `*_launch` functions, which
 `shipped_configs()` calls with the real model widths: CI compiles exactly what runs.
@@ -533,7 +533,7 @@ def _gelu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, gate_row_stride, up_row_s
     dtype = out_ptr.dtype.element_ty
     gate = _load_f32(gate_ptr + row * gate_row_stride, cols, mask)
     inner = _SQRT_2_OVER_PI * (gate + _GELU_CUBIC * gate * gate * gate)
-    gelu = _round(gate * tl.sigmoid(2.0 * inner), dtype)
+    gelu = _round(0.5 * gate * (1.0 + _tanh(inner)), dtype)
     out = gelu * _load_f32(up_ptr + row * up_row_stride, cols, mask)
     tl.store(out_ptr + row * width + cols, out.to(dtype), mask=mask)
 
