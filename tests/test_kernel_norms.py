@@ -1,0 +1,306 @@
+"""The fused norm / RoPE / KV-write / PLE / GELU / softcap kernels equal their torch reference ops (fp32,
+Triton's interpreter), the reference ops equal the model's current code bit for bit (fp32 and bf16),
+and the kernels' custom ops compile with `fullgraph=True`."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module defines its kernels
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from gemma4 import modeling  # noqa: E402
+from gemma4.config import RopeConfig  # noqa: E402
+from gemma4.engine.llm import random_weights_model  # noqa: E402
+from gemma4.kernels import kv_write as kv_kernels  # noqa: E402
+from gemma4.kernels import norms as kernels  # noqa: E402
+from gemma4.ops import norms as ref  # noqa: E402
+from gemma4.ops.paged_attention import write_kv  # noqa: E402
+from gemma4.tiny import tiny_config  # noqa: E402
+
+EPS = 1e-6
+ATOL = 1e-5
+PROPORTIONAL = RopeConfig(theta=1_000_000.0, rope_type="proportional", partial_rotary_factor=0.25)
+BLOCK_SIZE = 4
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=_gen(seed)) * scale).to(dtype)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=1e-5)
+
+
+def _rope(head_dim: int, num_tokens: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proportional RoPE's cos/sin `[1, T, D]` at scattered positions: the tail pairs have cos 1, sin 0."""
+    positions = torch.randint(0, 5000, (1, num_tokens), generator=_gen(head_dim))
+    return modeling.RotaryEmbedding(PROPORTIONAL, head_dim)(positions, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels vs reference ops (fp32)
+
+
+@pytest.mark.parametrize("width", [96, 40, 1030])  # 1030: two 1024-wide chunks
+@pytest.mark.parametrize("leading", [(3,), (2, 3), (2, 1, 2)])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm(width: int, leading: tuple[int, ...], weighted: bool) -> None:
+    x = _randn(*leading, width, seed=width, scale=3.0)
+    weight = _randn(width, seed=1) if weighted else None
+    _close(kernels.rms_norm(x, weight, EPS), ref.rms_norm(x, weight, EPS))
+
+
+def test_rms_norm_of_a_strided_view() -> None:
+    packed = _randn(5, 2 * 96, seed=2)
+    x, weight = packed[:, 96:], _randn(96, seed=3)
+    _close(kernels.rms_norm(x, weight, EPS), ref.rms_norm(x, weight, EPS))
+
+
+@pytest.mark.parametrize("width", [96, 40])
+@pytest.mark.parametrize("leading", [(4,), (2, 3)])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_residual_rms_norm(width: int, leading: tuple[int, ...], with_scale: bool) -> None:
+    residual, x = _randn(*leading, width, seed=4), _randn(*leading, width, seed=5, scale=4.0)
+    weight = _randn(width, seed=6)
+    scale = torch.tensor([0.375]) if with_scale else None
+    expected = ref.residual_rms_norm(residual, x, weight, EPS, scale)
+    _close(kernels.residual_rms_norm(residual, x, weight, EPS, scale), expected)
+
+
+@pytest.mark.parametrize("head_dim", [64, 40])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_norm_rope(head_dim: int, weighted: bool) -> None:
+    num_tokens, heads = 5, 3
+    cos, sin = _rope(head_dim, num_tokens)
+    x = _randn(num_tokens, heads, head_dim, seed=7, scale=2.0)
+    weight = _randn(head_dim, seed=8) if weighted else None
+    _close(kernels.norm_rope(x, weight, cos[0], sin[0], EPS), ref.norm_rope(x, weight, cos[0], sin[0], EPS))
+    # The model's layout: [1, T, heads, D] with [1, T, D].
+    _close(kernels.norm_rope(x[None], weight, cos, sin, EPS), ref.norm_rope(x[None], weight, cos, sin, EPS))
+
+
+def _caches(kv_heads: int, head_dim: int, seed: int) -> torch.Tensor:
+    """A 5-row block_size-4 cache full of garbage (its untouched slots must survive)."""
+    return _randn(5, BLOCK_SIZE, kv_heads, head_dim, seed=seed, scale=9.0)
+
+
+@pytest.mark.parametrize("kind", ["k_and_v", "k_as_v", "k_as_v_with_keys"])
+@pytest.mark.parametrize("head_dim", [40, 64])
+def test_write_kv_normed(kind: str, head_dim: int) -> None:
+    num_tokens, kv_heads = 7, 2
+    k_raw = _randn(num_tokens, kv_heads, head_dim, seed=9, scale=3.0)
+    v_raw = None if kind != "k_and_v" else _randn(num_tokens, kv_heads, head_dim, seed=10)
+    k_weight = _randn(head_dim, seed=11)
+    cos, sin = (t[0] for t in _rope(head_dim, num_tokens))
+    token_mask = torch.tensor([1, 1, 0, 1, 1, 1, 0])
+    real_slots = BLOCK_SIZE + torch.randperm(4 * BLOCK_SIZE, generator=_gen(12))[:num_tokens]  # rows 1..4, shuffled
+    slot_mapping = torch.where(token_mask != 0, real_slots, torch.tensor([0, 0, 1, 0, 0, 0, 3]))  # padding: row 0
+    caches = {}
+    for name, op in (("reference", ref.write_kv_normed), ("kernel", kv_kernels.write_kv_normed)):
+        key_cache = None if kind == "k_as_v" else _caches(kv_heads, head_dim, seed=13)
+        value_cache = _caches(kv_heads, head_dim, seed=14)
+        op(k_raw, v_raw, k_weight, cos, sin, EPS, key_cache, value_cache, slot_mapping, token_mask)
+        caches[name] = (key_cache, value_cache)
+    (ref_keys, ref_values), (keys, values) = caches["reference"], caches["kernel"]
+    _close(values, ref_values)
+    assert torch.equal(values.view(-1, kv_heads, head_dim)[1], torch.zeros(kv_heads, head_dim))  # a padded slot
+    if ref_keys is not None:
+        _close(keys, ref_keys)
+
+
+@pytest.mark.parametrize("leading", [(6,), (2, 3)])
+def test_per_layer_inputs(leading: tuple[int, ...]) -> None:
+    num_layers, width, vocab = 3, 40, 10
+    ids = torch.tensor([1, 7, 12, 3, 10, 0]).reshape(leading)  # 12 and 10 are >= Vp: row 0
+    context = _randn(*leading, num_layers * width, seed=15, scale=5.0)
+    table, norm_weight = _randn(vocab, num_layers * width, seed=16), _randn(width, seed=17)
+    kwargs = dict(num_layers=num_layers, eps=EPS, token_scale=6.25, context_scale=0.125)
+    _close(
+        kernels.per_layer_inputs(ids, context, table, norm_weight, **kwargs),
+        ref.per_layer_inputs(ids, context, table, norm_weight, **kwargs),
+    )
+
+
+@pytest.mark.parametrize("width", [96, 40, 1500])
+def test_gelu_mul(width: int) -> None:
+    gate, up = _randn(3, 2, width, seed=18, scale=4.0), _randn(3, 2, width, seed=19)
+    _close(kernels.gelu_mul(gate, up), ref.gelu_mul(gate, up))
+
+
+def test_gelu_mul_of_a_packed_gate_up() -> None:
+    gate_up = _randn(5, 2 * 96, seed=20, scale=4.0)
+    gate, up = gate_up[:, :96], gate_up[:, 96:]
+    _close(kernels.gelu_mul(gate, up), ref.gelu_mul(gate, up))
+
+
+@pytest.mark.parametrize("cap", [30.0, 3.0, None])
+@pytest.mark.parametrize("leading", [(3,), (2, 2)])
+def test_softcap_logits(cap: float | None, leading: tuple[int, ...]) -> None:
+    logits = _randn(*leading, 1500, seed=21, scale=25.0)  # saturates at cap 3
+    out = kernels.softcap_logits(logits, cap)
+    assert out.dtype == torch.float32
+    _close(out, ref.softcap_logits(logits, cap))
+
+
+def test_softcap_logits_of_bf16_is_fp32() -> None:
+    logits = _randn(2, 700, seed=22, scale=25.0, dtype=torch.float16)
+    out = kernels.softcap_logits(logits, 30.0)
+    expected = torch.tanh(logits.double() / 30.0) * 30.0  # the kernel rounds nothing to the input dtype
+    torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference ops vs the model's current code, bit for bit
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_reference_norms_are_the_models(dtype: torch.dtype, with_scale: bool) -> None:
+    weighted = modeling.RMSNorm(96, EPS)
+    weightless = modeling.RMSNorm(96, EPS, with_scale=False)
+    with torch.no_grad():
+        weighted.weight.copy_(_randn(96, seed=23))
+    weighted.to(dtype)
+    x, residual = _randn(2, 5, 96, seed=24, scale=3.0, dtype=dtype), _randn(2, 5, 96, seed=25, dtype=dtype)
+    assert torch.equal(ref.rms_norm(x, weighted.weight, EPS), weighted(x))
+    assert torch.equal(ref.rms_norm(x, None, EPS), weightless(x))
+    scale = torch.tensor([0.375], dtype=dtype) if with_scale else None  # the layer_scalar buffer, in the model dtype
+    expected = residual + weighted(x)
+    if scale is not None:
+        expected = expected * scale
+    assert torch.equal(ref.residual_rms_norm(residual, x, weighted.weight, EPS, scale), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_norm_rope_and_kv_write_are_the_models(dtype: torch.dtype) -> None:
+    num_tokens, kv_heads, head_dim = 6, 2, 64
+    k_norm = modeling.RMSNorm(head_dim, EPS)
+    v_norm = modeling.RMSNorm(head_dim, EPS, with_scale=False)
+    with torch.no_grad():
+        k_norm.weight.copy_(_randn(head_dim, seed=26))
+    k_norm.to(dtype)
+    cos, sin = _rope(head_dim, num_tokens, dtype)
+    k_raw = _randn(1, num_tokens, kv_heads, head_dim, seed=27, scale=3.0, dtype=dtype)
+    v_raw = _randn(1, num_tokens, kv_heads, head_dim, seed=28, dtype=dtype)
+    model_keys = modeling.apply_rope(k_norm(k_raw), cos, sin)
+    assert torch.equal(ref.norm_rope(k_raw, k_norm.weight, cos, sin, EPS), model_keys)
+    assert torch.equal(ref.norm_rope(k_raw[0], k_norm.weight, cos[0], sin[0], EPS), model_keys[0])
+
+    token_mask = torch.tensor([1, 1, 1, 0, 1, 0])
+    slot_mapping = torch.tensor([9, 4, 17, 2, 6, 3])
+    for v_in in (v_raw, None):  # a layer with v_proj; a K-as-V layer (values from the raw keys)
+        expected = torch.zeros(5, BLOCK_SIZE, kv_heads, head_dim, dtype=dtype)
+        write_kv(expected, slot_mapping, v_norm(k_raw if v_in is None else v_in)[0], token_mask)
+        expected_keys = torch.zeros_like(expected)
+        write_kv(expected_keys, slot_mapping, model_keys[0], token_mask)
+        values, keys = torch.zeros_like(expected), torch.zeros_like(expected)
+        v_arg = None if v_in is None else v_in[0]
+        ref.write_kv_normed(k_raw[0], v_arg, k_norm.weight, cos[0], sin[0], EPS, keys, values, slot_mapping, token_mask)
+        assert torch.equal(values, expected) and torch.equal(keys, expected_keys)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_per_layer_inputs_is_the_models(dtype: torch.dtype) -> None:
+    config = tiny_config("e2b")
+    text = config.text
+    model = random_weights_model(config, dtype=dtype, device="cpu").model
+    with torch.no_grad():
+        model.per_layer_projection_norm.weight.copy_(_randn(text.hidden_size_per_layer_input, seed=29))
+    ids = torch.randint(0, text.vocab_size, (2, 5), generator=_gen(30))
+    embeds = model.embed_tokens(ids)
+    ple_ids = ids.clone()
+    ple_ids[0, 1], ple_ids[1, 3] = text.vocab_size_per_layer_input, text.vocab_size_per_layer_input + 77
+    expected = model.per_layer_inputs(ple_ids, embeds)
+    actual = ref.per_layer_inputs(
+        ple_ids,
+        model.per_layer_model_projection(embeds),
+        model.embed_tokens_per_layer.weight,
+        model.per_layer_projection_norm.weight,
+        num_layers=text.num_hidden_layers,
+        eps=text.rms_norm_eps,
+        token_scale=model.embed_tokens_per_layer.rounded_scales[dtype],
+        context_scale=text.hidden_size**-0.5,
+    )
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_gelu_and_softcap_are_the_models(dtype: torch.dtype) -> None:
+    gate, up = _randn(4, 96, seed=31, scale=3.0, dtype=dtype), _randn(4, 96, seed=32, dtype=dtype)
+    assert torch.equal(ref.gelu_mul(gate, up), modeling.gelu_tanh(gate) * up)
+    logits, cap = _randn(3, 200, seed=33, scale=40.0, dtype=dtype), 30.0
+    assert torch.equal(ref.softcap_logits(logits, cap), (torch.tanh(logits / cap) * cap).float())
+    assert torch.equal(ref.softcap_logits(logits, None), logits.float())
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.compile and the shipped configurations
+
+
+def test_ops_compile_fullgraph() -> None:
+    """One graph through every op (the KV write mutating its caches) matches eager."""
+    width, heads, head_dim, num_tokens = 40, 2, 40, 3
+    cos, sin = (t[0] for t in _rope(head_dim, num_tokens))
+
+    def step(x, residual, q, k_raw, key_cache, value_cache, logits, ids, context, table):  # noqa: ANN001, ANN202
+        h = kernels.rms_norm(x, None, EPS)
+        h = kernels.residual_rms_norm(residual, h, x[0], EPS, torch.ones(1))
+        h = kernels.gelu_mul(h, x)
+        q = kernels.norm_rope(q, None, cos, sin, EPS)
+        slots, mask = torch.arange(num_tokens), torch.ones(num_tokens, dtype=torch.long)
+        kv_kernels.write_kv_normed(k_raw, None, q[0, 0], cos, sin, EPS, key_cache, value_cache, slots, mask)
+        ple = kernels.per_layer_inputs(
+            ids, context, table, x[0], num_layers=2, eps=EPS, token_scale=2.0, context_scale=0.5
+        )
+        return h, q, kernels.softcap_logits(logits, 30.0), ple, value_cache.sum()
+
+    def inputs() -> tuple[torch.Tensor, ...]:
+        return (
+            _randn(num_tokens, width, seed=34),
+            _randn(num_tokens, width, seed=35),
+            _randn(num_tokens, heads, head_dim, seed=36),
+            _randn(num_tokens, heads, head_dim, seed=37),
+            torch.zeros(2, BLOCK_SIZE, heads, head_dim),
+            torch.zeros(2, BLOCK_SIZE, heads, head_dim),
+            _randn(num_tokens, 50, seed=38, scale=40.0),
+            torch.tensor([0, 5, 9]),
+            _randn(num_tokens, 2 * width, seed=39),
+            _randn(7, 2 * width, seed=40),
+        )
+
+    eager_inputs, compiled_inputs = inputs(), inputs()
+    expected = step(*eager_inputs)
+    actual = torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled_inputs)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+    for a, e in zip(compiled_inputs, eager_inputs):  # the caches were written alike
+        assert torch.equal(a, e)
+
+
+def test_shipped_configs() -> None:
+    """Few configs a module, distinct, both dtypes; the launches at the real sizes are among them."""
+    for module in (kernels, kv_kernels):
+        configs = module.shipped_configs()
+        names = [c.name for c in configs]
+        assert len(set(names)) == len(names) < 20
+        assert any(",bf16]" in n for n in names) and any(",fp16]" in n for n in names)
+    shipped = {(c.kernel, tuple(c.constexprs.items()), c.num_warps) for c in kernels.shipped_configs()}
+    for width in kernels.HIDDEN_SIZES:
+        launch = kernels.rms_norm_launch(width, True, True, True)
+        assert (kernels._rms_norm_kernel, tuple(launch.constexprs.items()), launch.num_warps) in shipped
+    kv_shipped = {tuple(c.constexprs.items()) for c in kv_kernels.shipped_configs()}
+    for head_dim in kernels.HEAD_DIMS:
+        assert tuple(kv_kernels.write_kv_normed_launch(head_dim, False, False, True).constexprs.items()) in kv_shipped
