@@ -24,7 +24,9 @@ from gemma4.ops import sampling
 from gemma4.ops.sampling import apply_penalties, mask_tokens, record_tokens, row_keys, seed_keys
 
 # (logits, top_k, temperature, top_p, min_p, row keys, k) -> tokens: `gemma4.ops.sampling.draw`'s signature.
-DrawFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+DrawFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor
+]
 
 _SEED_RANGE = 2**63 - 1
 
@@ -89,7 +91,9 @@ class Sampler:
     `draw` turns the non-greedy rows' logits into tokens (the torch reference, or a kernel with its signature).
     """
 
-    def __init__(self, vocab_size: int, device: torch.device | str, seed: int = 0, draw: DrawFn = sampling.draw) -> None:
+    def __init__(
+        self, vocab_size: int, device: torch.device | str, seed: int = 0, draw: DrawFn = sampling.draw
+    ) -> None:
         self.vocab_size = vocab_size
         self._draw_fn = draw
         device = torch.device(device)
