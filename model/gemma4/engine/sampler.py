@@ -14,12 +14,19 @@ Logprobs are those of the model's raw distribution. One device-to-host copy per 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from gemma4.engine.request import Request
-from gemma4.ops.sampling import apply_penalties, filtered_probs, mask_tokens, race, record_tokens, row_keys, seed_keys
+from gemma4.ops import sampling
+from gemma4.ops.sampling import apply_penalties, mask_tokens, record_tokens, row_keys, seed_keys
+
+# (logits, top_k, temperature, top_p, min_p, row keys, k) -> tokens: `gemma4.ops.sampling.draw`'s signature.
+DrawFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor
+]
 
 _SEED_RANGE = 2**63 - 1
 
@@ -79,10 +86,16 @@ _TOP_K, _SEED_KEY = range(2)
 
 
 class Sampler:
-    """Batched sampling with per-request state; `remove` a request when it finishes or is aborted."""
+    """Batched sampling with per-request state; `remove` a request when it finishes or is aborted.
 
-    def __init__(self, vocab_size: int, device: torch.device | str, seed: int = 0) -> None:
+    `draw` turns the non-greedy rows' logits into tokens (the torch reference, or a kernel with its signature).
+    """
+
+    def __init__(
+        self, vocab_size: int, device: torch.device | str, seed: int = 0, draw: DrawFn = sampling.draw
+    ) -> None:
         self.vocab_size = vocab_size
+        self._draw_fn = draw
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -240,13 +253,11 @@ class Sampler:
         index = None if everyone else self._upload(rows, torch.int64)
         if index is not None:
             logits, slots, output_index = logits.index_select(0, index), slots.index_select(0, index), output_index.index_select(0, index)
-        if k < self.vocab_size:
-            candidates, ids = torch.topk(logits, k, dim=-1)
-        else:
-            candidates, ids = torch.sort(logits, dim=-1, descending=True)
         floats, ints = self._params.tensors["floats"][slots], self._params.tensors["ints"][slots]
-        probs = filtered_probs(candidates, ints[:, _TOP_K], floats[:, _TEMPERATURE], floats[:, _TOP_P], floats[:, _MIN_P])
-        drawn = race(probs, ids, row_keys(ints[:, _SEED_KEY], output_index))
+        drawn = self._draw_fn(
+            logits, ints[:, _TOP_K], floats[:, _TEMPERATURE], floats[:, _TOP_P], floats[:, _MIN_P],
+            row_keys(ints[:, _SEED_KEY], output_index), k,
+        )
         if index is None:
             return drawn
         return tokens.index_copy(0, index, drawn)

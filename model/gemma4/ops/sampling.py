@@ -121,3 +121,27 @@ def race(probs: torch.Tensor, token_ids: torch.Tensor, keys: torch.Tensor) -> to
     candidate with the largest `p / E`, `E` the row's exponential noise for that token."""
     choice = torch.argmax(probs / exponential_noise(keys, token_ids), dim=-1, keepdim=True)
     return token_ids.gather(1, choice).squeeze(1)
+
+
+def draw(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    keys: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """One token per row (int64 `[M]`) drawn from `logits [M, V]` (fp32) after its filters.
+
+    Candidates are each row's best `k` logits (`k` at least every row's `top_k`; `k >= V`: the whole
+    sorted row), filtered by `filtered_probs` (`top_k >= V` means no top-k) and raced with the row
+    `keys` (`row_keys`). Temperatures must be positive: greedy rows take the argmax elsewhere.
+    """
+    vocab = logits.shape[-1]
+    if k < vocab:
+        candidates, ids = torch.topk(logits, k, dim=-1)
+    else:
+        candidates, ids = torch.sort(logits, dim=-1, descending=True)
+    probs = filtered_probs(candidates, top_k, temperature, top_p, min_p)
+    return race(probs, ids, keys)
