@@ -159,3 +159,13 @@ def test_compiled_moe_experts_equals_eager(n: int) -> None:
     inputs = expert_inputs(random_route(n, 4, E, seed=n, avoid=2), 32, 16, seed=2)
     compiled = torch.compile(kernel.moe_experts, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*inputs), kernel.moe_experts(*inputs), atol=0, rtol=0)
+
+
+def test_custom_ops_pass_opcheck() -> None:
+    """Schema, fake (meta) kernels and tracing of both ops, by torch's own checker."""
+    gen = torch.Generator().manual_seed(4)
+    torch.library.opcheck(torch.ops.gemma4.moe_route.default, (torch.randn(5, E, generator=gen), torch.rand(E), 4))
+    x, weights, experts, gate_up_proj, down_proj = expert_inputs(random_route(20, 4, E, seed=4), 32, 16, seed=4)
+    sorted_ids, block_expert, _ = kernel.align(experts, E, kernel.path_tiles(20).block_m)
+    args = (x, weights, sorted_ids, block_expert, gate_up_proj, down_proj)
+    torch.library.opcheck(torch.ops.gemma4.moe_expert_gemms.default, args)

@@ -22,6 +22,10 @@ Experts (`moe_experts`), with A = N*k assignments (assignment `n*k + j` is token
    dtype. The M-block index varies fastest in both grids, so the blocks of one expert run next to
    each other and share its weight tiles through L2.
 
+Custom ops: `gemma4::moe_route` (the routing launch) and `gemma4::moe_expert_gemms` (both GEMM
+launches, so the activation buffer, whose padding rows stay unwritten, never leaves the op). The
+alignment is plain torch code between them, visible to torch.compile.
+
 Rounding follows the reference ops step by step: gate and up are rounded to x's dtype, the GELU
 result is rounded, then the product; the down projection is rounded before the fp32 weight is
 applied and rounded again. Accumulation is fp32 throughout.
@@ -364,68 +368,52 @@ def _down_constexprs(tiles: PathTiles, hidden: int, intermediate: int, num_exper
     }
 
 
-def _check_blocks(tiles: PathTiles, sorted_ids: torch.Tensor, block_expert: torch.Tensor) -> None:
-    if sorted_ids.numel() != block_expert.numel() * tiles.block_m:
-        raise ValueError(f"alignment has {sorted_ids.numel()} slots in {block_expert.numel()} blocks, "
-                         f"not blocks of {tiles.block_m}")
-
-
-@torch.library.custom_op("gemma4::moe_gate_up", mutates_args=())
-def _gate_up_op(
-    x: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, gate_up_proj: torch.Tensor, top_k: int
+@torch.library.custom_op("gemma4::moe_expert_gemms", mutates_args=())
+def _expert_gemms_op(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
 ) -> torch.Tensor:
-    tiles = path_tiles(x.shape[0])
-    _check_blocks(tiles, sorted_ids, block_expert)
-    num_experts, two_intermediate, hidden = gate_up_proj.shape
-    intermediate = two_intermediate // 2
+    """Both grouped GEMMs over aligned assignments: each assignment's weighted result, `[N, k, H]`.
+
+    One op for both launches keeps the activation buffer internal: its padding rows are never
+    written (nor read), which an op output could not leave undefined.
+    """
+    num_tokens, top_k = weights.shape
+    tiles = path_tiles(num_tokens)
+    blocks = block_expert.numel()
+    if sorted_ids.numel() != blocks * tiles.block_m:
+        raise ValueError(f"{sorted_ids.numel()} aligned slots are not {blocks} blocks of {tiles.block_m}")
+    num_experts, hidden, intermediate = down_proj.shape
+    x, gate_up_proj, down_proj = x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
     act = x.new_empty(sorted_ids.numel(), intermediate)
-    grid = (block_expert.numel(), triton.cdiv(intermediate, tiles.gate_up.block_n))
-    _gate_up_kernel[grid](
-        x.contiguous(), sorted_ids, block_expert, gate_up_proj.contiguous(), act, x.shape[0] * top_k,
+    _gate_up_kernel[(blocks, triton.cdiv(intermediate, tiles.gate_up.block_n))](
+        x, sorted_ids, block_expert, gate_up_proj, act, weights.numel(),
         **_gate_up_constexprs(tiles, hidden, intermediate, num_experts, top_k),
         num_warps=tiles.gate_up.num_warps, num_stages=tiles.gate_up.num_stages,
     )
-    return act
-
-
-@_gate_up_op.register_fake
-def _(
-    x: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, gate_up_proj: torch.Tensor, top_k: int
-) -> torch.Tensor:
-    return x.new_empty(sorted_ids.shape[0], gate_up_proj.shape[1] // 2)
-
-
-@torch.library.custom_op("gemma4::moe_down", mutates_args=())
-def _down_op(
-    act: torch.Tensor,
-    sorted_ids: torch.Tensor,
-    block_expert: torch.Tensor,
-    weights: torch.Tensor,
-    down_proj: torch.Tensor,
-) -> torch.Tensor:
-    num_tokens, top_k = weights.shape
-    tiles = path_tiles(num_tokens)
-    _check_blocks(tiles, sorted_ids, block_expert)
-    num_experts, hidden, intermediate = down_proj.shape
-    out = act.new_empty(num_tokens, top_k, hidden)
-    grid = (block_expert.numel(), triton.cdiv(hidden, tiles.down.block_n))
-    _down_kernel[grid](
-        act, sorted_ids, block_expert, weights.float().contiguous(), down_proj.contiguous(), out, weights.numel(),
+    out = x.new_empty(num_tokens, top_k, hidden)
+    _down_kernel[(blocks, triton.cdiv(hidden, tiles.down.block_n))](
+        act, sorted_ids, block_expert, weights.float().contiguous(), down_proj, out, weights.numel(),
         **_down_constexprs(tiles, hidden, intermediate, num_experts),
         num_warps=tiles.down.num_warps, num_stages=tiles.down.num_stages,
     )
     return out
 
 
-@_down_op.register_fake
+@_expert_gemms_op.register_fake
 def _(
-    act: torch.Tensor,
+    x: torch.Tensor,
+    weights: torch.Tensor,
     sorted_ids: torch.Tensor,
     block_expert: torch.Tensor,
-    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
 ) -> torch.Tensor:
-    return act.new_empty(weights.shape[0], weights.shape[1], down_proj.shape[1])
+    return x.new_empty(weights.shape[0], weights.shape[1], down_proj.shape[1])
 
 
 def moe_experts(
@@ -443,8 +431,7 @@ def moe_experts(
         raise ValueError(f"expert weights ({gate_up_proj.dtype}, {down_proj.dtype}) must have x's dtype {x.dtype}")
     tiles = path_tiles(x.shape[0])
     sorted_ids, block_expert, _ = align(experts, down_proj.shape[0], tiles.block_m)
-    act = torch.ops.gemma4.moe_gate_up(x, sorted_ids, block_expert, gate_up_proj, experts.shape[1])
-    per_assignment = torch.ops.gemma4.moe_down(act, sorted_ids, block_expert, weights, down_proj)
+    per_assignment = torch.ops.gemma4.moe_expert_gemms(x, weights, sorted_ids, block_expert, gate_up_proj, down_proj)
     return per_assignment.sum(dim=1)  # in x's dtype, as the reference sums its k slots
 
 
