@@ -1,5 +1,8 @@
 """Routed experts of a MoE layer as fixed-shape tensor code: no host syncs, no data-dependent shapes.
 
+`route(scores, per_expert_scale, top_k)` turns router logits into each token's expert weights and
+indices (the tail of `Router.forward`); `moe_experts` runs the chosen experts.
+
 `moe_experts(x, weights, experts, gate_up_proj, down_proj)` returns, for every token n,
 `sum_j weights[n, j] * down[e](gelu_tanh(gate[e] x[n]) * up[e] x[n])` with `e = experts[n, j]`. Each
 assignment's result (in x's dtype) is multiplied by its fp32 weight, cast to x's dtype, and the k
@@ -44,6 +47,17 @@ def formulation(
     if device.type == "cuda" and torch.version.hip is None and dtype == torch.bfloat16 and aligned:
         return "grouped"
     return "dense"
+
+
+def route(scores: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert weights `[N, top_k]` fp32 and indices `[N, top_k]` int64 from router logits `scores [N, E]`.
+
+    Softmax in fp32, the top-k probabilities renormalised to sum to one, each times its expert's scale.
+    """
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, k=top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * per_expert_scale[experts], experts
 
 
 def moe_experts(
