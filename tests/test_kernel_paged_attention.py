@@ -271,3 +271,44 @@ def test_misaligned_queries_are_refused() -> None:
     shifted = torch.randn(2 * 32 + 1)[1:].view(1, 2, 32)  # 4 bytes off a 16-byte boundary
     with pytest.raises(ValueError, match="aligned"):
         kernel.paged_attention(shifted, step.keys, step.values, plan)
+
+
+def _poison_outside_windows(step: Step, window: int | None) -> Step:
+    """The step with NaN in every cache slot no query may see (before the sequences' windows, past their
+    contexts, blocks no one owns) and table entries outside the windows pointing at a NaN block (as
+    released ones may): any read of them would turn the output NaN."""
+    bs = step.values.shape[1]
+    tables = step.tables.clone()
+    poison_block = max(set(range(1, step.values.shape[0])) - set(tables.flatten().tolist()))  # owned by no one
+    caches = [c for c in (step.keys, step.values) if c is not None]
+    poisoned = [torch.full_like(c, float("nan")) for c in caches]
+    for p in poisoned:
+        p[0] = 0  # the null block stays zero
+    layout = step.layout
+    for s in range(tables.shape[0]):
+        context, query = int(layout.context_len[s]), int(layout.query_len[s])
+        lo = 0 if window is None else max(0, context - query - window + 1)
+        for pos in range(lo, context):
+            block = int(tables[s, pos // bs])
+            for clean, dirty in zip(caches, poisoned):
+                dirty[block, pos % bs] = clean[block, pos % bs]
+        outside = [b for b in range(tables.shape[1]) if not lo // bs <= b < -(-context // bs)]
+        tables[s, outside] = poison_block
+    keys = poisoned[0] if step.keys is not None else None
+    return replace(step, keys=keys, values=poisoned[-1], tables=tables)
+
+
+@pytest.mark.parametrize(("window", "k_as_v", "splits"), [(5, False, None), (9, True, 3), (None, False, 2)])
+def test_reads_only_the_keys_in_the_windows(window: int | None, k_as_v: bool, splits: int | None) -> None:
+    seqs = [(0, 41, 1), (1, 13, 1), (2, 30, 7), (3, 9, 9)]
+    step = make_step(seqs, num_tokens=20, grids=((2, 1), (2, 9)), block_size=4, cols=12, heads=4, kv_heads=1, dim=32,
+                     k_as_v=k_as_v, seed=11)
+    args = dict(block_size=4, sliding_window=window, key_inv_freq=step.inv_freq)
+    meta = ref.group_metadata(step.layout, step.positions, step.tables, **args)
+    expected = ref.paged_attention(step.q, step.keys, step.values, meta, step.key_scale)
+    dirty = _poison_outside_windows(step, window)
+    plan = kernel.attention_plan(dirty.layout, dirty.positions, dirty.tables, **args)
+    out = kernel.paged_attention(dirty.q, dirty.keys, dirty.values, plan, dirty.key_scale, num_splits=splits)
+    real = step.layout.token_mask.bool()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
