@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -42,8 +43,9 @@ def _step(seqs: list[tuple[int, int, int]], num_tokens: int, grids: tuple[tuple[
     return layout, positions, tables
 
 
-def _oracle(q, keys, values, seqs, tables, positions, window):
-    """Each sequence on its own: its keys 0..context-1 read through its table, causal (+ window) SDPA."""
+def _oracle(q, keys, values, seqs, tables, positions, window, span_ids=None):
+    """Each sequence on its own: its keys 0..context-1 read through its table, causal (+ window) SDPA;
+    with `span_ids`, queries also see the later keys of their span (this step's keys only)."""
     out = torch.zeros_like(q)
     row = 0
     for i, context, query in seqs:
@@ -53,6 +55,10 @@ def _oracle(q, keys, values, seqs, tables, positions, window):
         qp = positions[row : row + query]
         kp = torch.arange(context)
         allowed = kp[None, :] <= qp[:, None]
+        if span_ids is not None:
+            span_q = span_ids[row : row + query]
+            span_k = torch.cat([torch.full((context - query,), -1), span_q])
+            allowed |= (span_q[:, None] == span_k[None, :]) & (span_q[:, None] >= 0)
         if window is not None:
             allowed &= qp[:, None] - kp[None, :] < window
         attn = F.scaled_dot_product_attention(
@@ -84,13 +90,8 @@ def test_mixed_padded_step_equals_per_sequence_attention(window: int | None, k_a
     q = torch.randn(num_tokens, HEADS, DIM, generator=gen)
     scale = torch.randn(DIM, generator=gen)
     rotary = RotaryEmbedding(RopeConfig(theta=10_000.0, partial_rotary_factor=0.5), DIM)  # proportional RoPE
-
-    def key_rope(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotary(pos, torch.float32)
-
-    meta = group_metadata(
-        layout, positions, tables, block_size=BS, sliding_window=window, key_rope=key_rope if k_as_v else None
-    )
+    inv_freq = rotary.inv_freq if k_as_v else None
+    meta = group_metadata(layout, positions, tables, block_size=BS, sliding_window=window, key_inv_freq=inv_freq)
     out = paged_attention(q, keys, values, meta, scale if k_as_v else None)
     assert out.shape == q.shape and torch.isfinite(out).all()
     if k_as_v:  # the oracle reads the keys the op derives, slot by slot: RoPE(values * scale) at each slot's position
@@ -98,11 +99,51 @@ def test_mixed_padded_step_equals_per_sequence_attention(window: int | None, k_a
         for i, context, _ in MIXED:
             for p in range(context):
                 slot_pos[int(tables[i, p // BS]) * BS + p % BS] = p
-        cos, sin = key_rope(slot_pos[None])
+        cos, sin = rotary(slot_pos[None], torch.float32)
         keys = apply_rope((values.view(-1, KV_HEADS, DIM) * scale)[None], cos, sin)[0].view_as(values)
     expected = _oracle(q, keys, values, MIXED, tables, positions, window)
     real = layout.token_mask.bool()
     torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+# Chunks with several spans: one touching the chunk's start, one its end, one longer than the window.
+SPAN_SEQS = [(4, 19, 12), (0, 9, 1), (5, 14, 14), (1, 30, 1)]
+SPAN_GRIDS = ((4, 1), (4, 16))
+
+
+def _span_ids(num_tokens: int) -> torch.Tensor:
+    spans = torch.full((num_tokens,), -1)
+    spans[0:3] = 7  # slot 4's chunk (rows 0-11, positions 7-18): a span at its start
+    spans[5:7] = 2
+    spans[9:12] = 3  # ... and one at its end
+    spans[13:22] = 7  # slot 5's chunk (rows 13-26): id 7 again, a span of 9 > the window
+    spans[24:27] = 4
+    spans[12] = 5  # a decode token in a span of its own
+    return spans
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_spans_see_their_later_keys(window: int | None) -> None:
+    rows, cols, num_tokens = 64, 8, 32
+    layout, positions, tables = _step(SPAN_SEQS, num_tokens, SPAN_GRIDS, cols, rows)
+    span_ids = _span_ids(num_tokens)
+    layout = dataclasses.replace(layout, span_ids=span_ids)
+    gen = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(2, rows, BS, KV_HEADS, DIM, generator=gen)
+    keys[0] = values[0] = 0
+    q = torch.randn(num_tokens, HEADS, DIM, generator=gen)
+    meta = group_metadata(layout, positions, tables, block_size=BS, sliding_window=window, spans=True)
+    out = paged_attention(q, keys, values, meta)
+    assert torch.isfinite(out).all()
+    expected = _oracle(q, keys, values, SPAN_SEQS, tables, positions, window, span_ids)
+    real = layout.token_mask.bool()
+    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
+    causal = _oracle(q, keys, values, SPAN_SEQS, tables, positions, window)
+    assert not torch.allclose(out[real], causal[real])  # the spans did change something
+    # Without `spans` the same layout attends causally.
+    causal_meta = group_metadata(layout, positions, tables, block_size=BS, sliding_window=window)
+    plain = paged_attention(q, keys, values, causal_meta)
+    torch.testing.assert_close(plain[real], causal[real], atol=1e-5, rtol=1e-5)
 
 
 def test_writes_go_to_table_slots_and_padding_writes_zeros_to_the_null_block() -> None:

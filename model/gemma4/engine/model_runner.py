@@ -69,17 +69,14 @@ class ModelRunner:
         self._decode_forward = torch.compile(self.eager_forward, fullgraph=True, dynamic=False) if torch_compile else self.eager_forward
         self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
 
-    def _key_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K-as-V (global) layers' RoPE at key positions: their keys are the stored values times k_norm's weight, rotated."""
-        return self.model.model.rotary[FULL](positions, self.dtype)
-
     def forward(self, step: StepTensors) -> torch.Tensor:
         """The model over a staged step: fp32 logits of the sampling rows, `[S, vocab]` (compiled for
         decode steps when `torch_compile` is on; prefill and mixed steps, whose shapes vary most, run eagerly)."""
         return (self._decode_forward if step.shape.prefill_seqs == 0 else self.eager_forward)(step)
 
     def eager_forward(self, step: StepTensors) -> torch.Tensor:
-        attention = PagedAttention(self.cache, step, self._k_norm, self._key_rope)
+        # K-as-V (global) layers' keys are the stored values times k_norm's weight, rotated by the global RoPE.
+        attention = PagedAttention(self.cache, step, self._k_norm, self.model.model.rotary[FULL].inv_freq)
         token_mask = (step.layout.token_mask != 0)[None]
         hidden = self.model.hidden_states(step.input_ids[None], step.positions[None], attention, token_mask=token_mask)
         return self.model.compute_logits(hidden[0, step.sample_rows]).float()

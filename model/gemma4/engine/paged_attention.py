@@ -24,7 +24,7 @@ import torch
 from gemma4.config import LayerSpec
 from gemma4.engine.step_inputs import StepTensors
 from gemma4.kv_layout import NULL_BLOCK, CacheGroup, pool_rows
-from gemma4.ops.paged_attention import KeyRope, group_metadata, paged_attention, write_kv
+from gemma4.ops.paged_attention import group_metadata, paged_attention, write_kv
 
 DEBUG_CHECKS_ENV = "GEMMA4_DEBUG_CHECKS"
 
@@ -121,9 +121,10 @@ class PagedAttention:
     """
 
     def __init__(
-        self, cache: PagedKVCache, step: StepTensors, key_scales: dict[int, torch.Tensor], key_rope: KeyRope
+        self, cache: PagedKVCache, step: StepTensors, key_scales: dict[int, torch.Tensor], key_inv_freq: torch.Tensor
     ) -> None:
-        """`key_scales`: each K-as-V producer layer's k_norm weight; `key_rope`: the RoPE of those layers."""
+        """`key_scales`: each K-as-V producer layer's k_norm weight; `key_inv_freq`: the RoPE frequencies of
+        those layers (`RotaryEmbedding.inv_freq`)."""
         self.cache = cache
         self.key_scales = key_scales
         self.token_mask = step.layout.token_mask
@@ -134,7 +135,7 @@ class PagedAttention:
                 table,
                 block_size=cache.block_size,
                 sliding_window=group.sliding_window,
-                key_rope=key_rope if keys is None else None,
+                key_inv_freq=key_inv_freq if keys is None else None,
             )
             for group, table, keys in zip(cache.groups, step.block_tables, cache.keys)
         ]

@@ -11,6 +11,11 @@ once per cache group per step (`GroupMetadata`), and shared by every layer of th
 shapes are functions of the bucket sizes only, so the op compiles with `fullgraph=True` and is
 captured in CUDA graphs. It is the CPU and XLA path and the oracle of the Triton kernels.
 
+Bidirectional spans (sliding layers of the vision models): queries of one span (an image's soft
+tokens, `SequenceLayout.span_ids`) also see the later keys of their span, `(k > q - W) & (k <= q |
+same span)`. A span lies within one step (the scheduler never splits one), so only keys written in
+this step carry a span id; earlier keys count as none.
+
 Padding never produces NaN: padded query rows attend to their row's first key slot (finite: padded
 tokens write zeros, to the null block only), and their outputs are dropped.
 """
@@ -18,15 +23,11 @@ tokens write zeros, to the null block only), and their outputs are dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from gemma4.modeling import apply_rope
-
-# Key positions [S, L] -> their RoPE (cos, sin), each [S, L, D]: how K-as-V layers rotate derived keys.
-KeyRope = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class SequenceLayout:
     `token_mask [T]` is nonzero for real tokens (an integer tensor: it may be a view of a CUDA graph's
     input buffer, converted inside the step). `grids` are the static (sequences, query length) of
     the padded query grids, in sequence order: `((S_d, 1), (S_p, Q))`, empty grids left out.
+    `span_ids [T]` (integers, -1 outside spans) marks the bidirectional spans of the step's tokens;
+    layers attend through them only where `group_metadata(..., spans=True)`.
     """
 
     query_start: torch.Tensor
@@ -46,6 +49,7 @@ class SequenceLayout:
     token_seq: torch.Tensor
     token_mask: torch.Tensor
     grids: tuple[tuple[int, int], ...]
+    span_ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class GridGather:
     key_blocks: torch.Tensor  # [S, B] block ids of the keys each sequence may see
     key_positions: torch.Tensor  # [S, B * block_size]
     mask: torch.Tensor  # [S, 1, Q, L] True where a query may attend to a key
-    key_rope: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [S, L, D] at the key positions (K-as-V groups)
+    key_rope: tuple[torch.Tensor, torch.Tensor] | None  # fp32 (cos, sin) [S, L, D] at the key positions (K-as-V)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,32 @@ def key_blocks(sliding_window: int | None, block_size: int, table_cols: int, que
     return min(table_cols, -(-(sliding_window - 1 + query_len) // block_size) + 1)
 
 
+def rope_at(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (cos, sin) `[..., D]` at integer `positions`, computed exactly as `RotaryEmbedding` does."""
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _span_visible(
+    span_ids: torch.Tensor,
+    query_start: torch.Tensor,
+    query_len: torch.Tensor,
+    first_query_pos: torch.Tensor,
+    query_rows: torch.Tensor,
+    query_valid: torch.Tensor,
+    key_positions: torch.Tensor,
+) -> torch.Tensor:
+    """`[S, Q, L]`: True where query and key lie in the same span. Keys written before this step (and
+    positions past the context) have no span."""
+    span_q = torch.where(query_valid, span_ids[query_rows], -1)  # [S, Q]
+    key_offset = key_positions - first_query_pos[:, None]  # [S, L] the key's offset among this step's tokens
+    key_in_step = (key_offset >= 0) & (key_offset < query_len[:, None])
+    key_rows = (query_start[:, None] + key_offset).clamp(0, span_ids.numel() - 1)
+    span_k = torch.where(key_in_step, span_ids[key_rows], -1)  # [S, L]
+    return (span_q[:, :, None] == span_k[:, None, :]) & (span_q[:, :, None] >= 0)
+
+
 def _grid_gather(
     layout: SequenceLayout,
     table: torch.Tensor,
@@ -85,7 +115,8 @@ def _grid_gather(
     num_tokens: int,
     block_size: int,
     sliding_window: int | None,
-    key_rope: KeyRope | None,
+    key_inv_freq: torch.Tensor | None,
+    spans: bool,
 ) -> GridGather:
     device = table.device
     seqs = slice(first, first + num_seqs)
@@ -106,13 +137,17 @@ def _grid_gather(
     query_rows = (query_start[:, None] + offsets).clamp(max=num_tokens - 1)
     query_positions = first_query_pos[:, None] + offsets  # [S, Q]
     visible = key_positions[:, None, :] <= query_positions[:, :, None]  # [S, Q, L]
+    if spans and layout.span_ids is not None:
+        visible |= _span_visible(
+            layout.span_ids, query_start, query_len, first_query_pos, query_rows, query_valid, key_positions
+        )
     if sliding_window is not None:
         visible &= query_positions[:, :, None] - key_positions[:, None, :] < sliding_window
     # Padded query rows see only their first key slot, so their softmax stays finite.
     first_key = torch.zeros_like(visible)
     first_key[:, :, 0] = True
     mask = torch.where(query_valid[:, :, None], visible, first_key)
-    rope = None if key_rope is None else key_rope(key_positions)
+    rope = None if key_inv_freq is None else rope_at(key_positions, key_inv_freq)
     return GridGather(query_rows, keys, key_positions, mask[:, None], rope)
 
 
@@ -123,22 +158,26 @@ def group_metadata(
     *,
     block_size: int,
     sliding_window: int | None,
-    key_rope: KeyRope | None = None,
+    key_inv_freq: torch.Tensor | None = None,
+    spans: bool = False,
 ) -> GroupMetadata:
     """The plan of one cache group for a step (`positions [T]`, `block_table [S, cols]`).
 
-    A group that stores values only (K-as-V) passes `key_rope`: its keys' rotation is then computed
-    here once per step, not in each of its layers.
+    A group that stores values only (K-as-V) passes `key_inv_freq [D/2]` (its layer type's
+    `RotaryEmbedding.inv_freq`): its keys' rotation is then computed here once per step, not in each
+    of its layers. `spans=True` (sliding layers of bidirectional models) lets the queries of a span
+    of `layout.span_ids` see their span's later keys.
     """
     device = positions.device
     num_tokens = positions.numel()
-    cols = block_table.shape[1]
     table = block_table.long()
     grids, bases, widths = [], [], []
     first = out_row = 0
     for num_seqs, q_len in layout.grids:
         grids.append(
-            _grid_gather(layout, table, first, num_seqs, q_len, num_tokens, block_size, sliding_window, key_rope)
+            _grid_gather(
+                layout, table, first, num_seqs, q_len, num_tokens, block_size, sliding_window, key_inv_freq, spans
+            )
         )
         bases.append(out_row + torch.arange(num_seqs, device=device) * q_len)
         widths.append(torch.full((num_seqs,), q_len, device=device))
@@ -147,10 +186,18 @@ def group_metadata(
     seq = layout.token_seq
     token_offset = torch.arange(num_tokens, device=device) - layout.query_start[seq]
     token_index = torch.cat(bases)[seq] + torch.minimum(token_offset.clamp(min=0), torch.cat(widths)[seq] - 1)
-    block_of_token = table.reshape(-1)[seq * cols + (positions // block_size).clamp(max=cols - 1)]
+    return GroupMetadata(tuple(grids), token_index, slot_mapping(layout, positions, table, block_size))
+
+
+def slot_mapping(
+    layout: SequenceLayout, positions: torch.Tensor, block_table: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """`[T]` cache slot each step token writes; padded tokens write the null block's slots."""
+    cols = block_table.shape[1]
+    block_index = layout.token_seq * cols + (positions // block_size).clamp(max=cols - 1)
+    block_of_token = block_table.long().reshape(-1)[block_index]
     slots = block_of_token * block_size + positions % block_size
-    slot_mapping = torch.where(layout.token_mask != 0, slots, positions % block_size)  # padding: the null block (0)
-    return GroupMetadata(tuple(grids), token_index, slot_mapping)
+    return torch.where(layout.token_mask != 0, slots, positions % block_size)
 
 
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, new: torch.Tensor, token_mask: torch.Tensor) -> None:
@@ -177,9 +224,9 @@ def _grid_attention(
     keys_len = grid.key_positions.shape[1]
     values = value_cache[grid.key_blocks].reshape(s_count, keys_len, kv_heads, dim)
     if key_cache is None:
-        assert key_scale is not None and grid.key_rope is not None, "K-as-V layers need key_scale and key_rope"
+        assert key_scale is not None and grid.key_rope is not None, "K-as-V layers need key_scale and key_inv_freq"
         cos, sin = grid.key_rope
-        keys = apply_rope(values * key_scale, cos, sin)
+        keys = apply_rope(values * key_scale, cos.to(values.dtype), sin.to(values.dtype))
     else:
         keys = key_cache[grid.key_blocks].reshape(s_count, keys_len, kv_heads, dim)
     # Grouped-query attention without repeating K/V: each KV head serves `group` query heads,
@@ -206,7 +253,7 @@ def paged_attention(
     `key_cache`/`value_cache` are one layer's pool tensors `[rows, block_size, kv_heads, D]`. K-as-V
     layers pass `key_cache=None` and `key_scale [D]` (their k_norm weight): keys are re-derived from
     the gathered (normed) values as `RoPE(values * key_scale)` at the key positions (`meta` built with
-    `key_rope`). Scale is 1.0 (Gemma 4's QK-norm replaces 1/sqrt(d)).
+    `key_inv_freq`). Scale is 1.0 (Gemma 4's QK-norm replaces 1/sqrt(d)).
     """
     outs = [_grid_attention(q, key_cache, value_cache, grid, key_scale) for grid in meta.grids]
     return (outs[0] if len(outs) == 1 else torch.cat(outs))[meta.token_index]
