@@ -1,11 +1,16 @@
-"""Decode on one GPU: real-size configs, random weights, eager vs CUDA graphs, against transformers' `generate`.
+"""Decode on one GPU: kernel microbenchmarks, then real-size configs with random weights (torch ops vs Triton
+kernels, eager vs CUDA graphs) against transformers' `generate`.
 
     python benchmarks/gpu_decode.py --out gpu_decode.json               # H100/H200, under 8 minutes on an H200
-    python benchmarks/gpu_decode.py --device cpu --tiny --dtype fp32 \
+    TRITON_INTERPRET=1 python benchmarks/gpu_decode.py --device cpu --tiny --dtype fp32 \
         --variants e2b --batches 1,2 --input-len 16 --output-len 4 --hf-batches 1 --peak-bandwidth-gbs 50
 
-For each variant (E2B, E4B, 26B-A4B; 31B when the device has >= 120 GiB) and each engine mode
-(`eager`: no CUDA graphs, no torch.compile; `graphs`: CUDA graphs on; optional `graphs+compile`),
+First the kernel microbenchmarks (`kernel_micro.py`: attention per layer type and context length, MoE
+per batch size, the sandwich norm, sampling; each Triton kernel against its torch reference op, with
+the achieved bandwidth against the device's peak; `--no-micro` skips them). Then, for each variant
+(E2B, E4B, 26B-A4B; 31B when the device has >= 120 GiB) and each engine mode (`eager`: torch ops, no
+CUDA graphs; `graphs`: torch ops, CUDA graphs; `kernels`: Triton kernels and CUDA graphs; optional
+`kernels+compile`),
 every batch size B runs B prompts of input_len tokens to output_len new tokens (greedy, EOS
 ignored, prefix caching off), and transformers' `generate` runs the same prompts at `--hf-batches`.
 Each row prints output tok/s, TTFT (from submission to the first token), ITL p50/p99 (gaps between
@@ -33,6 +38,7 @@ from typing import Any
 
 import torch
 
+import kernel_micro
 from bench_common import int_list, machine, percentile, str_list
 from gemma4 import memory
 from gemma4.config import Gemma4Config, variant_config
@@ -45,11 +51,12 @@ PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}
 # Output tokens per variant unless --output-len says otherwise: fewer for the big ones, to fit 8 minutes.
 OUTPUT_LEN = {"e2b": 256, "e4b": 256, "26b-a4b": 128, "31b": 64}
 BIG_DEVICE_BYTES = 120 * 2**30  # 31B bf16 (62 GB of weights) plus its KV at batch 64 needs an H200
-# Engine switches per mode; a mode whose enabled switch EngineArgs lacks is skipped. Default: eager, graphs.
-MODES = {
-    "eager": {"cuda_graphs": False, "torch_compile": False},
-    "graphs": {"cuda_graphs": True, "torch_compile": False},
-    "graphs+compile": {"cuda_graphs": True, "torch_compile": True},
+# Engine switches per mode; a mode whose enabled switch EngineArgs lacks is skipped. Default: graphs, kernels.
+MODES: dict[str, dict[str, Any]] = {
+    "eager": {"cuda_graphs": False, "torch_compile": False, "kernels": "torch"},
+    "graphs": {"cuda_graphs": True, "torch_compile": False, "kernels": "torch"},
+    "kernels": {"cuda_graphs": True, "torch_compile": False, "kernels": "triton"},
+    "kernels+compile": {"cuda_graphs": True, "torch_compile": True, "kernels": "triton"},
 }
 
 
@@ -113,7 +120,7 @@ def decode_step_bytes(config: Gemma4Config, dtype: str, batch: int, context_len:
 
 
 def _engine_args(setup: Setup, mode: str, kv_bytes: int, seed: int) -> EngineArgs | None:
-    """EngineArgs for `mode`, or None when this engine lacks a switch the mode turns on (today's: no graphs)."""
+    """EngineArgs for `mode`, or None when this engine lacks a switch the mode turns on."""
     known = {f.name for f in dataclasses.fields(EngineArgs)}
     if any(on and name not in known for name, on in MODES[mode].items()):
         return None
@@ -214,7 +221,7 @@ class Report:
     """Rows as they arrive: printed one per line on stderr and the whole report rewritten to `--out`."""
 
     def __init__(self, header: dict[str, Any], out: Path | None) -> None:
-        self.data = {**header, "rows": [], "skipped": []}
+        self.data = {**header, "kernels": [], "rows": [], "skipped": []}
         self.out = out
 
     def add(self, key: str, item: dict[str, Any]) -> None:
@@ -329,7 +336,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--variants", type=str_list, default=["e2b", "e4b", "26b-a4b", "31b"])
     parser.add_argument("--batches", type=int_list, default=[1, 8, 32, 64])
-    parser.add_argument("--modes", type=str_list, default=["eager", "graphs"], help=", ".join(MODES))
+    parser.add_argument("--modes", type=str_list, default=["graphs", "kernels"], help=", ".join(MODES))
+    parser.add_argument("--no-micro", action="store_true", help="skip the kernel microbenchmarks")
     parser.add_argument("--hf-batches", type=int_list, default=[1, 32], help="transformers' generate ('' for none)")
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=0, help="0: per variant (256 small, 128 26B-A4B, 64 31B)")
@@ -358,6 +366,9 @@ def main() -> None:
         "budget_s": args.budget_s,
     }, args.out)
     deadline = began + args.budget_s
+    if not args.no_micro:
+        for row in kernel_micro.run(device, DTYPES[args.dtype], args.tiny, args.bandwidth):
+            report.add("kernels", row)
     for variant in args.variants:
         if _over_budget(report, deadline, {"variant": variant}):
             continue

@@ -1,6 +1,6 @@
 """The fused norm / RoPE / KV-write / PLE / GELU / softcap kernels equal their torch reference ops (fp32,
-Triton's interpreter), the reference ops equal the model's current code bit for bit (fp32 and bf16),
-and the kernels' custom ops compile with `fullgraph=True`."""
+Triton's interpreter), and the kernels' custom ops compile with `fullgraph=True`. (The reference ops
+are what the model runs: parity with transformers tests them.)"""
 
 from __future__ import annotations
 
@@ -11,16 +11,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module defin
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("triton")
-
 from gemma4 import modeling  # noqa: E402
 from gemma4.config import RopeConfig  # noqa: E402
-from gemma4.engine.llm import random_weights_model  # noqa: E402
 from gemma4.kernels import kv_write as kv_kernels  # noqa: E402
 from gemma4.kernels import norms as kernels  # noqa: E402
 from gemma4.ops import norms as ref  # noqa: E402
-from gemma4.ops.paged_attention import write_kv  # noqa: E402
-from gemma4.tiny import tiny_config  # noqa: E402
 
 EPS = 1e-6
 ATOL = 1e-5
@@ -157,97 +152,6 @@ def test_softcap_logits_of_bf16_is_fp32() -> None:
     out = kernels.softcap_logits(logits, 30.0)
     expected = torch.tanh(logits.double() / 30.0) * 30.0  # the kernel rounds nothing to the input dtype
     torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-6)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reference ops vs the model's current code, bit for bit
-
-
-DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_scale", [True, False])
-def test_reference_norms_are_the_models(dtype: torch.dtype, with_scale: bool) -> None:
-    weighted = modeling.RMSNorm(96, EPS)
-    weightless = modeling.RMSNorm(96, EPS, with_scale=False)
-    with torch.no_grad():
-        weighted.weight.copy_(_randn(96, seed=23))
-    weighted.to(dtype)
-    x, residual = _randn(2, 5, 96, seed=24, scale=3.0, dtype=dtype), _randn(2, 5, 96, seed=25, dtype=dtype)
-    assert torch.equal(ref.rms_norm(x, weighted.weight, EPS), weighted(x))
-    assert torch.equal(ref.rms_norm(x, None, EPS), weightless(x))
-    scale = torch.tensor([0.375], dtype=dtype) if with_scale else None  # the layer_scalar buffer, in the model dtype
-    expected = residual + weighted(x)
-    if scale is not None:
-        expected = expected * scale
-    assert torch.equal(ref.residual_rms_norm(residual, x, weighted.weight, EPS, scale), expected)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_reference_norm_rope_and_kv_write_are_the_models(dtype: torch.dtype) -> None:
-    num_tokens, kv_heads, head_dim = 6, 2, 64
-    k_norm = modeling.RMSNorm(head_dim, EPS)
-    v_norm = modeling.RMSNorm(head_dim, EPS, with_scale=False)
-    with torch.no_grad():
-        k_norm.weight.copy_(_randn(head_dim, seed=26))
-    k_norm.to(dtype)
-    cos, sin = _rope(head_dim, num_tokens, dtype)
-    k_raw = _randn(1, num_tokens, kv_heads, head_dim, seed=27, scale=3.0, dtype=dtype)
-    v_raw = _randn(1, num_tokens, kv_heads, head_dim, seed=28, dtype=dtype)
-    model_keys = modeling.apply_rope(k_norm(k_raw), cos, sin)
-    assert torch.equal(ref.norm_rope(k_raw, k_norm.weight, cos, sin, EPS), model_keys)
-    assert torch.equal(ref.norm_rope(k_raw[0], k_norm.weight, cos[0], sin[0], EPS), model_keys[0])
-
-    token_mask = torch.tensor([1, 1, 1, 0, 1, 0])
-    slot_mapping = torch.tensor([9, 4, 17, 2, 6, 3])
-    for v_in in (v_raw, None):  # a layer with v_proj; a K-as-V layer (values from the raw keys)
-        expected = torch.zeros(5, BLOCK_SIZE, kv_heads, head_dim, dtype=dtype)
-        write_kv(expected, slot_mapping, v_norm(k_raw if v_in is None else v_in)[0], token_mask)
-        expected_keys = torch.zeros_like(expected)
-        write_kv(expected_keys, slot_mapping, model_keys[0], token_mask)
-        values, keys = torch.zeros_like(expected), torch.zeros_like(expected)
-        v_arg = None if v_in is None else v_in[0]
-        ref.write_kv_normed(k_raw[0], v_arg, k_norm.weight, cos[0], sin[0], EPS, keys, values, slot_mapping, token_mask)
-        assert torch.equal(values, expected) and torch.equal(keys, expected_keys)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_reference_per_layer_inputs_is_the_models(dtype: torch.dtype) -> None:
-    config = tiny_config("e2b")
-    text = config.text
-    model = random_weights_model(config, dtype=dtype, device="cpu").model
-    with torch.no_grad():
-        model.per_layer_projection_norm.weight.copy_(_randn(text.hidden_size_per_layer_input, seed=29))
-    ids = torch.randint(0, text.vocab_size, (2, 5), generator=_gen(30))
-    embeds = model.embed_tokens(ids)
-    ple_ids = ids.clone()
-    ple_ids[0, 1], ple_ids[1, 3] = text.vocab_size_per_layer_input, text.vocab_size_per_layer_input + 77
-    expected = model.per_layer_inputs(ple_ids, embeds)
-    actual = ref.per_layer_inputs(
-        ple_ids,
-        model.per_layer_model_projection(embeds),
-        model.embed_tokens_per_layer.weight,
-        model.per_layer_projection_norm.weight,
-        num_layers=text.num_hidden_layers,
-        eps=text.rms_norm_eps,
-        token_scale=model.embed_tokens_per_layer.rounded_scales[dtype],
-        context_scale=text.hidden_size**-0.5,
-    )
-    assert torch.equal(actual, expected)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_reference_gelu_and_softcap_are_the_models(dtype: torch.dtype) -> None:
-    gate, up = _randn(4, 96, seed=31, scale=3.0, dtype=dtype), _randn(4, 96, seed=32, dtype=dtype)
-    assert torch.equal(ref.gelu_mul(gate, up), modeling.gelu_tanh(gate) * up)
-    logits, cap = _randn(3, 200, seed=33, scale=40.0, dtype=dtype), 30.0
-    assert torch.equal(ref.softcap_logits(logits, cap), (torch.tanh(logits / cap) * cap).float())
-    assert torch.equal(ref.softcap_logits(logits, None), logits.float())
-
-
-# ----------------------------------------------------------------------------------------------------
-# torch.compile and the shipped configurations
 
 
 def test_ops_compile_fullgraph() -> None:

@@ -36,8 +36,8 @@ def test_every_shipped_config_compiles_for_both_targets() -> None:
     ).stdout.split()
     assert len(listing) == len(set(listing)), "config names must be unique"
     for target in ("sm_90", "gfx942"):
-        compiled = {line.split()[1] for line in lines if line.startswith(target) and line.endswith(" ok")}
-        assert compiled == set(listing)
+        compiled = {tuple(line.split()[1:3]) for line in lines if line.startswith(target) and line.endswith(" ok")}
+        assert compiled == {(name, variant) for name in listing for variant in ("aligned", "plain")}
     kernels = {name.split("[")[0] for name in listing}
     assert len(kernels) >= 8, kernels
 
@@ -48,8 +48,8 @@ def test_spills_fail_the_check() -> None:
         "from aot_probe_kernel import config\n"
         "from gemma4.kernels.aot import compile_config\n"
         "for target in ('sm_90', 'gfx942'):\n"
-        "    print(compile_config(config(32, 4), target).line())\n"
-        "    print(compile_config(config(64, 1), target).line())\n"
+        "    print(compile_config(config(32, 4), target, 'plain').line())\n"
+        "    print(compile_config(config(64, 1), target, 'plain').line())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_compiler_env(), check=True).stdout
     lines = out.splitlines()
@@ -59,8 +59,8 @@ def test_spills_fail_the_check() -> None:
 
 def test_shared_memory_limits() -> None:
     for name, target in TARGETS.items():
-        assert check_limits(target, "k", target.shared_limit, 64, 0).error is None
-        over = check_limits(target, "k", target.shared_limit + 1, 64, 0)
+        assert check_limits(target, "k", "aligned", target.shared_limit, 64, 0).error is None
+        over = check_limits(target, "k", "aligned", target.shared_limit + 1, 64, 0)
         assert over.error is not None and "shared memory" in over.error, name
 
 

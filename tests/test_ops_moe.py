@@ -4,13 +4,13 @@ The whole step forward, MoE included, is compiled in tests/test_model_runner.py.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from gemma4.backends import reference_ops
 from gemma4.modeling import DenseAttention, Gemma4ForCausalLM, ScaledEmbedding
 from gemma4.ops.moe import FORMULATIONS, formulation, moe_experts, moe_grouped
 from engine_fixtures import small_config
@@ -174,4 +174,4 @@ def _positions(ids: torch.Tensor) -> torch.Tensor:
 
 
 def _dense(ids: torch.Tensor) -> DenseAttention:
-    return DenseAttention(_positions(ids))
+    return DenseAttention(_positions(ids), reference_ops())

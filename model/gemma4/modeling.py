@@ -3,20 +3,24 @@
 Module and parameter names equal the checkpoint's tensor names below the text prefix, so loading is
 a rename of the prefix only. The model knows nothing of caching or serving: attention over "the
 keys and values this layer may see" is delegated to an `AttentionBackend` (a dense causal one here;
-the engine supplies a paged one), which also serves the KV-sharing layers of E2B/E4B.
+the engine supplies a paged one), which also serves the KV-sharing layers of E2B/E4B. The arithmetic
+of the hot path (norms, QK-norm + RoPE, the cache write, the MoE, PLE, the softcap) goes through an
+`Ops` set (`gemma4.backends`): the torch reference ops by default, the Triton kernels when the
+engine selects them (`use_ops`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma4.backends import Ops, reference_ops
 from gemma4.config import FULL, SLIDING, Gemma4Config, Gemma4TextConfig, LayerSpec, RopeConfig
-from gemma4.ops.moe import moe_experts
 
 # The dtypes a model's weights may take; the embedding scale is rounded to each once, at construction.
 WEIGHT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -25,10 +29,6 @@ WEIGHT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 def rounded_scale(value: float, dtype: torch.dtype) -> float:
     """`value` rounded to `dtype`, as the reference does for the embedding scale (bf16: sqrt(5376) -> 73.5)."""
     return float(torch.tensor(value, dtype=torch.float32, device="cpu").to(dtype))
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
 
 
 class RMSNorm(nn.Module):
@@ -41,13 +41,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+        self.ops = reference_ops()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            h = h * self.weight.float()
-        return h.type_as(x)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -77,24 +74,42 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x [B, T, heads, D]` by `cos/sin [B, T, D]` (rotate_half layout)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+@dataclass(frozen=True)
+class NewKV:
+    """A producer layer's new keys and values before their norms: `k [B, T, kv_heads, D]` is the raw key
+    projection, `v` the raw value projection (None on K-as-V layers: values are the normed raw keys).
+    Keys become `RoPE(RMS(k) * k_weight)` at `cos`/`sin [B, T, D]`, values `RMS(v)` (weightless);
+    a cache backend fuses that into its write."""
+
+    k: torch.Tensor
+    v: torch.Tensor | None
+    k_weight: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    eps: float
+
+    def normed(self, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) `[B, T, kv_heads, D]`, normed and keys rotated."""
+        b, t, heads, d = self.k.shape
+        keys = ops.norm_rope(self.k.reshape(b * t, heads, d), self.k_weight, _rows(self.cos), _rows(self.sin), self.eps)
+        values = ops.rms_norm(self.k if self.v is None else self.v, None, self.eps)
+        return keys.view(b, t, heads, d), values
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """`[B, T, D]` -> `[B * T, D]`: the ops take one row per token."""
+    return x.reshape(-1, x.shape[-1])
 
 
 class AttentionBackend(Protocol):
     """Attends queries of one layer to the keys/values that layer may see.
 
-    `k`/`v` are the layer's new keys/values `[B, T, kv_heads, D]` (normed, keys rotated), or None
-    for KV-sharing layers, which read those of `layer.kv_source`. Returns `[B, T, heads, D]`.
-    Scaling is 1.0: Gemma 4's QK-norm replaces the 1/sqrt(d) factor.
+    `q [B, T, heads, D]` is normed and rotated; `kv` holds the layer's new keys/values before their
+    norms, or is None for KV-sharing layers, which read those of `layer.kv_source`. Returns
+    `[B, T, heads, D]`. Scaling is 1.0: Gemma 4's QK-norm replaces the 1/sqrt(d) factor.
     """
 
-    def __call__(
-        self, layer: LayerSpec, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
-    ) -> torch.Tensor: ...
+    def __call__(self, layer: LayerSpec, q: torch.Tensor, kv: NewKV | None) -> torch.Tensor: ...
 
 
 class DenseAttention:
@@ -103,8 +118,9 @@ class DenseAttention:
     Keeps each producer layer's keys/values for the KV-sharing layers that read them.
     """
 
-    def __init__(self, positions: torch.Tensor) -> None:
+    def __init__(self, positions: torch.Tensor, ops: Ops) -> None:
         self.positions = positions
+        self.ops = ops
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[int | None, torch.Tensor] = {}
 
@@ -118,13 +134,11 @@ class DenseAttention:
             self._masks[window] = mask[:, None]  # [B, 1, T, T], broadcast over heads
         return self._masks[window]
 
-    def __call__(
-        self, layer: LayerSpec, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
-    ) -> torch.Tensor:
-        if k is None or v is None:
+    def __call__(self, layer: LayerSpec, q: torch.Tensor, kv: NewKV | None) -> torch.Tensor:
+        if kv is None:
             k, v = self._kv[layer.kv_source]
         else:
-            self._kv[layer.index] = (k, v)
+            k, v = self._kv[layer.index] = kv.normed(self.ops)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -152,6 +166,7 @@ class Attention(nn.Module):
             self.v_proj = None if layer.k_eq_v else nn.Linear(hidden, layer.num_kv_heads * d, bias=False)
         self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(heads * d, hidden, bias=False)
+        self.ops = reference_ops()
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention: AttentionBackend
@@ -159,14 +174,13 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         d = self.layer.head_dim
         cos, sin = rope
-        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, d)), cos, sin)
-        k = v = None
+        eps = self.q_norm.eps
+        q = self.ops.norm_rope(self.q_proj(x).view(b * t, -1, d), self.q_norm.weight, _rows(cos), _rows(sin), eps)
+        kv = None
         if not self.layer.shares_kv:
-            raw_k = self.k_proj(x).view(b, t, -1, d)
-            raw_v = raw_k if self.v_proj is None else self.v_proj(x).view(b, t, -1, d)
-            k = apply_rope(self.k_norm(raw_k), cos, sin)
-            v = self.v_norm(raw_v)
-        out = attention(self.layer, q, k, v)
+            raw_v = None if self.v_proj is None else self.v_proj(x).view(b, t, -1, d)
+            kv = NewKV(self.k_proj(x).view(b, t, -1, d), raw_v, self.k_norm.weight, cos, sin, eps)
+        out = attention(self.layer, q.view(b, t, -1, d), kv)
         return self.o_proj(out.reshape(b, t, -1))
 
 
@@ -178,9 +192,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.ops = reference_ops()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.ops.gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -195,14 +210,12 @@ class Router(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(config.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+        self.ops = reference_ops()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert weights (fp32) and indices, both `[N, top_k]`, for tokens `x [N, H]`."""
         scores = self.proj(self.norm(x) * self.scale * self.input_scale)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        weights, experts = torch.topk(probs, k=self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.per_expert_scale[experts], experts
+        return self.ops.moe_route(scores, self.per_expert_scale, self.top_k)
 
 
 class Experts(nn.Module):
@@ -214,10 +227,11 @@ class Experts(nn.Module):
         e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.ops = reference_ops()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of each token's chosen experts, `x [N, H]` -> `[N, H]` (torch reference op)."""
-        return moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
+        """Weighted sum of each token's chosen experts, `x [N, H]` -> `[N, H]`."""
+        return self.ops.moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -249,6 +263,7 @@ class DecoderLayer(nn.Module):
             self.per_layer_input_gate = nn.Linear(h, p, bias=False)
             self.per_layer_projection = nn.Linear(p, h, bias=False)
             self.post_per_layer_input_norm = RMSNorm(h, eps)
+        self.ops = reference_ops()
 
     def forward(
         self,
@@ -258,20 +273,29 @@ class DecoderLayer(nn.Module):
         per_layer_input: torch.Tensor | None,
         token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`token_mask` (True = real token) keeps padded rows out of the expert-load counters."""
+        """`token_mask` (True = real token) keeps padded rows out of the expert-load counters.
+
+        Each residual add is fused with the sandwich norm before it; the last one also applies the
+        layer scalar.
+        """
         attn = self.self_attn(self.input_layernorm(x), rope, attention)
-        x = x + self.post_attention_layernorm(attn)
+        x = self._add_normed(x, attn, self.post_attention_layernorm)
 
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.has_moe:
             h = self.post_feedforward_layernorm_1(h) + self._moe(x, token_mask)
-        x = x + self.post_feedforward_layernorm(h)
+        if not self.has_per_layer_input:
+            return self._add_normed(x, h, self.post_feedforward_layernorm, self.layer_scalar)
+        x = self._add_normed(x, h, self.post_feedforward_layernorm)
+        assert per_layer_input is not None
+        g = self.ops.gelu_mul(self.per_layer_input_gate(x), per_layer_input)
+        return self._add_normed(x, self.per_layer_projection(g), self.post_per_layer_input_norm, self.layer_scalar)
 
-        if self.has_per_layer_input:
-            assert per_layer_input is not None
-            g = gelu_tanh(self.per_layer_input_gate(x)) * per_layer_input
-            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
-        return x * self.layer_scalar
+    def _add_normed(
+        self, residual: torch.Tensor, x: torch.Tensor, norm: RMSNorm, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`(residual + norm(x)) * scale`, as one op."""
+        return self.ops.residual_rms_norm(residual, x, norm.weight, norm.eps, scale)
 
     def _moe(self, residual: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         flat = residual.reshape(-1, residual.shape[-1])
@@ -323,16 +347,23 @@ class Gemma4TextModel(nn.Module):
             self.embed_tokens_per_layer = ScaledEmbedding(config.vocab_size_per_layer_input, n * p, math.sqrt(p))
             self.per_layer_model_projection = nn.Linear(config.hidden_size, n * p, bias=False)
             self.per_layer_projection_norm = RMSNorm(p, config.rms_norm_eps)
+        self.ops = reference_ops()
 
     def per_layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """PLE `[B, T, layers, p]`: a token-identity row plus a projection of the input embedding."""
         cfg = self.config
-        shape = (*input_ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
-        ids = torch.where(input_ids < cfg.vocab_size_per_layer_input, input_ids, 0)
-        token_part = self.embed_tokens_per_layer(ids).reshape(shape)
-        context = self.per_layer_model_projection(embeds) * cfg.hidden_size**-0.5
-        context = self.per_layer_projection_norm(context.reshape(shape))
-        return (context + token_part) * 2.0**-0.5
+        table = self.embed_tokens_per_layer
+        ple = self.ops.per_layer_inputs(
+            input_ids.reshape(-1),
+            _rows(self.per_layer_model_projection(embeds)),
+            table.weight,
+            self.per_layer_projection_norm.weight,
+            num_layers=cfg.num_hidden_layers,
+            eps=cfg.rms_norm_eps,
+            token_scale=table.rounded_scales[table.weight.dtype],
+            context_scale=cfg.hidden_size**-0.5,
+        )
+        return ple.view(*input_ids.shape, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
 
     def forward(
         self,
@@ -362,9 +393,16 @@ class Gemma4ForCausalLM(nn.Module):
         self.model = Gemma4TextModel(config.text)
         if not config.text.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.ops = reference_ops()
         self.register_buffer(
             "placeholder_ids", torch.tensor(config.multimodal_placeholder_ids, dtype=torch.long), persistent=False
         )
+
+    def use_ops(self, ops: Ops) -> None:
+        """Run the hot path through `ops` (every module that computes holds the set it calls)."""
+        for module in self.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers after materialising from the meta device."""
@@ -388,12 +426,9 @@ class Gemma4ForCausalLM(nn.Module):
         return torch.where(torch.isin(input_ids, self.placeholder_ids), self.text_config.pad_token_id, input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits, the final softcap applied."""
         weight = self.model.embed_tokens.weight if self.text_config.tie_word_embeddings else self.lm_head.weight
-        logits = F.linear(hidden, weight)
-        cap = self.text_config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.ops.softcap_logits(F.linear(hidden, weight), self.text_config.final_logit_softcapping)
 
     def hidden_states(
         self,
@@ -421,5 +456,5 @@ class Gemma4ForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if attention is None:
-            attention = DenseAttention(positions)
+            attention = DenseAttention(positions, self.ops)
         return self.compute_logits(self.hidden_states(input_ids, positions, attention))

@@ -44,6 +44,9 @@ class EngineSettings(_Strict):
     seed: int = 0
     cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs per batch-size bucket (CUDA only)")
     torch_compile: bool = Field(False, description="torch.compile the decode step (one graph per batch bucket)")
+    kernels: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="hot-path ops: auto = Triton kernels on CUDA/ROCm, torch reference ops on CPU/XLA"
+    )
 
 
 class AutoscalingSettings(_Strict):

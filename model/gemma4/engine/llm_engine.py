@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import torch
 
+from gemma4.backends import KERNEL_CHOICES, KernelChoice
 from gemma4.engine.core import EngineCore
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.model_runner import ModelRunner
@@ -61,6 +62,10 @@ class EngineArgs:
     `torch_compile` compiles the decode forward (`fullgraph=True`, one static graph per bucket). It is
     off by default: CUDA graphs already remove the launch overhead compiling would save, compiling
     costs start-up time per bucket, and its gain on a GPU has not been measured yet.
+
+    `kernels` picks the hot-path ops (`gemma4.backends.select_ops`): `auto` runs the Triton kernels on
+    CUDA and ROCm and the torch reference ops on the CPU and XLA; `triton` on a CPU needs
+    `TRITON_INTERPRET=1` (the tests' way of running the kernels); `torch` forces the reference ops.
     """
 
     block_size: int = 16
@@ -74,6 +79,7 @@ class EngineArgs:
     seed: int = 0
     cuda_graphs: bool = True
     torch_compile: bool = False
+    kernels: KernelChoice = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -88,6 +94,8 @@ class EngineArgs:
             raise ValueError(f"cuda_graphs must be a boolean, got {self.cuda_graphs!r}")
         if not isinstance(self.torch_compile, bool):
             raise ValueError(f"torch_compile must be a boolean, got {self.torch_compile!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
 
@@ -165,8 +173,9 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             cuda_graphs=args.cuda_graphs,
             torch_compile=args.torch_compile,
+            kernels=args.kernels,
         )
-        self.sampler = Sampler(self.vocab_size, self.runner.device, args.seed)
+        self.sampler = Sampler(self.vocab_size, self.runner.device, args.seed, draw=self.runner.ops.sample_draw)
         self.core = EngineCore(self.kv, self.scheduler, self.runner, self.sampler, self.max_model_len)
         self.output_processor = OutputProcessor(tokenizer)
         self._arrivals = itertools.count()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from gemma4.backends import KernelChoice, backend_of, select_ops
 from gemma4.config import FULL
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.paged_attention import PagedAttention, PagedKVCache, SequenceSlice, check_block_tables, debug_checks_enabled
@@ -46,10 +47,13 @@ class ModelRunner:
         max_model_len: int,
         cuda_graphs: bool = True,
         torch_compile: bool = False,
+        kernels: KernelChoice = "auto",
     ) -> None:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.ops = select_ops(self.device, kernels)
+        model.use_ops(self.ops)
         self.block_size = block_size
         self.cache = PagedKVCache(groups, num_blocks, block_size, self.dtype, self.device)
         self.max_cols = -(-max_model_len // block_size)
@@ -67,7 +71,7 @@ class ModelRunner:
             # One static graph per decode bucket (and table width): room for each of them.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(self.buckets))
         self._decode_forward = torch.compile(self.eager_forward, fullgraph=True, dynamic=False) if torch_compile else self.eager_forward
-        self.graphs = DecodeGraphs(self) if cuda_graphs and self.device.type == "cuda" else None
+        self.graphs = DecodeGraphs(self) if cuda_graphs and backend_of(self.device).cuda_graphs else None
 
     def forward(self, step: StepTensors) -> torch.Tensor:
         """The model over a staged step: fp32 logits of the sampling rows, `[S, vocab]` (compiled for
@@ -75,11 +79,10 @@ class ModelRunner:
         return (self._decode_forward if step.shape.prefill_seqs == 0 else self.eager_forward)(step)
 
     def eager_forward(self, step: StepTensors) -> torch.Tensor:
-        # K-as-V (global) layers' keys are the stored values times k_norm's weight, rotated by the global RoPE.
-        attention = PagedAttention(self.cache, step, self._k_norm, self.model.model.rotary[FULL].inv_freq)
+        attention = PagedAttention(self.cache, step, self.ops, self._k_norm, self.model.model.rotary[FULL].inv_freq)
         token_mask = (step.layout.token_mask != 0)[None]
         hidden = self.model.hidden_states(step.input_ids[None], step.positions[None], attention, token_mask=token_mask)
-        return self.model.compute_logits(hidden[0, step.sample_rows]).float()
+        return self.model.compute_logits(hidden[0, step.sample_rows])
 
     def step_shape(self, batch: ScheduledBatch) -> StepShape:
         """The padded shape of `batch`: a decode bucket, or bucketed prefill/mixed sizes."""

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from gemma4.backends import Ops
 from gemma4.config import LayerSpec
 from gemma4.engine.step_inputs import StepTensors
 from gemma4.kv_layout import NULL_BLOCK, CacheGroup, pool_rows
-from gemma4.ops.paged_attention import group_metadata, paged_attention, write_kv
+from gemma4.modeling import NewKV
 
 DEBUG_CHECKS_ENV = "GEMMA4_DEBUG_CHECKS"
 
@@ -114,22 +115,29 @@ def check_block_tables(cache: PagedKVCache, sequences: list[SequenceSlice]) -> N
 
 
 class PagedAttention:
-    """`AttentionBackend` over `PagedKVCache` for one step: one `ops.paged_attention` call per layer.
+    """`AttentionBackend` over `PagedKVCache` for one step: per layer, one fused cache write (norms, RoPE)
+    and one `paged_attention` call, both from the runner's `Ops` (Triton kernels or torch reference ops).
 
-    Each group's gather plan is built from the step tensors when the step starts and shared by the
+    Each group's attention plan is built from the step tensors when the step starts and shared by the
     group's layers; producer layers write their new keys/values first, KV-sharing layers only read.
     """
 
     def __init__(
-        self, cache: PagedKVCache, step: StepTensors, key_scales: dict[int, torch.Tensor], key_inv_freq: torch.Tensor
+        self,
+        cache: PagedKVCache,
+        step: StepTensors,
+        ops: Ops,
+        key_scales: dict[int, torch.Tensor],
+        key_inv_freq: torch.Tensor,
     ) -> None:
         """`key_scales`: each K-as-V producer layer's k_norm weight; `key_inv_freq`: the RoPE frequencies of
-        those layers (`RotaryEmbedding.inv_freq`)."""
+        those (global) layers, with which their keys are rotated on read."""
         self.cache = cache
+        self.ops = ops
         self.key_scales = key_scales
         self.token_mask = step.layout.token_mask
         self.metadata = [
-            group_metadata(
+            ops.attention_plan(
                 step.layout,
                 step.positions,
                 table,
@@ -140,17 +148,16 @@ class PagedAttention:
             for group, table, keys in zip(cache.groups, step.block_tables, cache.keys)
         ]
 
-    def __call__(
-        self, layer: LayerSpec, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
-    ) -> torch.Tensor:
+    def __call__(self, layer: LayerSpec, q: torch.Tensor, kv: NewKV | None) -> torch.Tensor:
         gi, li = self.cache.location[layer.kv_source]
         meta = self.metadata[gi]
         keys = self.cache.keys[gi]
-        if k is not None and v is not None:
-            write_kv(self.cache.values[gi][li], meta.slot_mapping, v[0], self.token_mask)
-            if keys is not None:
-                write_kv(keys[li], meta.slot_mapping, k[0], self.token_mask)
-        out = paged_attention(
+        if kv is not None:
+            self.ops.write_kv_normed(
+                kv.k[0], None if kv.v is None else kv.v[0], kv.k_weight, kv.cos[0], kv.sin[0], kv.eps,
+                None if keys is None else keys[li], self.cache.values[gi][li], meta.slot_mapping, self.token_mask,
+            )
+        out = self.ops.paged_attention(
             q[0],
             None if keys is None else keys[li],
             self.cache.values[gi][li],

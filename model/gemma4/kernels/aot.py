@@ -5,7 +5,13 @@
 what only a launch would otherwise reveal: shared memory against the device's limit (232,448 bytes
 per block on Hopper, 65,536 bytes of LDS on CDNA3) and register spills (CUDA: local memory or stack
 in `cuobjdump -res-usage`; AMD: `.vgpr_spill_count` / `.sgpr_spill_count` in the assembly). It prints
-one line per kernel, config and target and exits non-zero if any compile fails or breaks a limit.
+one line per kernel, config, target and alignment and exits non-zero if any compile fails or breaks a
+limit.
+
+Each config is compiled twice, as a launch may specialise it: `aligned`, every pointer argument
+16-byte aligned (what Triton's JIT assumes for freshly allocated tensors: vectorised, pipelined
+loads, more shared memory), and `plain`, no alignment assumed (views at odd offsets: scalar loads,
+more registers). Both must fit.
 
 Kernels compiled here must be real `@triton.jit` functions, so the interpreter must be off: when
 `TRITON_INTERPRET` is set (as in the test environment) the entry point re-runs itself without it.
@@ -59,6 +65,7 @@ class CompileResult:
 
     target: str
     kernel: str
+    variant: str  # "aligned" or "plain"
     shared: int = 0
     registers: int = 0
     spills: int = 0
@@ -67,7 +74,7 @@ class CompileResult:
     def line(self) -> str:
         status = "ok" if self.error is None else f"FAIL: {self.error}"
         return (
-            f"{self.target:7s} {self.kernel:60s} shared={self.shared:>7d} registers={self.registers:>4d} "
+            f"{self.target:7s} {self.kernel:60s} {self.variant:7s} shared={self.shared:>7d} registers={self.registers:>4d} "
             f"spills={self.spills:>4d} {status}"
         )
 
@@ -99,18 +106,28 @@ def amd_resources(amdgcn: str) -> tuple[int, int]:
     return field("vgpr_count"), field("vgpr_spill_count") + field("sgpr_spill_count")
 
 
-def check_limits(target: Target, kernel: str, shared: int, registers: int, spills: int) -> CompileResult:
+def check_limits(target: Target, kernel: str, variant: str, shared: int, registers: int, spills: int) -> CompileResult:
     """The result of a compile that succeeded, failed if it breaks the target's limits."""
     problems = []
     if shared > target.shared_limit:
         problems.append(f"shared memory {shared} > {target.shared_limit}")
     if spills:
         problems.append(f"{spills} spilled")
-    return CompileResult(target.name, kernel, shared, registers, spills, "; ".join(problems) or None)
+    return CompileResult(target.name, kernel, variant, shared, registers, spills, "; ".join(problems) or None)
 
 
-def compile_config(cfg: KernelConfig, target_name: str) -> CompileResult:
-    """Compile one configuration for one target and check it."""
+VARIANTS = ("aligned", "plain")
+
+
+def alignment_attrs(cfg: KernelConfig, variant: str) -> dict[tuple[int], list[list]]:
+    """Triton's specialisation attributes for `variant`: 16-byte divisibility of every pointer when aligned."""
+    if variant == "plain":
+        return {}
+    return {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(cfg.signature.values()) if kind.startswith("*")}
+
+
+def compile_config(cfg: KernelConfig, target_name: str, variant: str = "aligned") -> CompileResult:
+    """Compile one configuration for one target and alignment, and check it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -118,7 +135,7 @@ def compile_config(cfg: KernelConfig, target_name: str) -> CompileResult:
     target = TARGETS[target_name]
     try:
         kernel = triton.compile(
-            ASTSource(cfg.kernel, dict(cfg.signature), dict(cfg.constexprs)),
+            ASTSource(cfg.kernel, dict(cfg.signature), dict(cfg.constexprs), alignment_attrs(cfg, variant)),
             target=GPUTarget(target.backend, target.arch, target.warp_size),
             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
         )
@@ -127,8 +144,8 @@ def compile_config(cfg: KernelConfig, target_name: str) -> CompileResult:
         else:
             registers, spills = amd_resources(kernel.asm["amdgcn"])
     except Exception as exc:  # a compile error is a result to report, not a crash of the check
-        return CompileResult(target_name, cfg.name, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-    return check_limits(target, cfg.name, kernel.metadata.shared, registers, spills)
+        return CompileResult(target_name, cfg.name, variant, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    return check_limits(target, cfg.name, variant, kernel.metadata.shared, registers, spills)
 
 
 def _res_usage(cubin: bytes) -> str:
@@ -141,15 +158,15 @@ def _res_usage(cubin: bytes) -> str:
         return subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def _compile_indexed(job: tuple[int, str]) -> CompileResult:
+def _compile_indexed(job: tuple[int, str, str]) -> CompileResult:
     """Worker entry: configs are rebuilt in the worker (jit functions travel badly), picked by index."""
-    index, target = job
-    return compile_config(shipped_configs()[index], target)
+    index, target, variant = job
+    return compile_config(shipped_configs()[index], target, variant)
 
 
 def run(targets: list[str], jobs: int) -> list[CompileResult]:
-    """Compile every shipped config for every target, `jobs` compiles at a time."""
-    work = [(i, t) for t in targets for i in range(len(shipped_configs()))]
+    """Compile every shipped config for every target and alignment, `jobs` compiles at a time."""
+    work = [(i, t, v) for t in targets for i in range(len(shipped_configs())) for v in VARIANTS]
     if jobs <= 1:
         return [_compile_indexed(job) for job in work]
     with ProcessPoolExecutor(max_workers=jobs) as pool:

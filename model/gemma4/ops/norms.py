@@ -44,7 +44,7 @@ def residual_rms_norm(
     return out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NeoX (rotate_half) RoPE of `x [..., heads, D]` by `cos/sin [..., D]`, each product rounded to the dtype."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x1, x2 = x.chunk(2, dim=-1)
@@ -59,7 +59,7 @@ def norm_rope(
     Any leading dims work as long as cos/sin have x's leading dims (the model's `[B, T, heads, D]` with
     `[B, T, D]` too). Proportional RoPE is cos = 1, sin = 0 on the unrotated pairs.
     """
-    return _rotate(rms_norm(x, weight, eps), cos, sin)
+    return apply_rope(rms_norm(x, weight, eps), cos, sin)
 
 
 def write_kv_normed(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gemma4.modeling import apply_rope
+from gemma4.ops.norms import apply_rope
 
 
 @dataclass(frozen=True)
