@@ -80,21 +80,23 @@ def test_cpu_engines_script_without_vllm(tmp_path: Path) -> None:
 
 
 def test_gpu_decode_script_on_cpu() -> None:
+    """Tiny settings on the CPU: the kernels (microbenchmarks and the `kernels` mode) run through the interpreter."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "model"), "TRITON_INTERPRET": "1"}
     report = _run_json([
         "benchmarks/gpu_decode.py", "--device", "cpu", "--tiny", "--dtype", "fp32", "--variants", "e2b",
         "--batches", "1,2", "--input-len", "16", "--output-len", "3", "--hf-batches", "1",
         "--peak-bandwidth-gbs", "50", "--vocab-size", "512",
-    ])
+    ], env)
     rows = {(r["engine"], r["batch"]): r for r in report["rows"]}
-    graphs_ran = ("ours (graphs)", 1) in rows
-    skipped = [(s["variant"], s.get("mode")) for s in report["skipped"]]
-    assert skipped == ([] if graphs_ran else [("e2b", "graphs")])  # today's engine has no cuda_graphs switch
-    expected = {("ours (eager)", 1), ("ours (eager)", 2), ("transformers", 1)}
-    expected |= {("ours (graphs)", 1), ("ours (graphs)", 2)} if graphs_ran else set()
-    assert set(rows) == expected
+    assert report["skipped"] == []
+    assert set(rows) == {(f"ours ({m})", b) for m in ("graphs", "kernels") for b in (1, 2)} | {("transformers", 1)}
     for row in rows.values():
         assert row["output_len"] == 3 and row["output_tok_s"] > 0 and row["ttft_ms_p50"] > 0
         assert 0 < row["itl_ms_p50"] <= row["itl_ms_p99"] and row["roofline_pct"] > 0
         assert row["peak_gib"] is None  # no CUDA memory on the CPU
-    assert all(rows[(e, b)]["predicted_gib"] > 0 for e, b in expected if e != "transformers")
+    assert all(rows[k]["predicted_gib"] > 0 for k in rows if k[0] != "transformers")
+    kernels = report["kernels"]
+    assert {r["kernel"] for r in kernels} == {"attention", "moe", "residual_rms_norm", "sample_draw"}
+    for row in kernels:
+        assert row["triton_us"] > 0 and row["torch_us"] > 0 and row["bytes_read"] > 0 and row["peak_pct"] > 0
     assert report["peak_bandwidth_gbs"] == 50 and report["device"] == "cpu"

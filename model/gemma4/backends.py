@@ -70,35 +70,11 @@ class Ops:
     sample_draw: Callable[..., torch.Tensor]
 
 
-@functools.cache
-def reference_ops() -> Ops:
-    """The torch reference ops (CPU, XLA, and the oracle everywhere)."""
-    from gemma4.ops import moe, norms, paged_attention, sampling
-
+def _op_set(kernels: Literal["triton", "torch"], norms: Any, kv_write: Any, attention: Any, plan: Callable, moe: Any,
+            sampling: Any) -> Ops:
+    """An op set from modules that share the op names (norms and the KV write, attention, MoE, sampling)."""
     return Ops(
-        kernels="torch",
-        rms_norm=norms.rms_norm,
-        residual_rms_norm=norms.residual_rms_norm,
-        norm_rope=norms.norm_rope,
-        gelu_mul=norms.gelu_mul,
-        per_layer_inputs=norms.per_layer_inputs,
-        softcap_logits=norms.softcap_logits,
-        write_kv_normed=norms.write_kv_normed,
-        attention_plan=paged_attention.group_metadata,
-        paged_attention=paged_attention.paged_attention,
-        moe_route=moe.route,
-        moe_experts=moe.moe_experts,
-        sample_draw=sampling.draw,
-    )
-
-
-@functools.cache
-def triton_ops() -> Ops:
-    """The Triton kernels (imported only here: the reference path never needs triton)."""
-    from gemma4.kernels import kv_write, moe, norms, paged_attention, sampling
-
-    return Ops(
-        kernels="triton",
+        kernels=kernels,
         rms_norm=norms.rms_norm,
         residual_rms_norm=norms.residual_rms_norm,
         norm_rope=norms.norm_rope,
@@ -106,12 +82,28 @@ def triton_ops() -> Ops:
         per_layer_inputs=norms.per_layer_inputs,
         softcap_logits=norms.softcap_logits,
         write_kv_normed=kv_write.write_kv_normed,
-        attention_plan=paged_attention.attention_plan,
-        paged_attention=paged_attention.paged_attention,
+        attention_plan=plan,
+        paged_attention=attention.paged_attention,
         moe_route=moe.route,
         moe_experts=moe.moe_experts,
         sample_draw=sampling.draw,
     )
+
+
+@functools.cache
+def reference_ops() -> Ops:
+    """The torch reference ops (CPU, XLA, and the oracle everywhere)."""
+    from gemma4.ops import moe, norms, paged_attention, sampling
+
+    return _op_set("torch", norms, norms, paged_attention, paged_attention.group_metadata, moe, sampling)
+
+
+@functools.cache
+def triton_ops() -> Ops:
+    """The Triton kernels (imported only here: the reference path never needs triton)."""
+    from gemma4.kernels import kv_write, moe, norms, paged_attention, sampling
+
+    return _op_set("triton", norms, kv_write, paged_attention, paged_attention.attention_plan, moe, sampling)
 
 
 def select_ops(device: torch.device | str, kernels: KernelChoice = "auto") -> Ops:

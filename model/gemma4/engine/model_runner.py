@@ -138,8 +138,10 @@ class DecodeGraphs:
     """CUDA graphs of decode steps, one per batch-size bucket, over the runner's persistent buffers.
 
     A graph's step has block tables of the full `max_model_len` width, so the reference attention op
-    gathers that many keys per sequence: buckets whose gather would exceed `GATHER_BUDGET_BYTES` per
-    layer are not captured and run eagerly at the widths the step needs. Captured at start-up with
+    gathers that many keys per sequence: with it, buckets whose gather would exceed
+    `GATHER_BUDGET_BYTES` per layer are not captured and run eagerly at the widths the step needs. The
+    attention kernel reads only each sequence's context, whatever the table width: every bucket is
+    captured. Captured at start-up with
     every sequence padded (they write only zeros to the null block and count no expert load), largest
     bucket first so smaller ones reuse its memory pool. A replay reads the step the runner staged
     into the same buffer addresses.
@@ -149,7 +151,7 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.max_cols = runner.max_cols
-        per_sequence = max(
+        per_sequence = 0 if runner.ops.kernels == "triton" else max(
             runner.max_cols * runner.block_size * g.num_kv_heads * g.head_dim * runner.dtype.itemsize
             for g in runner.cache.groups
         )
