@@ -14,7 +14,7 @@ from engine_fixtures import BLOCK_SIZE, mixed_prompts, write_checkpoint  # noqa:
 from gemma4 import LLM, SamplingParams  # noqa: E402
 from reference_models import SLIDING_WINDOW, TEXT_CONFIGS, reference_greedy  # noqa: E402
 
-NEW_TOKENS = 8
+NEW_TOKENS = 6
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=7, max_tokens=4, ignore_eos=True)
 
@@ -22,7 +22,7 @@ SEEDED = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=7, max_tokens
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory):
     """Per variant: checkpoint dir and transformers' greedy continuation of each prompt."""
-    prompts = mixed_prompts(count=6)
+    prompts = mixed_prompts(count=4)  # one long prompt (past 3 windows), one sharing its prefix
     out = {}
     for variant in TEXT_CONFIGS:
         ref, path = write_checkpoint(variant, tmp_path_factory.mktemp(variant))
@@ -49,7 +49,7 @@ def test_greedy_with_kernels_matches_transformers(checkpoints, variant: str) -> 
     assert all(g.used_blocks == 0 for g in llm.engine.stats().kv_cache)
 
 
-@pytest.mark.parametrize("variant", ["e2b", "26b-a4b"])
+@pytest.mark.parametrize("variant", ["26b-a4b"])  # MoE, K-as-V global layers
 def test_step_logits_and_seeded_samples_equal_the_reference_ops(checkpoints, variant: str) -> None:
     prompts, refs = checkpoints
     path, _ = refs[variant]

@@ -10,6 +10,8 @@ the same buffers; elsewhere (and above the largest bucket) the same padded step 
 CPU tests cover everything but the capture itself. Prefill and mixed steps run eagerly at bucketed
 shapes. `torch.compile` of the decode forward (`fullgraph=True`, one static graph per bucket, compiled
 while the graphs are captured at start-up) is an option; the whole forward compiles, prefill included.
+The runner picks the hot-path ops once (`gemma4.backends.select_ops`: Triton kernels on CUDA/ROCm,
+torch reference ops on the CPU/XLA, or as `kernels` says) and hands them to the model (`use_ops`).
 """
 
 from __future__ import annotations
