@@ -55,6 +55,17 @@ def test_rms_norm(width: int, leading: tuple[int, ...], weighted: bool) -> None:
     _close(kernels.rms_norm(x, weight, EPS), ref.rms_norm(x, weight, EPS))
 
 
+@pytest.mark.parametrize(("width", "num_rows"), [(96, 1), (96, 17), (96, 33), (1030, 5), (1030, 9)])
+def test_norms_of_row_counts_off_the_row_block(width: int, num_rows: int) -> None:
+    """Row counts that are not multiples of the launch's `ROWS` (16 at 96, 4 at 1030): the last block's tail."""
+    assert num_rows % kernels.rms_norm_launch(width, True, True, True).constexprs["ROWS"] != 0
+    residual, x = _randn(num_rows, width, seed=41), _randn(num_rows, width, seed=42, scale=3.0)
+    weight, scale = _randn(width, seed=43), torch.tensor([0.375])
+    _close(kernels.rms_norm(x, weight, EPS), ref.rms_norm(x, weight, EPS))
+    expected = ref.residual_rms_norm(residual, x, weight, EPS, scale)
+    _close(kernels.residual_rms_norm(residual, x, weight, EPS, scale), expected)
+
+
 def test_rms_norm_of_a_strided_view() -> None:
     packed = _randn(5, 2 * 96, seed=2)
     x, weight = packed[:, 96:], _randn(96, seed=3)
@@ -84,9 +95,18 @@ def test_norm_rope(head_dim: int, weighted: bool) -> None:
     _close(kernels.norm_rope(x[None], weight, cos, sin, EPS), ref.norm_rope(x[None], weight, cos, sin, EPS))
 
 
-def _caches(kv_heads: int, head_dim: int, seed: int) -> torch.Tensor:
-    """A 5-row block_size-4 cache full of garbage (its untouched slots must survive)."""
-    return _randn(5, BLOCK_SIZE, kv_heads, head_dim, seed=seed, scale=9.0)
+@pytest.mark.parametrize(("num_tokens", "heads"), [(1, 1), (5, 1), (17, 1), (6, 3)])
+def test_norm_rope_of_row_counts_off_the_row_block(num_tokens: int, heads: int) -> None:
+    """(token, head) row counts 1, 5, 17, 18 against 16 rows a program (D = 64)."""
+    head_dim = 64
+    cos, sin = (t[0] for t in _rope(head_dim, num_tokens))
+    x, weight = _randn(num_tokens, heads, head_dim, seed=44, scale=2.0), _randn(head_dim, seed=45)
+    _close(kernels.norm_rope(x, weight, cos, sin, EPS), ref.norm_rope(x, weight, cos, sin, EPS))
+
+
+def _caches(kv_heads: int, head_dim: int, seed: int, rows: int = 5) -> torch.Tensor:
+    """A block_size-4 cache of `rows` rows full of garbage (its untouched slots must survive)."""
+    return _randn(rows, BLOCK_SIZE, kv_heads, head_dim, seed=seed, scale=9.0)
 
 
 @pytest.mark.parametrize("kind", ["k_and_v", "k_as_v", "k_as_v_with_keys"])
@@ -113,10 +133,32 @@ def test_write_kv_normed(kind: str, head_dim: int) -> None:
         _close(keys, ref_keys)
 
 
-@pytest.mark.parametrize("leading", [(6,), (2, 3)])
+@pytest.mark.parametrize("kind", ["k_and_v", "k_as_v_with_keys"])
+@pytest.mark.parametrize("num_tokens", [1, 5, 17])
+def test_write_kv_normed_of_row_counts_off_the_row_block(kind: str, num_tokens: int) -> None:
+    """One kv head of D = 64 (16 rows a program): 1, 5 and 17 rows, every third token padding."""
+    kv_heads, head_dim = 1, 64
+    k_raw = _randn(num_tokens, kv_heads, head_dim, seed=46, scale=3.0)
+    v_raw = _randn(num_tokens, kv_heads, head_dim, seed=47) if kind == "k_and_v" else None
+    k_weight = _randn(head_dim, seed=48)
+    cos, sin = (t[0] for t in _rope(head_dim, num_tokens))
+    token_mask = (torch.arange(num_tokens) % 3 != 2).long()
+    cache_rows = 1 + -(-num_tokens // BLOCK_SIZE)
+    real_slots = BLOCK_SIZE + torch.randperm((cache_rows - 1) * BLOCK_SIZE, generator=_gen(49))[:num_tokens]
+    slot_mapping = torch.where(token_mask != 0, real_slots, torch.arange(num_tokens) % BLOCK_SIZE)  # padding: row 0
+    caches = {}
+    for name, op in (("reference", ref.write_kv_normed), ("kernel", kv_kernels.write_kv_normed)):
+        key_cache, value_cache = (_caches(kv_heads, head_dim, seed, cache_rows) for seed in (50, 51))
+        op(k_raw, v_raw, k_weight, cos, sin, EPS, key_cache, value_cache, slot_mapping, token_mask)
+        caches[name] = (key_cache, value_cache)
+    for actual, expected in zip(caches["kernel"], caches["reference"]):
+        _close(actual, expected)
+
+
+@pytest.mark.parametrize("leading", [(6,), (2, 3), (1,), (17,)])  # 18, 18, 3, 51 (token, layer) rows; 16 a block
 def test_per_layer_inputs(leading: tuple[int, ...]) -> None:
     num_layers, width, vocab = 3, 40, 10
-    ids = torch.tensor([1, 7, 12, 3, 10, 0]).reshape(leading)  # 12 and 10 are >= Vp: row 0
+    ids = torch.tensor([1, 7, 12, 3, 10, 0] * 3)[: torch.Size(leading).numel()].reshape(leading)  # 12, 10 >= Vp
     context = _randn(*leading, num_layers * width, seed=15, scale=5.0)
     table, norm_weight = _randn(vocab, num_layers * width, seed=16), _randn(width, seed=17)
     kwargs = dict(num_layers=num_layers, eps=EPS, token_scale=6.25, context_scale=0.125)
@@ -127,8 +169,9 @@ def test_per_layer_inputs(leading: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize("width", [96, 40, 1500])
-def test_gelu_mul(width: int) -> None:
-    gate, up = _randn(3, 2, width, seed=18, scale=4.0), _randn(3, 2, width, seed=19)
+@pytest.mark.parametrize("leading", [(3, 2), (1,), (17,)])  # 16 rows a block at 40 and 96, 4 at 1500
+def test_gelu_mul(width: int, leading: tuple[int, ...]) -> None:
+    gate, up = _randn(*leading, width, seed=18, scale=4.0), _randn(*leading, width, seed=19)
     _close(kernels.gelu_mul(gate, up), ref.gelu_mul(gate, up))
 
 
@@ -139,7 +182,7 @@ def test_gelu_mul_of_a_packed_gate_up() -> None:
 
 
 @pytest.mark.parametrize("cap", [30.0, 3.0, None])
-@pytest.mark.parametrize("leading", [(3,), (2, 2)])
+@pytest.mark.parametrize("leading", [(3,), (2, 2), (5,)])  # 4 rows a block
 def test_softcap_logits(cap: float | None, leading: tuple[int, ...]) -> None:
     logits = _randn(*leading, 1500, seed=21, scale=25.0)  # saturates at cap 3
     out = kernels.softcap_logits(logits, cap)
