@@ -11,7 +11,8 @@ fp32 reduction order and `rsqrt` instead of `pow(., -0.5)`.
 Every kernel works on a block of `ROWS` rows a program: a 2-D tile `[ROWS, BLOCK]`, one row per tile
 row, the rows past the last one masked off (`row_block`). Rows are short (256-5376 values), so one row a
 program would launch thousands of programs with a few hundred values each; `ROWS` rows fill a tile of
-about `ROW_TILE_ELEMENTS` values (at most `MAX_ROWS` rows) held by 8 warps (16 values a thread).
+about `ROW_TILE_ELEMENTS` values (at most `MAX_ROWS` rows: that bound only binds below 64-wide rows, test
+sizes) held by 16 warps (8 values a thread: 16-byte bf16 accesses on sm_90).
 Per-row reductions are along the tile's second axis.
 
 - Norms: a program per `ROWS` rows. Rows up to 1024 wide are one tile wide; wider rows (the hidden
@@ -57,8 +58,8 @@ VOCAB_SIZE = 262144  # softcap width
 MAX_ROW_BLOCK = 1024  # widest row tile; wider rows loop over chunks
 ELEMENTWISE_BLOCK = 1024  # widest chunk of the (rows, chunk) grids
 ROW_TILE_ELEMENTS = 4096  # values of a [ROWS, BLOCK] tile (a head's two halves count both)
-MAX_ROWS = 16
-MAX_WARPS = 8
+MAX_ROWS = 64
+MAX_WARPS = 16
 # Constants of the jit code (Triton reads only constexpr globals).
 _INV_SQRT2 = tl.constexpr(2.0**-0.5)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -77,11 +78,11 @@ class Launch:
 def row_tile(width: int, max_block: int = MAX_ROW_BLOCK, row_elements: int | None = None) -> tuple[int, int, int]:
     """Tile width, rows a program and warps for rows of `width`: the width's next power of two up to
     `max_block`, as many rows as fill `ROW_TILE_ELEMENTS` (a row holding `row_elements` values of its
-    tile, `block` unless given), 8 warps at a full tile (16 values a thread: 16-byte bf16 accesses)."""
+    tile, `block` unless given), 8 values a thread (16-byte bf16 accesses): 16 warps at a full tile."""
     block = min(triton.next_power_of_2(width), max_block)
     per_row = block if row_elements is None else row_elements
     rows = max(1, min(MAX_ROWS, ROW_TILE_ELEMENTS // per_row))
-    return block, rows, max(1, min(MAX_WARPS, rows * per_row // 512))
+    return block, rows, max(1, min(MAX_WARPS, rows * per_row // 256))
 
 
 def kernel_config(name: str, kernel: Any, types: Mapping[str, str], launch: Launch) -> KernelConfig:
