@@ -30,7 +30,7 @@ Per-row reductions are along the tile's second axis.
   so a view of a packed gate/up output needs no copy. `tanh` (softcap and GELU's) is exp-based: `exp(-2|x|)`
   never overflows, and Triton's interpreter has no libdevice.
 
-Launch choices (tile widths, warps) come from `row_tile` and the `*_launch` functions, which
+Launch choices (tile widths, rows a program, warps) come from `row_tile` and the `*_launch` functions, which
 `shipped_configs()` calls with the real model widths: CI compiles exactly what runs.
 """
 
