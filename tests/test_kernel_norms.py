@@ -36,6 +36,18 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=1e-5)
 
 
+# Row counts as (full row blocks, tail rows): 1 and 3 rows in a block of their own, and tails after full blocks.
+BLOCKS_AND_TAILS = [(0, 1), (0, 3), (1, 1), (2, 3)]
+
+
+def _num_rows(launch: kernels.Launch, blocks_and_tail: tuple[int, int]) -> int:
+    """`blocks` full blocks of the launch's `ROWS` rows, then `tail` rows (fewer than `ROWS`)."""
+    blocks, tail = blocks_and_tail
+    rows = launch.constexprs["ROWS"]
+    assert 0 < tail < rows
+    return blocks * rows + tail
+
+
 def _rope(head_dim: int, num_tokens: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Proportional RoPE's cos/sin `[1, T, D]` at scattered positions: the tail pairs have cos 1, sin 0."""
     positions = torch.randint(0, 5000, (1, num_tokens), generator=_gen(head_dim))
@@ -53,6 +65,18 @@ def test_rms_norm(width: int, leading: tuple[int, ...], weighted: bool) -> None:
     x = _randn(*leading, width, seed=width, scale=3.0)
     weight = _randn(width, seed=1) if weighted else None
     _close(kernels.rms_norm(x, weight, EPS), ref.rms_norm(x, weight, EPS))
+
+
+@pytest.mark.parametrize("blocks_and_tail", BLOCKS_AND_TAILS)
+@pytest.mark.parametrize("width", [96, 1030])  # 32 and 4 rows a program
+def test_norms_of_row_counts_off_the_row_block(width: int, blocks_and_tail: tuple[int, int]) -> None:
+    """Row counts that are not multiples of the launch's `ROWS`: the last block's tail is masked."""
+    num_rows = _num_rows(kernels.rms_norm_launch(width, True, True, True), blocks_and_tail)
+    residual, x = _randn(num_rows, width, seed=41), _randn(num_rows, width, seed=42, scale=3.0)
+    weight, scale = _randn(width, seed=43), torch.tensor([0.375])
+    _close(kernels.rms_norm(x, weight, EPS), ref.rms_norm(x, weight, EPS))
+    expected = ref.residual_rms_norm(residual, x, weight, EPS, scale)
+    _close(kernels.residual_rms_norm(residual, x, weight, EPS, scale), expected)
 
 
 def test_rms_norm_of_a_strided_view() -> None:
@@ -84,9 +108,20 @@ def test_norm_rope(head_dim: int, weighted: bool) -> None:
     _close(kernels.norm_rope(x[None], weight, cos, sin, EPS), ref.norm_rope(x[None], weight, cos, sin, EPS))
 
 
-def _caches(kv_heads: int, head_dim: int, seed: int) -> torch.Tensor:
-    """A 5-row block_size-4 cache full of garbage (its untouched slots must survive)."""
-    return _randn(5, BLOCK_SIZE, kv_heads, head_dim, seed=seed, scale=9.0)
+@pytest.mark.parametrize("blocks_and_tail", BLOCKS_AND_TAILS)
+@pytest.mark.parametrize("heads", [1, 3])
+def test_norm_rope_of_row_counts_off_the_row_block(blocks_and_tail: tuple[int, int], heads: int) -> None:
+    """(token, head) row counts off the launch's `ROWS` (64 at D = 64); with 3 heads, blocks split tokens."""
+    head_dim = 64
+    num_tokens = -(-_num_rows(kernels.norm_rope_launch(head_dim, True), blocks_and_tail) // heads)
+    cos, sin = (t[0] for t in _rope(head_dim, num_tokens))
+    x, weight = _randn(num_tokens, heads, head_dim, seed=44, scale=2.0), _randn(head_dim, seed=45)
+    _close(kernels.norm_rope(x, weight, cos, sin, EPS), ref.norm_rope(x, weight, cos, sin, EPS))
+
+
+def _caches(kv_heads: int, head_dim: int, seed: int, rows: int = 5) -> torch.Tensor:
+    """A block_size-4 cache of `rows` rows full of garbage (its untouched slots must survive)."""
+    return _randn(rows, BLOCK_SIZE, kv_heads, head_dim, seed=seed, scale=9.0)
 
 
 @pytest.mark.parametrize("kind", ["k_and_v", "k_as_v", "k_as_v_with_keys"])
@@ -113,10 +148,33 @@ def test_write_kv_normed(kind: str, head_dim: int) -> None:
         _close(keys, ref_keys)
 
 
-@pytest.mark.parametrize("leading", [(6,), (2, 3)])
+@pytest.mark.parametrize("kind", ["k_and_v", "k_as_v_with_keys"])
+@pytest.mark.parametrize("blocks_and_tail", BLOCKS_AND_TAILS)
+def test_write_kv_normed_of_row_counts_off_the_row_block(kind: str, blocks_and_tail: tuple[int, int]) -> None:
+    """One kv head of D = 64 (64 rows a program), row counts off the block, every third token padding."""
+    kv_heads, head_dim = 1, 64
+    num_tokens = _num_rows(kv_kernels.write_kv_normed_launch(head_dim, kind == "k_and_v", True, True), blocks_and_tail)
+    k_raw = _randn(num_tokens, kv_heads, head_dim, seed=46, scale=3.0)
+    v_raw = _randn(num_tokens, kv_heads, head_dim, seed=47) if kind == "k_and_v" else None
+    k_weight = _randn(head_dim, seed=48)
+    cos, sin = (t[0] for t in _rope(head_dim, num_tokens))
+    token_mask = (torch.arange(num_tokens) % 3 != 2).long()
+    cache_rows = 1 + -(-num_tokens // BLOCK_SIZE)
+    real_slots = BLOCK_SIZE + torch.randperm((cache_rows - 1) * BLOCK_SIZE, generator=_gen(49))[:num_tokens]
+    slot_mapping = torch.where(token_mask != 0, real_slots, torch.arange(num_tokens) % BLOCK_SIZE)  # padding: row 0
+    caches = {}
+    for name, op in (("reference", ref.write_kv_normed), ("kernel", kv_kernels.write_kv_normed)):
+        key_cache, value_cache = (_caches(kv_heads, head_dim, seed, cache_rows) for seed in (50, 51))
+        op(k_raw, v_raw, k_weight, cos, sin, EPS, key_cache, value_cache, slot_mapping, token_mask)
+        caches[name] = (key_cache, value_cache)
+    for actual, expected in zip(caches["kernel"], caches["reference"]):
+        _close(actual, expected)
+
+
+@pytest.mark.parametrize("leading", [(6,), (2, 3), (1,), (23,), (45,)])  # 18, 18, 3, 69, 135 rows; 64 a program
 def test_per_layer_inputs(leading: tuple[int, ...]) -> None:
     num_layers, width, vocab = 3, 40, 10
-    ids = torch.tensor([1, 7, 12, 3, 10, 0]).reshape(leading)  # 12 and 10 are >= Vp: row 0
+    ids = torch.tensor([1, 7, 12, 3, 10, 0] * 8)[: torch.Size(leading).numel()].reshape(leading)  # 12, 10 >= Vp
     context = _randn(*leading, num_layers * width, seed=15, scale=5.0)
     table, norm_weight = _randn(vocab, num_layers * width, seed=16), _randn(width, seed=17)
     kwargs = dict(num_layers=num_layers, eps=EPS, token_scale=6.25, context_scale=0.125)
@@ -127,8 +185,17 @@ def test_per_layer_inputs(leading: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize("width", [96, 40, 1500])
-def test_gelu_mul(width: int) -> None:
-    gate, up = _randn(3, 2, width, seed=18, scale=4.0), _randn(3, 2, width, seed=19)
+@pytest.mark.parametrize("leading", [(3, 2), (1,), (5,)])
+def test_gelu_mul(width: int, leading: tuple[int, ...]) -> None:
+    gate, up = _randn(*leading, width, seed=18, scale=4.0), _randn(*leading, width, seed=19)
+    _close(kernels.gelu_mul(gate, up), ref.gelu_mul(gate, up))
+
+
+@pytest.mark.parametrize("blocks_and_tail", BLOCKS_AND_TAILS)
+@pytest.mark.parametrize("width", [96, 1500])  # 32 rows a program; 4 rows and 2 chunks
+def test_gelu_mul_of_row_counts_off_the_row_block(width: int, blocks_and_tail: tuple[int, int]) -> None:
+    num_rows = _num_rows(kernels.elementwise_launch(width), blocks_and_tail)
+    gate, up = _randn(num_rows, width, seed=52, scale=4.0), _randn(num_rows, width, seed=53)
     _close(kernels.gelu_mul(gate, up), ref.gelu_mul(gate, up))
 
 
@@ -139,7 +206,7 @@ def test_gelu_mul_of_a_packed_gate_up() -> None:
 
 
 @pytest.mark.parametrize("cap", [30.0, 3.0, None])
-@pytest.mark.parametrize("leading", [(3,), (2, 2)])
+@pytest.mark.parametrize("leading", [(3,), (2, 2), (5,), (11,)])  # 4 rows a program
 def test_softcap_logits(cap: float | None, leading: tuple[int, ...]) -> None:
     logits = _randn(*leading, 1500, seed=21, scale=25.0)  # saturates at cap 3
     out = kernels.softcap_logits(logits, cap)

@@ -1,9 +1,11 @@
 """The fused KV-cache write: a layer's raw key/value projections normed, the keys rotated, both stored
 into the paged cache, in one launch (the kernel of `gemma4.ops.norms.write_kv_normed`).
 
-Design. One program per (token, kv head) row of width D (256 or 512), a single tile held as its two
-halves (the rotate_half pairing is then elementwise, as in `gemma4.kernels.norms`). A program loads
-the raw key row once and computes the key's QK-norm + RoPE and, on K-as-V layers, the value's
+Design. One program per `ROWS` (token, kv head) rows of width D (256 or 512), the pair flattened into
+one row index `token * kv_heads + head`: a `[ROWS, D / 2]` tile pair holding the rows' two halves (the
+rotate_half pairing is then elementwise, as in `gemma4.kernels.norms`, which also sizes the tiles:
+16 rows of D = 256, 8 of D = 512; tail rows past the last are masked off). A program loads each
+raw key row once and computes the key's QK-norm + RoPE and, on K-as-V layers, the value's
 weightless norm from the same registers (the two norms share the row's sum of squares); otherwise it
 loads the value row. It then stores both rows at the token's slot: `slot // block_size` picks the
 cache row, `slot % block_size` the position in it, addressed through the caches' strides. Padded
@@ -11,8 +13,8 @@ tokens (`token_mask` zero) store zeros, so the null block stays all-zero, as `wr
 Replacing the reference's norm, RoPE (mul, cat, mul, add), mask and `index_copy_` kernels, it reads
 each input once and writes each cache row once.
 
-Constexprs: `BLOCK_HALF` (D / 2 rounded up to a power of two), `HAS_V` (a value projection exists;
-else values are the keys' raw rows), `STORE_K` (the layer has a key cache), `K_WEIGHTED` (k_norm has
+Constexprs: `ROWS` (rows a program), `BLOCK_HALF` (D / 2 rounded up to a power of two), `HAS_V` (a value
+projection exists; else values are the keys' raw rows), `STORE_K` (the layer has a key cache), `K_WEIGHTED` (k_norm has
 a weight; only meaningful with `STORE_K`).
 """
 
@@ -29,20 +31,22 @@ from gemma4.kernels.norms import (
     HEAD_DIMS,
     Launch,
     as_rows,
-    head_tile,
     configs_for,
+    head_tile,
     halves_inv_rms,
     launch_kernel,
     load_halves,
     norm_halves,
     rope_halves,
+    row_block,
+    row_grid,
     store_halves,
 )
 
 
 @triton.jit
 def _cache_row(cache_ptr, slot, head, block_size, block_stride, slot_stride, head_stride):
-    """Address of (slot, head) in a `[rows, block_size, kv_heads, D]` cache (any row/slot/head strides)."""
+    """Addresses of (slot, head) rows in a `[rows, block_size, kv_heads, D]` cache (any row/slot/head strides)."""
     return cache_ptr + (slot // block_size) * block_stride + (slot % block_size) * slot_stride + head * head_stride
 
 
@@ -57,6 +61,8 @@ def _write_kv_normed_kernel(
     value_cache_ptr,
     slot_mapping_ptr,
     token_mask_ptr,
+    num_rows,
+    kv_heads,
     half,
     k_token_stride,
     k_head_stride,
@@ -72,23 +78,26 @@ def _write_kv_normed_kernel(
     value_slot_stride,
     value_head_stride,
     eps,
+    ROWS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     HAS_V: tl.constexpr,
     STORE_K: tl.constexpr,
     K_WEIGHTED: tl.constexpr,
 ):
-    """One (token, kv head): keys `RoPE(norm(k) * w)` and values `norm(v or k)` to the token's slot."""
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    offsets = tl.arange(0, BLOCK_HALF)
-    mask = offsets < half
+    """`ROWS` (token, kv head) rows: keys `RoPE(norm(k) * w)` and values `norm(v or k)` to the token's slot."""
+    rows, row_mask = row_block(num_rows, ROWS)
+    token = rows // kv_heads
+    head = rows % kv_heads
+    offsets = tl.arange(0, BLOCK_HALF)[None, :]
+    col_mask = offsets < half
+    mask = row_mask & col_mask
     dtype = k_ptr.dtype.element_ty
-    real = tl.load(token_mask_ptr + token) != 0
-    slot = tl.load(slot_mapping_ptr + token)
+    real = tl.load(token_mask_ptr + token, mask=row_mask, other=0) != 0
+    slot = tl.load(slot_mapping_ptr + token, mask=row_mask, other=0)
     k1, k2 = load_halves(k_ptr + token * k_token_stride + head * k_head_stride, offsets, mask, half)
     k_inv_rms = halves_inv_rms(k1, k2, half, eps)
     if STORE_K:
-        n1, n2 = norm_halves(k1, k2, k_inv_rms, k_weight_ptr, offsets, mask, half, K_WEIGHTED, dtype)
+        n1, n2 = norm_halves(k1, k2, k_inv_rms, k_weight_ptr, offsets, col_mask, half, K_WEIGHTED, dtype)
         cos_row = cos_ptr + token * cos_token_stride
         sin_row = sin_ptr + token * sin_token_stride
         key1, key2 = rope_halves(n1, n2, cos_row, sin_row, offsets, mask, half, dtype)
@@ -99,7 +108,7 @@ def _write_kv_normed_kernel(
         v_inv_rms = halves_inv_rms(v1, v2, half, eps)
     else:
         v1, v2, v_inv_rms = k1, k2, k_inv_rms
-    value1, value2 = norm_halves(v1, v2, v_inv_rms, v_ptr, offsets, mask, half, False, dtype)
+    value1, value2 = norm_halves(v1, v2, v_inv_rms, v_ptr, offsets, col_mask, half, False, dtype)
     value_row = _cache_row(
         value_cache_ptr, slot, head, block_size, value_block_stride, value_slot_stride, value_head_stride
     )
@@ -107,8 +116,9 @@ def _write_kv_normed_kernel(
 
 
 def write_kv_normed_launch(head_dim: int, has_v: bool, store_k: bool, k_weighted: bool) -> Launch:
-    block_half, warps = head_tile(head_dim)
-    constexprs = {"BLOCK_HALF": block_half, "HAS_V": has_v, "STORE_K": store_k, "K_WEIGHTED": store_k and k_weighted}
+    block_half, rows, warps = head_tile(head_dim)
+    flags = {"HAS_V": has_v, "STORE_K": store_k, "K_WEIGHTED": store_k and k_weighted}
+    constexprs = {"ROWS": rows, "BLOCK_HALF": block_half, **flags}
     return Launch(constexprs, warps)
 
 
@@ -116,6 +126,8 @@ def _write_kv_normed_types(dtype: str) -> dict[str, str]:
     ptr = POINTER_TYPES[dtype]
     pointers = ("k_ptr", "v_ptr", "k_weight_ptr", "cos_ptr", "sin_ptr", "key_cache_ptr", "value_cache_ptr")
     ints = (
+        "num_rows",
+        "kv_heads",
         "half",
         "k_token_stride",
         "k_head_stride",
@@ -171,7 +183,7 @@ def _write_kv_normed_op(
     launch = write_kv_normed_launch(head_dim, v_raw is not None, key_cache is not None, k_weight is not None)
     launch_kernel(
         _write_kv_normed_kernel,
-        (num_tokens, kv_heads),
+        row_grid(num_tokens * kv_heads, launch),
         launch,
         k_rows,
         v_rows,
@@ -182,6 +194,8 @@ def _write_kv_normed_op(
         value_cache,
         slot_mapping.to(torch.int64),
         token_mask.to(torch.int64),
+        num_tokens * kv_heads,
+        kv_heads,
         head_dim // 2,
         k_rows.stride(0),
         k_rows.stride(1),
