@@ -243,7 +243,7 @@ def _roofline_pct(setup: Setup, dtype: str, batch: int, itl_ms: float | None, ba
     if itl_ms is None or bandwidth is None:
         return None
     step = decode_step_bytes(setup.config, dtype, batch, setup.input_len + setup.output_len // 2)
-    return round(100 * step / bandwidth / (itl_ms / 1000), 2)
+    return float(f"{100 * step / bandwidth / (itl_ms / 1000):.3g}")  # 3 significant digits: tiny CPU runs stay > 0
 
 
 def run_variant(setup: Setup, args: argparse.Namespace, device: torch.device, report: Report, deadline: float) -> None:

@@ -63,14 +63,19 @@ def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def _significant(value: float) -> float:
+    """Three significant digits (interpreter runs on a CPU give tiny figures that must not round to 0)."""
+    return float(f"{value:.3g}")
+
+
 def _row(kind: str, case: str, shape: dict[str, Any], bytes_read: int, times: dict[str, float], peak: float | None) -> dict[str, Any]:
     kernel = times["triton"]
     return {
         "kernel": kind, "case": case, **shape,
         "triton_us": round(kernel * 1e6, 2), "torch_us": round(times["torch"] * 1e6, 2),
         "speedup": round(times["torch"] / kernel, 2),
-        "bytes_read": bytes_read, "achieved_gbs": round(bytes_read / kernel / 1e9, 1),
-        "peak_pct": round(100 * bytes_read / kernel / peak, 1) if peak else None,
+        "bytes_read": bytes_read, "achieved_gbs": _significant(bytes_read / kernel / 1e9),
+        "peak_pct": _significant(100 * bytes_read / kernel / peak) if peak else None,
     }
 
 

@@ -145,7 +145,11 @@ def test_decode_only_step_uses_the_decode_tile() -> None:
     seqs = [(0, 17, 1), (1, 33, 1), (3, 1, 1), (4, 64, 1)]
     step = make_step(seqs, num_tokens=8, grids=((8, 1),), block_size=8, cols=8, heads=8, kv_heads=2, dim=64)
     check(step, 16)
-    check(replace(step, keys=None, key_scale=torch.rand(64) + 0.5, inv_freq=torch.rand(32)), None)  # K-as-V
+    gen = torch.Generator().manual_seed(11)
+    k_as_v = replace(step, keys=None, key_scale=torch.rand(64, generator=gen) + 0.5, inv_freq=torch.rand(32, generator=gen))
+    # The kernel's own fp32 sin/cos (within 3e-7 of exact) differs from torch's by as much: scores of
+    # ~10 carry it to ~1e-5 in the outputs.
+    check(k_as_v, None, atol=5e-5)
 
 
 # Chunks with several spans each: at a chunk's start and end, one longer than the smaller windows,
