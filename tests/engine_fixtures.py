@@ -10,7 +10,9 @@ import torch
 from gemma4.config import FULL, SLIDING, Gemma4Config
 from gemma4.tiny import tiny_config
 from gemma4.tiny_tokenizer import write_tiny_tokenizer
-from reference_models import VOCAB, build_reference, save_reference
+import pytest
+
+from reference_models import TEXT_CONFIGS, VOCAB, build_reference, reference_greedy, save_reference
 
 BLOCK_SIZE = 4
 
@@ -21,6 +23,19 @@ def write_checkpoint(variant: str, directory: Path, seed: int = 0) -> tuple[torc
     save_reference(ref, directory, sharded=False)
     write_tiny_tokenizer(directory, vocab_size=VOCAB)
     return ref, directory
+
+
+def greedy_references(
+    prompts: list[list[int]], new_tokens: int, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, list[list[int]]]]:
+    """Per variant: a checkpoint dir and transformers' greedy continuation of each prompt."""
+    out = {}
+    for variant in TEXT_CONFIGS:
+        ref, path = write_checkpoint(variant, tmp_path_factory.mktemp(variant))
+        with torch.no_grad():
+            expected = [reference_greedy(ref, torch.tensor([p]), new_tokens)[0].tolist() for p in prompts]
+        out[variant] = (path, expected)
+    return out
 
 
 def mixed_prompts(count: int = 16, seed: int = 0) -> list[list[int]]:

@@ -10,9 +10,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from engine_fixtures import BLOCK_SIZE, mixed_prompts, write_checkpoint  # noqa: E402
+from engine_fixtures import BLOCK_SIZE, greedy_references, mixed_prompts  # noqa: E402
 from gemma4 import LLM, SamplingParams  # noqa: E402
-from reference_models import SLIDING_WINDOW, TEXT_CONFIGS, reference_greedy  # noqa: E402
+from reference_models import SLIDING_WINDOW, TEXT_CONFIGS  # noqa: E402
 
 NEW_TOKENS = 6
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -23,13 +23,7 @@ SEEDED = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=7, max_tokens
 def checkpoints(tmp_path_factory: pytest.TempPathFactory):
     """Per variant: checkpoint dir and transformers' greedy continuation of each prompt."""
     prompts = mixed_prompts(count=4)  # one long prompt (past 3 windows), one sharing its prefix
-    out = {}
-    for variant in TEXT_CONFIGS:
-        ref, path = write_checkpoint(variant, tmp_path_factory.mktemp(variant))
-        with torch.no_grad():
-            expected = [reference_greedy(ref, torch.tensor([p]), NEW_TOKENS)[0].tolist() for p in prompts]
-        out[variant] = (path, expected)
-    return prompts, out
+    return prompts, greedy_references(prompts, NEW_TOKENS, tmp_path_factory)
 
 
 def _llm(path, kernels: str) -> LLM:

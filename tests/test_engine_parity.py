@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from engine_fixtures import BLOCK_SIZE, mixed_prompts, write_checkpoint
+from engine_fixtures import BLOCK_SIZE, greedy_references, mixed_prompts
 from gemma4 import LLM, SamplingParams
-from reference_models import SLIDING_WINDOW, TEXT_CONFIGS, reference_greedy
+from reference_models import SLIDING_WINDOW, TEXT_CONFIGS
 
 NEW_TOKENS = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -19,13 +19,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 def references(tmp_path_factory: pytest.TempPathFactory):
     """Per variant: checkpoint dir and the reference's greedy continuation of each mixed prompt."""
     prompts = mixed_prompts()
-    out = {}
-    for variant in TEXT_CONFIGS:
-        ref, path = write_checkpoint(variant, tmp_path_factory.mktemp(variant))
-        with torch.no_grad():
-            expected = [reference_greedy(ref, torch.tensor([p]), NEW_TOKENS)[0].tolist() for p in prompts]
-        out[variant] = (path, expected)
-    return prompts, out
+    return prompts, greedy_references(prompts, NEW_TOKENS, tmp_path_factory)
 
 
 @pytest.mark.parametrize("variant", list(TEXT_CONFIGS))

@@ -21,6 +21,7 @@ import triton.language as tl  # noqa: E402
 
 from gemma4.kernels import paged_attention as kernel  # noqa: E402
 from gemma4.ops import paged_attention as ref  # noqa: E402
+from step_layouts import step_layout  # noqa: E402
 
 
 @dataclass
@@ -56,24 +57,9 @@ def make_step(
     caches and tables over shuffled blocks; K-as-V steps get a key scale and proportional RoPE
     frequencies (a quarter of them zero)."""
     gen = torch.Generator().manual_seed(seed)
-    num_seqs = sum(n for n, _ in grids)
     rows = 1 + sum(math.ceil(context / block_size) for _, context, _ in seqs) + 3  # a few blocks no one owns
     free = (torch.randperm(rows - 1, generator=gen) + 1).tolist()
-    start, qlen, ctx = (torch.zeros(num_seqs, dtype=torch.long) for _ in range(3))
-    token_seq = torch.zeros(num_tokens, dtype=torch.long)
-    mask = torch.zeros(num_tokens, dtype=torch.long)
-    positions = torch.zeros(num_tokens, dtype=torch.long)
-    tables = torch.zeros(num_seqs, cols, dtype=torch.long)
-    row = 0
-    for slot, context, query in seqs:
-        start[slot], qlen[slot], ctx[slot] = row, query, context
-        token_seq[row : row + query] = slot
-        mask[row : row + query] = 1
-        positions[row : row + query] = torch.arange(context - query, context)
-        for b in range(math.ceil(context / block_size)):
-            tables[slot, b] = free.pop()
-        row += query + gap
-    layout = ref.SequenceLayout(start, qlen, ctx, token_seq, mask, grids)
+    layout, positions, tables = step_layout(seqs, num_tokens, grids, block_size, cols, free, gap)
     values = torch.randn(rows, block_size, kv_heads, dim, generator=gen)
     values[0] = 0
     keys = None if k_as_v else torch.randn(rows, block_size, kv_heads, dim, generator=gen)

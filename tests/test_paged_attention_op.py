@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from gemma4.config import RopeConfig
 from gemma4.modeling import RotaryEmbedding
 from gemma4.ops.norms import apply_rope
 from gemma4.ops.paged_attention import SequenceLayout, group_metadata, paged_attention, write_kv
+from step_layouts import step_layout
 
 BS = 4
 HEADS, KV_HEADS, DIM = 4, 2, 8
@@ -21,27 +21,9 @@ HEADS, KV_HEADS, DIM = 4, 2, 8
 def _step(seqs: list[tuple[int, int, int]], num_tokens: int, grids: tuple[tuple[int, int], ...], cols: int, rows: int):
     """A padded step for `seqs` of (slot, context_len, query_len), tokens in list order; unused slots are
     padding. Returns the layout, positions and block tables (distinct blocks)."""
-    num_seqs = sum(n for n, _ in grids)
     gen = torch.Generator().manual_seed(len(seqs))
     free = (torch.randperm(rows - 1, generator=gen) + 1).tolist()  # row 0 is the null block
-    start = torch.zeros(num_seqs, dtype=torch.long)
-    qlen = torch.zeros(num_seqs, dtype=torch.long)
-    ctx = torch.zeros(num_seqs, dtype=torch.long)
-    token_seq = torch.zeros(num_tokens, dtype=torch.long)
-    mask = torch.zeros(num_tokens, dtype=torch.long)
-    positions = torch.zeros(num_tokens, dtype=torch.long)
-    tables = torch.zeros(num_seqs, cols, dtype=torch.long)
-    row = 0
-    for slot, context, query in seqs:
-        start[slot], qlen[slot], ctx[slot] = row, query, context
-        token_seq[row : row + query] = slot
-        mask[row : row + query] = 1
-        positions[row : row + query] = torch.arange(context - query, context)
-        for b in range(math.ceil(context / BS)):
-            tables[slot, b] = free.pop()
-        row += query
-    layout = SequenceLayout(start, qlen, ctx, token_seq, mask, grids)
-    return layout, positions, tables
+    return step_layout(seqs, num_tokens, grids, BS, cols, free)
 
 
 def _oracle(q, keys, values, seqs, tables, positions, window, span_ids=None):
