@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from gemma4.backends import Ops, reference_ops, triton_ops
+from gemma4.backends import reference_ops, triton_ops
 from gemma4.ops.paged_attention import SequenceLayout
 
 
@@ -162,10 +162,9 @@ def sampling_rows(vocab: int, batches: list[int], device: torch.device, reps: in
         top_p = torch.full((m,), 0.9, device=device)
         min_p = torch.zeros(m, device=device)
         keys = torch.arange(m, dtype=torch.long, device=device)
-        ops_of: dict[str, Ops] = {"triton": triton_ops(), "torch": reference_ops()}
         times = {
-            name: timed(lambda: ops.sample_draw(logits, top_k, temperature, top_p, min_p, keys, vocab), device, reps)
-            for name, ops in ops_of.items()
+            ops.kernels: timed(lambda: ops.sample_draw(logits, top_k, temperature, top_p, min_p, keys, vocab), device, reps)
+            for ops in (triton_ops(), reference_ops())
         }
         rows.append(_row("sample_draw", f"top-p 0.9 over {vocab}", {"batch": m}, m * vocab * 4, times, peak))
     return rows

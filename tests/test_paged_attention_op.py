@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from gemma4.config import RopeConfig
 from gemma4.modeling import RotaryEmbedding
-from gemma4.ops.norms import apply_rope
+from gemma4.ops.rope import apply_rope
 from gemma4.ops.paged_attention import SequenceLayout, group_metadata, paged_attention, write_kv
 from step_layouts import step_layout
 

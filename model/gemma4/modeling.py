@@ -21,6 +21,7 @@ from torch import nn
 
 from gemma4.backends import Ops, reference_ops
 from gemma4.config import FULL, SLIDING, Gemma4Config, Gemma4TextConfig, LayerSpec, RopeConfig
+from gemma4.ops.rope import rope_at
 
 # The dtypes a model's weights may take; the embedding scale is rounded to each once, at construction.
 WEIGHT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -69,9 +70,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin `[B, T, head_dim]` for integer `positions [B, T]`."""
-        freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = rope_at(positions, self.inv_freq)
+        return cos.to(dtype), sin.to(dtype)
 
 
 @dataclass(frozen=True)

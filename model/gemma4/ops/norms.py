@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gemma4.ops.paged_attention import write_kv
+from gemma4.ops.rope import apply_rope
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """`x * rsqrt(mean(x^2) + eps) * weight` over the last dim, in fp32, cast back to x's dtype.
@@ -42,13 +45,6 @@ def residual_rms_norm(
     if scale is not None:
         out = out * scale
     return out
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NeoX (rotate_half) RoPE of `x [..., heads, D]` by `cos/sin [..., D]`, each product rounded to the dtype."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 def norm_rope(
@@ -81,9 +77,6 @@ def write_kv_normed(
     `[rows, block_size, kv_heads, D]`, `slot_mapping [T]` flat slots; padded tokens (`token_mask`
     zero) write zeros, as `write_kv` does.
     """
-    # Imported here: gemma4.ops.paged_attention imports the model module, which may import this one.
-    from gemma4.ops.paged_attention import write_kv
-
     values = rms_norm(k_raw if v_raw is None else v_raw, None, eps)
     write_kv(value_cache, slot_mapping, values, token_mask)
     if key_cache is not None:

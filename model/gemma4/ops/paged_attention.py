@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gemma4.ops.norms import apply_rope
+from gemma4.ops.rope import apply_rope, rope_at
 
 
 @dataclass(frozen=True)
@@ -78,13 +78,6 @@ def key_blocks(sliding_window: int | None, block_size: int, table_cols: int, que
     if sliding_window is None:
         return table_cols
     return min(table_cols, -(-(sliding_window - 1 + query_len) // block_size) + 1)
-
-
-def rope_at(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (cos, sin) `[..., D]` at integer `positions`, computed exactly as `RotaryEmbedding` does."""
-    freqs = positions[..., None].float() * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
 
 
 def _span_visible(
