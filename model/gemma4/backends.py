@@ -27,27 +27,58 @@ def triton_interpreter() -> bool:
 
 @dataclass(frozen=True)
 class Backend:
-    """A device family and its capabilities."""
+    """A device family and its capabilities.
+
+    `collectives` is the torch.distributed backend a multi-rank replica's process group uses on it
+    (None: this release runs only single-device replicas there; XLA's SPMD path is not built).
+    `pinned_memory`: host staging buffers are page-locked, so host-to-device copies can be
+    asynchronous. `dtypes`: the weight and activation dtypes the engine serves on it.
+    """
 
     name: Literal["cuda", "rocm", "xla", "cpu"]
     triton: bool  # Triton kernels compile and run here natively
     cuda_graphs: bool  # decode steps can be captured and replayed
+    collectives: Literal["nccl", "gloo"] | None
+    pinned_memory: bool
+    dtypes: tuple[torch.dtype, ...]
 
     @property
     def default_kernels(self) -> Literal["triton", "torch"]:
         return "triton" if self.triton else "torch"
 
+    @property
+    def multi_device(self) -> bool:
+        """Whether a replica may span several devices of this backend."""
+        return self.collectives is not None
+
+    def device_memory_bytes(self, device: torch.device | str) -> int | None:
+        """The device's total memory, or None where the device's memory is the host's (CPU)."""
+        if self.name in ("cuda", "rocm"):
+            return torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return None
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            raise ValueError(f"{self.name} serves {names}; got {str(dtype).removeprefix('torch.')}")
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+CUDA = Backend("cuda", triton=True, cuda_graphs=True, collectives="nccl", pinned_memory=True, dtypes=_FLOATS)
+ROCM = Backend("rocm", triton=True, cuda_graphs=True, collectives="nccl", pinned_memory=True, dtypes=_FLOATS)
+XLA = Backend("xla", triton=False, cuda_graphs=False, collectives=None, pinned_memory=False, dtypes=_FLOATS)
+CPU = Backend("cpu", triton=False, cuda_graphs=False, collectives="gloo", pinned_memory=False, dtypes=_FLOATS)
+
 
 def backend_of(device: torch.device | str) -> Backend:
-    """The backend of `device` (ROCm builds of torch report device type "cuda")."""
+    """The backend of `device` (ROCm builds of torch report device type "cuda"; torch.version.hip tells them apart)."""
     kind = torch.device(device).type
     if kind == "cuda":
-        rocm = torch.version.hip is not None
-        return Backend("rocm" if rocm else "cuda", triton=True, cuda_graphs=True)
+        return ROCM if torch.version.hip is not None else CUDA
     if kind == "xla":
-        return Backend("xla", triton=False, cuda_graphs=False)
+        return XLA
     if kind == "cpu":
-        return Backend("cpu", triton=False, cuda_graphs=False)
+        return CPU
     raise ValueError(f"unsupported device type {kind!r}: expected cuda (NVIDIA or ROCm), xla or cpu")
 
 
