@@ -151,3 +151,8 @@ def select_ops(device: torch.device | str, kernels: KernelChoice = "auto") -> Op
             f"this replica runs on {backend.name}"
         )
     return triton_ops()
+
+
+def default_device() -> str:
+    """The device a replica uses when its settings say `auto`: the first GPU (NVIDIA or AMD), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
