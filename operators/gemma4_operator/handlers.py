@@ -75,7 +75,7 @@ def _plan(spec: kopf.Spec, owner: Owner, kube: Kube) -> _Planning:
         plan = planner.plan_for(parsed)
         if not plan.feasible:
             return _Planning(status.condition(status.PLANNED, "False", "Infeasible", status.infeasible_message(plan)))
-        unsupported = planner.unsupported_by_engine(parsed)
+        unsupported = planner.unsupported_by_engine(parsed, plan)
         if unsupported is not None:
             return _Planning(status.condition(status.PLANNED, "False", "Unsupported", unsupported))
         monitor = kube.crd_exists(SERVICE_MONITOR_CRD)
