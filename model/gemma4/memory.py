@@ -395,8 +395,9 @@ def check_layout(text: Gemma4TextConfig, tensor_parallel: int, expert_parallel: 
     if bad:
         raise ValueError(f"tensor_parallel={tp} does not divide the {', '.join(bad)}")
     if not text.enable_moe_block:
-        if ep != 1 or r:
-            raise ValueError("expert_parallel and redundant_experts apply to the MoE variant (26b-a4b) only")
+        for name, value, default in (("expert_parallel", ep, 1), ("redundant_experts", r, 0)):
+            if value != default:
+                raise ValueError(f"{name} applies to the MoE variant (26b-a4b) only")
         return
     assert text.num_experts is not None and text.moe_intermediate_size is not None
     if tp % ep or text.num_experts % ep or text.moe_intermediate_size % (tp // ep):
