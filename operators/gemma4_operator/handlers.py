@@ -5,7 +5,9 @@ parse the spec, plan it with the memory model, and if it fits apply the owned ob
 applied hash already matches are not written, so a restart sends no updates.
 
 An infeasible or invalid spec creates nothing and sets `Planned=False` with the planner's reason
-and suggestions; so does one without API keys that does not opt into serving anyone
+and suggestions; so does one this release's engine cannot run as planned (`Unsupported`: lighter
+formats, or more devices per replica than the engine spans there, e.g. multi-chip TPU replicas,
+with changes that fit what it runs), and one without API keys that does not opt into serving anyone
 (`Unauthenticated`: the platform's gateway would refuse to start on the pods' addresses anyway).
 If an earlier spec was deployed, its objects are left as they are: the service keeps serving the
 last feasible spec (`Deployed` and `Ready` stay as they were) until the spec fits again. Deleting
