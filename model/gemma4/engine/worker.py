@@ -122,7 +122,7 @@ class Worker:
                 raise ValueError("a rank of a multi-rank replica needs the process group's init_method")
             comm = init_collectives(backend.collectives, init_method, layout.world_size, rank)
         model = load_model(config.checkpoint, dtype=config.torch_dtype, device=config.device, layout=layout, comm=comm)
-        self._setup(model, config.engine_args, layout, comm)
+        self._setup(model, config.engine_args, layout, comm, config.checkpoint)
 
     @classmethod
     def wrap(cls, model: Gemma4ForCausalLM, args: EngineArgs) -> Worker:
@@ -133,11 +133,15 @@ class Worker:
                 "(a MultiprocExecutor over a checkpoint), not one in-process model"
             )
         worker = cls.__new__(cls)
-        worker._setup(model, args, ParallelLayout(), SINGLE)
+        worker._setup(model, args, ParallelLayout(), SINGLE, checkpoint=None)
         return worker
 
-    def _setup(self, model: Gemma4ForCausalLM, args: EngineArgs, layout: ParallelLayout, comm: Collectives) -> None:
+    def _setup(
+        self, model: Gemma4ForCausalLM, args: EngineArgs, layout: ParallelLayout, comm: Collectives,
+        checkpoint: str | None,
+    ) -> None:
         self.model = model
+        self.checkpoint = checkpoint  # where moved experts are read from (None: a wrapped model, ep = 1)
         self.args = args
         self.layout = layout
         self.comm = comm
@@ -212,8 +216,10 @@ class Worker:
         return self.model.expert_placements()
 
     def apply_expert_placements(self, placements: Mapping[int, ExpertPlacement]) -> None:
-        """Move experts to `placements` (between steps; every rank at once)."""
-        self.model.apply_expert_placements(dict(placements))
+        """Move experts to `placements` (between steps; every rank at once), reading the moved ones' slices."""
+        if self.checkpoint is None:
+            raise ValueError("a wrapped model has no checkpoint to read moved experts from")
+        self.model.set_expert_placements(placements, self.checkpoint)
 
     def shutdown(self) -> None:
         """Leave the process group (a single-device worker has none)."""
