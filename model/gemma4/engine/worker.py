@@ -86,16 +86,13 @@ class MirrorRequests:
         self.tables.pop(request_id, None)
 
     def update(self, seq: ScheduledSequence) -> Request:
-        """Apply one scheduled sequence's tokens, computed count and table deltas; its mirror request.
+        """Apply one scheduled sequence's new tokens, computed count and table deltas; its mirror request.
 
-        The tokens are written at their positions (a preempted request recomputes tokens the mirror
-        holds already; a decode appends the token sampled last step). A replaced table is a new list,
-        so the runner's staged table rows see a new table and copy it afresh.
+        A replaced table is a new list, so the runner's staged table rows see a new table and copy it afresh.
         """
         request = self.requests[seq.request_id]
-        start = seq.num_computed_tokens
-        request.token_ids[start : start + len(seq.token_ids)] = seq.token_ids
-        request.num_computed_tokens = start
+        request.token_ids.extend(seq.new_token_ids)
+        request.num_computed_tokens = seq.num_computed_tokens
         tables = self.tables[seq.request_id]
         for g, (replace, blocks) in enumerate(seq.table_updates):
             if replace:
@@ -201,7 +198,7 @@ class Worker:
             self.mirrors.add(new, len(self.groups))
         batch = ScheduledBatch()
         for seq in step.sequences:
-            batch.add(self.mirrors.update(seq), len(seq.token_ids))
+            batch.add(self.mirrors.update(seq), seq.num_tokens)
         logits, sampling = self.runner.execute(batch, self.mirrors)
         if self.sampler is None:
             return None

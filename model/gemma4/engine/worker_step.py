@@ -3,8 +3,8 @@
 A worker keeps a mirror of every request it has been sent (prompt, sampling parameters, the tokens so
 far, block tables), so a step carries only what changed: the data of requests scheduled for the first
 time, then per scheduled request its computed count, the tokens it computes this step and its block
-tables' new entries; and the ids of requests that ended since the last step. `StepDeltas` is the
-core's side of the mirror: what every worker already holds.
+tables' new entries, and the tokens sampled since it was last sent; and the ids of requests that
+ended since the last step. `StepDeltas` is the core's side of the mirror: what every worker holds.
 """
 
 from __future__ import annotations
@@ -28,15 +28,18 @@ class NewRequestData:
 
 @dataclass(frozen=True)
 class ScheduledSequence:
-    """One scheduled request: `token_ids` are its tokens `[num_computed_tokens, num_computed_tokens + n)`.
+    """One scheduled request: compute its tokens `[num_computed_tokens, num_computed_tokens + num_tokens)`.
 
+    `new_token_ids` extend the worker's copy of the request's tokens: those sampled since it was last
+    sent (a decode's input token; after a preemption, what its recomputation needs beyond the prompt).
     `table_updates[g]` is `(replace, blocks)` for cache group g: `blocks` are appended to the worker's
     table, or replace it whole (a table the KV manager rebuilt, after preemption or for a new request).
     """
 
     request_id: str
     num_computed_tokens: int
-    token_ids: list[int]
+    num_tokens: int
+    new_token_ids: list[int]
     table_updates: list[tuple[bool, list[int]]]
 
 
@@ -59,7 +62,7 @@ class StepDeltas:
     """
 
     def __init__(self) -> None:
-        self._sent: dict[str, list[tuple[list[int], int]]] = {}
+        self._sent: dict[str, _Sent] = {}
         self._finished: list[str] = []
 
     def finish(self, request_id: str) -> None:
@@ -75,19 +78,27 @@ class StepDeltas:
             sent = self._sent.get(request.request_id)
             if sent is None:
                 new.append(_new_request(request))
-                sent = self._sent[request.request_id] = [([], 0)] * len(request_tables)
+                sent = self._sent[request.request_id] = _Sent([([], 0)] * len(request_tables), request.num_prompt_tokens)
             updates = []
             for g, table in enumerate(request_tables):
-                source, count = sent[g]
+                source, count = sent.tables[g]
                 replace = source is not table
-                start = 0 if replace else count
-                updates.append((replace, table[start:]))
-                sent[g] = (table, len(table))
-            start = request.num_computed_tokens
-            sequences.append(ScheduledSequence(request.request_id, start, request.token_ids[start : start + n], updates))
+                updates.append((replace, table[0 if replace else count :]))
+                sent.tables[g] = (table, len(table))
+            tokens = request.token_ids[sent.num_tokens :]
+            sent.num_tokens = request.num_tokens
+            sequences.append(ScheduledSequence(request.request_id, request.num_computed_tokens, n, tokens, updates))
         step = WorkerStep(new, sequences, self._finished)
         self._finished = []
         return step
+
+
+@dataclass
+class _Sent:
+    """What the workers hold of one request: per cache group (the table list sent, entries sent), and its token count."""
+
+    tables: list[tuple[list[int], int]]
+    num_tokens: int
 
 
 def _new_request(request: Request) -> NewRequestData:
