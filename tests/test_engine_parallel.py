@@ -14,9 +14,10 @@ import torch
 
 from engine_fixtures import BLOCK_SIZE, mixed_prompts, write_checkpoint
 from gemma4 import LLM, AsyncEngine, SamplingParams
-from gemma4.engine import EngineDeadError, MultiprocExecutor
+from gemma4.engine import EngineArgs, EngineDeadError, LLMEngine, MultiprocExecutor, random_weights_model
 from gemma4.parallel import placement as placement_module
 from gemma4.parallel.placement import ExpertPlacement
+from gemma4.tiny import tiny_config
 from reference_models import SLIDING_WINDOW, reference_greedy
 
 NEW_TOKENS = 8
@@ -138,3 +139,23 @@ def test_a_killed_worker_ends_open_streams_with_a_clear_error(engines) -> None:
             asyncio.run(front.add_request([5, 6], long))
     finally:
         front.shutdown()
+
+
+def test_parallel_settings_are_validated_before_any_worker_starts(references) -> None:
+    with pytest.raises(ValueError, match=r"expert_parallel_size \(3\) must divide tensor_parallel_size \(2\)"):
+        EngineArgs(tensor_parallel_size=2, expert_parallel_size=3)
+    with pytest.raises(ValueError, match="need expert_parallel_size > 1"):
+        EngineArgs(redundant_experts=2)
+    with pytest.raises(ValueError, match="redundant_experts must be a multiple of expert_parallel_size"):
+        EngineArgs(tensor_parallel_size=4, expert_parallel_size=2, redundant_experts=1)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+        EngineArgs(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="needs a checkpoint path"):
+        LLM(tiny_config("31b"), tensor_parallel_size=2, **ARGS)
+    with pytest.raises(ValueError, match="tensor_parallel=3 does not divide the attention heads"):
+        LLM(references["31b"][0], tensor_parallel_size=3, **ARGS)
+    with pytest.raises(ValueError, match="expert_parallel applies to the MoE variant"):
+        LLM(references["31b"][0], tensor_parallel_size=2, expert_parallel_size=2, **ARGS)
+    with pytest.raises(ValueError, match="needs one worker per rank"):
+        LLMEngine(random_weights_model(tiny_config("31b"), dtype=torch.float32, device="cpu"), None,
+                  EngineArgs(tensor_parallel_size=2))
