@@ -2,6 +2,7 @@
 
     gemma4-platform serve                       # tiny random-weight Gemma 4, HTTP :8000, gRPC :9000
     gemma4-platform serve --checkpoint /models/gemma-4-E4B-it --set replica.num_gpus=1
+    gemma4-platform serve --set engine.tensor_parallel_size=2   # one replica over two ranks (CPU here)
     gemma4-platform config --settings prod.yaml # a Serve config file (serveConfigV2) for KubeRay
     gemma4-platform config --env                # the environment the Ray pods need (proxy hardening)
     gemma4-platform plan --variant 31b --dtype fp8 --max-model-len 32768   # GPUs and memory per replica
@@ -50,10 +51,15 @@ def load_settings(path: str | None, overrides: list[str], checkpoint: str | None
     if checkpoint:
         raw.setdefault("model", {})["path"] = checkpoint
     try:
-        return PlatformSettings.model_validate(raw)
+        settings = PlatformSettings.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in exc.errors())
         raise SystemExit(f"invalid settings: {problems}") from None
+    try:
+        settings.check_model()
+    except ValueError as exc:
+        raise SystemExit(f"invalid settings: {exc}") from None
+    return settings
 
 
 def serve_config(settings: PlatformSettings) -> dict[str, Any]:
