@@ -49,7 +49,11 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
              "engine.redundant_experts=1"],
             "redundant_experts \\(1\\) must be a multiple of expert_parallel_size \\(2\\)",
         ),
-        (["engine.redundant_experts=2"], "redundant_experts applies to the MoE variant"),
+        (["engine.expert_rebalance_interval=10"], "need expert_parallel_size > 1"),
+        (
+            ["engine.tensor_parallel_size=2", "engine.expert_parallel_size=2", "engine.redundant_experts=2"],
+            "expert_parallel applies to the MoE variant",
+        ),
         (["engine.expert_rebalance_interval=-1"], "engine.expert_rebalance_interval: Input should be greater"),
         (
             ["engine.tensor_parallel_size=2", "replica.num_gpus=1"],

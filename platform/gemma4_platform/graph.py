@@ -131,9 +131,9 @@ class Replica:
         tracing.configure("gemma4-replica", self.settings.telemetry.tracing)
         checkpoint = resolve_checkpoint(self.settings)
         self.settings.check_model(load_config(checkpoint).text)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.executor: RayExecutor | None = None
         self.engine = AsyncEngine(self._build_engine(checkpoint))
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.metrics = ReplicaMetrics(
             self.settings.model.name, self.replica_id, moe_top_experts=self.settings.telemetry.moe_top_experts
         )
@@ -149,7 +149,6 @@ class Replica:
         from gemma4 import LLM
         from gemma4.engine import EngineArgs
         from gemma4.engine.worker import WorkerConfig
-        from gemma4.parallel.layout import ParallelLayout
         from gemma4.tokenizer import load_tokenizer
 
         settings, device = self.settings, replica_device(self.settings)
@@ -160,10 +159,7 @@ class Replica:
                 torch.set_num_threads(int(settings.replica.num_cpus))
             return LLM(checkpoint, dtype=dtype, device=device, **engine.model_dump()).engine
         args = EngineArgs(**engine.model_dump())
-        layout = ParallelLayout(
-            engine.tensor_parallel_size, engine.expert_parallel_size, redundant_experts=engine.redundant_experts
-        )
-        self.executor = RayExecutor(WorkerConfig(checkpoint, dtype, device, args, layout))
+        self.executor = RayExecutor(WorkerConfig.of(checkpoint, dtype, device, args), f"gemma4-{self.replica_id}")
         tokenizer = load_tokenizer(checkpoint) if (Path(checkpoint) / "tokenizer.json").is_file() else None
         return LLMEngine(self.executor, tokenizer, args)
 

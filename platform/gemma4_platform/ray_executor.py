@@ -20,6 +20,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from gemma4.config import load_config
 from gemma4.engine.executor import Executor, WorkerFailure
 from gemma4.engine.worker import Worker, WorkerConfig
 
@@ -57,13 +58,14 @@ class RankActor:
 
 
 class RayExecutor(Executor):
-    """`config.layout.world_size` rank actors in the current placement group (bundle `rank + 1`).
+    """`config.layout.world_size` rank actors in the current placement group (bundle `rank + 1`), named
+    `{name}-rank{rank}` (operators and tests find a replica's ranks by name).
 
     Must run inside a Serve replica deployed with `replica_resources`' placement group.
     """
 
-    def __init__(self, config: WorkerConfig) -> None:
-        self.config = config
+    def __init__(self, config: WorkerConfig, name: str) -> None:
+        self.config = load_config(config.checkpoint)
         self.world_size = config.layout.world_size
         group = ray.util.get_current_placement_group()
         if group is None or len(group.bundle_specs) < self.world_size + 1:
@@ -76,6 +78,7 @@ class RayExecutor(Executor):
             bundle = group.bundle_specs[rank + 1]
             self._actors.append(
                 RankActor.options(
+                    name=f"{name}-rank{rank}",
                     num_cpus=bundle.get("CPU", 0),
                     num_gpus=bundle.get("GPU", 0),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(

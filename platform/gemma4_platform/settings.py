@@ -70,6 +70,8 @@ class EngineSettings(_Strict):
         tp, ep = self.tensor_parallel_size, self.expert_parallel_size
         if tp % ep:
             raise ValueError(f"expert_parallel_size ({ep}) must divide tensor_parallel_size ({tp})")
+        if ep == 1 and (self.redundant_experts or self.expert_rebalance_interval):
+            raise ValueError("redundant_experts and expert_rebalance_interval need expert_parallel_size > 1")
         if self.redundant_experts % ep:
             raise ValueError(
                 f"redundant_experts ({self.redundant_experts}) must be a multiple of expert_parallel_size ({ep})"
@@ -223,7 +225,7 @@ class PlatformSettings(_Strict):
         engine = self.engine
         tp, ep = engine.tensor_parallel_size, engine.expert_parallel_size
         if text is None:
-            if (tp, ep, engine.redundant_experts) == (1, 1, 0):
+            if (tp, ep) == (1, 1):
                 return  # a single-device replica fits every decoder: no config to read
             text = self.model_text_config()
             if text is None:
@@ -234,8 +236,6 @@ class PlatformSettings(_Strict):
             check_layout(text, tp, ep)
         except ValueError as exc:
             raise ValueError(f"engine.tensor_parallel_size={tp}, engine.expert_parallel_size={ep}: {exc}") from None
-        if engine.redundant_experts and not text.enable_moe_block:
-            raise ValueError("engine.redundant_experts applies to the MoE variant (26b-a4b) only")
 
     def model_text_config(self) -> "Gemma4TextConfig | None":
         """The decoder these settings serve: the checkpoint's when its config.json is readable here, the tiny
