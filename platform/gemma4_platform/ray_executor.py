@@ -13,6 +13,7 @@ fails, and Ray Serve replaces it; the rank actors share the replica actor's fate
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from typing import Any
 
@@ -24,6 +25,7 @@ from gemma4.config import load_config
 from gemma4.engine.executor import Executor, WorkerFailure
 from gemma4.engine.worker import Worker, WorkerConfig
 
+logger = logging.getLogger(__name__)
 _HEALTH = "health"  # the actors' concurrency group for pings: answered while a step runs
 
 
@@ -113,9 +115,12 @@ class RayExecutor(Executor):
             try:
                 ray.get(ready[0])
             except RayActorError as exc:
-                raise WorkerFailure(f"rank {rank} of {self.world_size} died: {exc}") from exc
+                raise WorkerFailure(f"rank {rank} of {self.world_size} died") from exc
             except RayTaskError as exc:
-                raise WorkerFailure(f"rank {rank} of {self.world_size} failed: {exc}") from exc
+                # The message reaches clients (UNAVAILABLE): the cause in one line, its traceback in the log.
+                logger.error("rank %d of %d failed:\n%s", rank, self.world_size, exc)
+                cause = exc.cause
+                raise WorkerFailure(f"rank {rank} of {self.world_size} failed: {type(cause).__name__}") from exc
         return ray.get(refs)
 
     async def check_alive(self, timeout_s: float) -> None:
