@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -103,14 +104,15 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from gemma4_platform.graph import DRAIN_S, build_app
+    from gemma4_platform.graph import DRAIN_S, build_app, replica_resources
 
     try:
         application = build_app(settings.model_dump())  # checks the settings (and keys) before Ray starts
     except ValueError as exc:
         raise SystemExit(f"gemma4-platform serve: {exc}") from None
 
-    ray.init(include_dashboard=False, ignore_reinit_error=True)
+    local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": local_cpus(settings, replica_resources(settings))}
+    ray.init(include_dashboard=False, ignore_reinit_error=True, **local)
     http = {"host": server.host, "port": server.http_port}
     if server.tls_cert_file:
         http |= {"ssl_certfile": server.tls_cert_file, "ssl_keyfile": server.tls_key_file}
@@ -140,6 +142,13 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
             print("Serve did not stop within the drain time: stopping Ray", flush=True)
     if not _finishes_within(10, ray.shutdown):
         print("Ray did not stop within 10 s: exiting anyway", flush=True)
+
+
+def local_cpus(settings: PlatformSettings, resources: dict[str, Any]) -> int:
+    """Logical CPUs for a local Ray: this machine's, and at least what one replica reserves, so that a
+    replica of several CPU ranks starts on a machine with fewer cores (its ranks then share them)."""
+    bundles = resources.get("placement_group_bundles") or [{"CPU": settings.replica.num_cpus}]
+    return max(os.cpu_count() or 1, math.ceil(sum(b.get("CPU", 0) for b in bundles)))
 
 
 def _finishes_within(seconds: float, step: Any) -> bool:
