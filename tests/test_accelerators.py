@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from gemma4.accelerators import ACCELERATORS, GiB, MiB, get_accelerator
+from gemma4 import backends
+from gemma4.accelerators import ACCELERATORS, ENGINE_RUNTIMES, Accelerator, GiB, MiB, get_accelerator
 
 EXPECTED = {
     "h100-80gb": ("nvidia", 81_559 * MiB, "nvidia.com/gpu"),
@@ -93,3 +95,15 @@ def test_lookup_is_case_insensitive_and_unknown_names_are_listed() -> None:
     assert get_accelerator(" H100-80GB ") is ACCELERATORS["h100-80gb"]
     with pytest.raises(ValueError, match="unknown accelerator 'b200'; known: h100-80gb, h200-141gb"):
         get_accelerator("b200")
+
+
+@pytest.mark.parametrize("vendor", ["nvidia", "amd", "google"])
+def test_engine_runtime_per_vendor_is_what_the_backends_run(vendor: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVIDIA and AMD replicas span a node's GPUs (NCCL / RCCL); TPUs run one chip (no XLA collectives yet)."""
+    assert set(ENGINE_RUNTIMES) == {a.vendor for a in ACCELERATORS.values()}
+    accelerator: Accelerator = next(a for a in ACCELERATORS.values() if a.vendor == vendor)
+    runtime = accelerator.runtime
+    monkeypatch.setattr(torch.version, "hip", "6.4" if vendor == "amd" else None)
+    backend = backends.backend_of(runtime.device)
+    assert backend.name == runtime.backend and backend.multi_device == runtime.multi_device
+    assert accelerator.max_devices_per_replica == (max(accelerator.chips_per_node_options) if backend.multi_device else 1)

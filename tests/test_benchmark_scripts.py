@@ -100,3 +100,13 @@ def test_gpu_decode_script_on_cpu() -> None:
     for row in kernels:
         assert row["triton_us"] > 0 and row["torch_us"] > 0 and row["bytes_read"] > 0 and row["peak_pct"] > 0
     assert report["peak_bandwidth_gbs"] == 50 and report["device"] == "cpu"
+
+
+def test_collectives_script() -> None:
+    """Two gloo ranks time the step's all-reduces and the logits all-gather at the real models' shapes."""
+    result = _run_json([
+        "benchmarks/collectives.py", "--world-sizes", "2", "--batches", "1", "--iters", "2",
+    ], env={**os.environ, "PYTHONPATH": f"{REPO / 'model'}:{REPO / 'benchmarks'}"})
+    ops = {(r["op"], r["model"], r["dtype"]) for r in result["results"]}
+    assert ("all_gather", "logits", "float32") in ops and ("all_reduce", "31b", "bfloat16") in ops
+    assert all(r["world_size"] == 2 and r["median_us"] > 0 for r in result["results"])

@@ -23,6 +23,7 @@ from gemma4.memory import (
     WEIGHT_FORMATS,
     ServingSpec,
     activation_bytes,
+    check_layout,
     checkpoint_bytes,
     kv_bytes_per_sequence,
     kv_bytes_per_token,
@@ -162,6 +163,48 @@ def test_tensor_and_expert_parallel_split_the_weights() -> None:
         weight_bytes_per_gpu(config, tensor_parallel=4, expert_parallel=3)
     with pytest.raises(ValueError, match="does not divide the attention heads"):
         weight_bytes_per_gpu(variant_config("31b"), tensor_parallel=3)
+
+
+def test_redundant_experts_add_expert_slots_to_every_ep_rank() -> None:
+    """Each EP rank holds (E + R) / ep experts' shards; nothing else changes."""
+    config = variant_config("26b-a4b")
+    experts = config.text.num_experts
+    assert experts is not None
+    for tp, ep, redundant in ((2, 2, 2), (4, 4, 8), (4, 2, 4), (1, 1, 3)):
+        plain = weight_bytes_per_gpu(config, tensor_parallel=tp, expert_parallel=ep)
+        more = weight_bytes_per_gpu(config, tensor_parallel=tp, expert_parallel=ep, redundant_experts=redundant)
+        per_expert = plain["experts"] * ep // experts  # one expert's shard on one rank
+        assert more["experts"] == (experts + redundant) // ep * per_expert
+        assert {k: v for k, v in more.items() if k != "experts"} == {k: v for k, v in plain.items() if k != "experts"}
+    with pytest.raises(ValueError, match="redundant_experts=3 must be a multiple of expert_parallel=2"):
+        weight_bytes_per_gpu(config, tensor_parallel=2, expert_parallel=2, redundant_experts=3)
+    with pytest.raises(ValueError, match="redundant_experts must be >= 0"):
+        check_layout(config.text, 2, 2, -2)
+    with pytest.raises(ValueError, match="redundant_experts applies to the MoE variant"):
+        weight_bytes_per_gpu(variant_config("31b"), redundant_experts=2)
+
+
+def test_redundant_experts_are_priced_by_the_plan_and_the_engine_budget_alike() -> None:
+    spec = ServingSpec("26b-a4b", accelerator="l4", gpus=4, redundant_experts=8)
+    copies, plain = plan(spec), plan(dataclasses.replace(spec, redundant_experts=0))
+    assert copies.feasible and (copies.tensor_parallel, copies.expert_parallel) == (4, 4)
+    extra = copies.weights_per_gpu["experts"] - plain.weights_per_gpu["experts"]
+    assert extra == plain.weights_per_gpu["experts"] * 8 // variant_config("26b-a4b").text.num_experts
+    assert plain.kv_cache_bytes_per_gpu - copies.kv_cache_bytes_per_gpu == extra
+    acc = get_accelerator("l4")
+    assert copies.kv_cache_bytes_per_gpu == kv_cache_budget_bytes(
+        variant_config("26b-a4b"), weight_dtype="bf16", device_memory_bytes=acc.memory_bytes,
+        usable_fraction=acc.usable_fraction, max_num_seqs=spec.max_num_seqs,
+        max_num_batched_tokens=spec.max_num_batched_tokens, tensor_parallel=4, expert_parallel=4,
+        redundant_experts=8)
+    # Auto layouts skip EP degrees that do not divide the redundant slots; explicit ones are refused.
+    assert plan(dataclasses.replace(spec, gpus=None)).expert_parallel == 4
+    skipped = plan(dataclasses.replace(spec, gpus=None, redundant_experts=2))
+    assert not skipped.feasible and "on 2 x l4" in (skipped.reason or "")
+    with pytest.raises(ValueError, match="multiple of expert_parallel=4"):
+        plan(dataclasses.replace(spec, redundant_experts=2))
+    with pytest.raises(ValueError, match="redundant_experts applies to the MoE variant"):
+        ServingSpec("e4b", redundant_experts=2)
 
 
 def test_ple_table_lives_on_the_host_unless_asked() -> None:

@@ -201,7 +201,8 @@ async def test_lifecycle_create_update_restart_ready_delete(cluster: KubernetesE
             str(expected.gpus_per_replica)
         assert (worker["minReplicas"], worker["maxReplicas"]) == (1, 2)
         args = serve_args(ray_service)
-        assert args["replica"]["num_gpus"] == expected.gpus_per_replica
+        assert args["replica"]["num_gpus"] == expected.gpus_per_replica == 1  # one GPU: the replica's actor holds it
+        assert args["engine"]["tensor_parallel_size"] == expected.tensor_parallel
         assert args["engine"]["kv_cache_memory_bytes"] == expected.kv_cache_bytes_per_gpu
         assert args["model"]["path"] == "/models/gemma-4-e4b-it"
         status = live(cluster, GEMMA, name)["status"]
@@ -298,9 +299,16 @@ async def test_infeasible_spec_creates_nothing(cluster: KubernetesEmulator) -> N
         # An invalid spec (an API server's CEL rule would refuse it; kmock admits anything).
         await create(cluster, gemma4_service("upside-down", autoscaling={"minReplicas": 3, "maxReplicas": 1}))
         invalid = await eventually(lambda: condition(cluster, "upside-down", "Planned"))
+        # A layout the memory model fits but the engine cannot run: E4B over 4 TPU chips (no XLA collectives).
+        await create(cluster, gemma4_service("tpu-slice", accelerator={"type": "tpu-v5e"}))
+        unsupported = await eventually(lambda: condition(cluster, "tpu-slice", "Planned"))
         # A feasible neighbour in the same run: it gets its objects, and no ServiceMonitor without the CRD.
         await create(cluster, gemma4_service("fits"))
         await eventually(lambda: condition(cluster, "fits", "Deployed"))
+    assert (unsupported["status"], unsupported["reason"]) == ("False", "Unsupported")
+    assert "runs at most 1 x tpu-v5e per replica" in unsupported["message"]
+    assert "use spec.accelerator.type tpu-v6e (fits on 1 x tpu-v6e)" in unsupported["message"]
+    assert owned(cluster, "tpu-slice") == {}
     assert (invalid["status"], invalid["reason"]) == ("False", "InvalidSpec")
     assert invalid["message"] == "spec.autoscaling: Value error, minReplicas must not exceed maxReplicas"
     assert owned(cluster, "upside-down") == {}

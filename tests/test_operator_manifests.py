@@ -58,12 +58,25 @@ def pod_templates(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
 
 
+# The replica's parallel layout (issue 12): the engine's settings of these names arrive in the platform's
+# EngineSettings in the same change; until they do, `args_settings` validates the args without them.
+LAYOUT_SETTINGS = ("tensor_parallel_size", "expert_parallel_size", "redundant_experts", "expert_rebalance_interval")
+
+
+def serve_args(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The application's args in the RayService's Serve config, as written."""
+    config = yaml.safe_load(by_kind(objects, "RayService")[0]["spec"]["serveConfigV2"])
+    return config["applications"][0]["args"]
+
+
 def args_settings(objects: list[dict[str, Any]]) -> Any:
     """The platform's settings from the application's args in the RayService's Serve config."""
-    from gemma4_platform.settings import PlatformSettings
+    from gemma4_platform.settings import EngineSettings, PlatformSettings
 
-    config = yaml.safe_load(by_kind(objects, "RayService")[0]["spec"]["serveConfigV2"])
-    return PlatformSettings.model_validate(config["applications"][0]["args"])
+    args = serve_args(objects)
+    pending = set(LAYOUT_SETTINGS) - set(EngineSettings.model_fields)
+    return PlatformSettings.model_validate({**args, "engine": {
+        key: value for key, value in args["engine"].items() if key not in pending}})
 
 
 def crd_schema() -> dict[str, Any]:
@@ -297,10 +310,13 @@ def test_cloud_selects_the_node_labels(cloud: str, expected: dict[str, str]) -> 
 
 def test_amd_gets_the_rocm_image_and_its_device_resource() -> None:
     _, result, objects = build(accelerator={"type": "mi300x"})
-    worker = by_kind(objects, "RayService")[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
-    container = worker["containers"][0]
+    group = by_kind(objects, "RayService")[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    container = group["template"]["spec"]["containers"][0]
     assert container["image"] == f"{manifests.IMAGE_REPOSITORY}:{manifests.IMAGE_TAG}-rocm"
     assert container["resources"]["limits"]["amd.com/gpu"] == str(result.gpus_per_replica)
+    # Ray counts AMD GPUs as "GPU" and torch's ROCm build calls them "cuda".
+    assert group["rayStartParams"]["num-gpus"] == str(result.gpus_per_replica)
+    assert serve_args(objects)["model"]["device"] == "cuda"
     assert build(image="registry.example/gemma:dev")[2][0]["spec"]["rayClusterConfig"]["headGroupSpec"][
         "template"]["spec"]["containers"][0]["image"] == "registry.example/gemma:dev"
 
@@ -315,7 +331,11 @@ def test_serve_config_is_the_platforms_shape_with_the_plans_engine_settings() ->
     settings = args_settings(objects)
     assert ours == {**serve_config(settings), "applications": [{
         **serve_config(settings)["applications"][0], "args": ours["applications"][0]["args"]}]}
-    assert settings.replica.num_gpus == result.gpus_per_replica
+    assert settings.replica.num_gpus == result.gpus_per_replica == 1  # one GPU: the replica's actor holds it
+    engine = serve_args(objects)["engine"]
+    assert (engine["tensor_parallel_size"], engine["expert_parallel_size"]) == (1, 1)
+    assert (engine["redundant_experts"], engine["expert_rebalance_interval"]) == (0, 0)
+    assert settings.model.device == "cuda"
     assert settings.engine.kv_cache_memory_bytes == result.kv_cache_bytes_per_gpu
     assert (settings.engine.max_model_len, settings.engine.max_num_seqs) == (32768, 24)
     assert settings.engine.block_size == result.spec.block_size
@@ -510,6 +530,7 @@ def test_formats_the_engine_cannot_run_yet_are_refused_with_a_reason() -> None:
     def spec(**model: str) -> Gemma4ServiceSpec:
         return Gemma4ServiceSpec.model_validate({"model": {"variant": "31b", "checkpoint": {"uri": "hf://x/y"}, **model}})
 
-    assert unsupported_by_engine(spec()) is None
-    message = unsupported_by_engine(spec(dtype="fp8", kvDtype="fp8"))
+    assert unsupported_by_engine(spec(), planner.plan_for(spec())) is None
+    lighter = spec(dtype="fp8", kvDtype="fp8")
+    message = unsupported_by_engine(lighter, planner.plan_for(lighter))
     assert message is not None and "spec.model.dtype fp8 and spec.model.kvDtype fp8" in message

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from gemma4.config import Gemma4Config, Gemma4TextConfig, load_config, variant_config
 
 if TYPE_CHECKING:
-    from gemma4.engine import LLM, AsyncEngine, ChatPrompt, SamplingParams
+    from gemma4.engine import LLM, AsyncEngine, ChatPrompt, EngineArgs, LLMEngine, SamplingParams
     from gemma4.loader import load_model
     from gemma4.modeling import Gemma4ForCausalLM
     from gemma4.tokenizer import load_tokenizer
@@ -21,6 +21,8 @@ _LAZY = {
     "SamplingParams": "gemma4.engine",
     "ChatPrompt": "gemma4.engine",
     "AsyncEngine": "gemma4.engine",
+    "EngineArgs": "gemma4.engine",
+    "LLMEngine": "gemma4.engine",
     "load_model": "gemma4.loader",
     "Gemma4ForCausalLM": "gemma4.modeling",
     "load_tokenizer": "gemma4.tokenizer",

@@ -24,6 +24,11 @@ Where the values come from:
 * `node_selector`: labels the vendor's own node labeller sets on any cluster: NVIDIA GPU Feature
   Discovery `nvidia.com/gpu.product`, AMD's node labeller `amd.com/gpu.product-name` (AMD GPU
   operator docs show `AMD_Instinct_MI300X_OAM`; MI325X nodes report `AMD_Instinct_MI325_OAM`).
+* `EngineRuntime`: what this release's engine runs per vendor, the torch-free twin of
+  `gemma4.backends` (a test holds the two together). NVIDIA and AMD run CUDA / ROCm with NCCL (RCCL
+  behind the same API), so a replica may span a node's GPUs; Ray counts AMD GPUs as "GPU" too. TPUs
+  run through torch_xla with no collectives yet (`backends.XLA.collectives is None`): one chip per
+  replica, and Ray counts them as "TPU".
 * Tolerations: GPU node pools are commonly tainted with the resource name (GKE adds
   `nvidia.com/gpu` and `google.com/tpu` taints itself; EKS node groups and Karpenter pools are
   usually given `nvidia.com/gpu:NoSchedule`), so a replica tolerates that key with `Exists`.
@@ -37,6 +42,24 @@ GiB = 1 << 30
 
 _GPU_COUNTS = (1, 2, 4, 8)
 _TPU_TOPOLOGIES = {1: "1x1", 4: "2x2", 8: "2x4"}  # single-host v5e / v6e slices
+
+
+@dataclass(frozen=True)
+class EngineRuntime:
+    """What this release's engine runs on one vendor's devices."""
+
+    backend: str  # the `gemma4.backends` Backend it runs as
+    device: str  # the engine's `model.device` (torch's device type: ROCm builds call their GPUs "cuda")
+    multi_device: bool  # a replica may span several devices (tensor / expert parallel over collectives)
+    ray_resource: str  # the Ray resource each device is counted as
+    image_suffix: str  # the serving image's tag suffix (deploy/docker/serving*.Dockerfile)
+
+
+ENGINE_RUNTIMES: dict[str, EngineRuntime] = {
+    "nvidia": EngineRuntime("cuda", "cuda", multi_device=True, ray_resource="GPU", image_suffix=""),
+    "amd": EngineRuntime("rocm", "cuda", multi_device=True, ray_resource="GPU", image_suffix="-rocm"),
+    "google": EngineRuntime("xla", "xla", multi_device=False, ray_resource="TPU", image_suffix="-tpu"),
+}
 
 
 def _toleration(resource_name: str) -> list[dict[str, str]]:
@@ -70,6 +93,15 @@ class Accelerator:
     def captures_graphs(self) -> bool:
         """CUDA / HIP graphs hold their own memory pool; TPUs run XLA programs instead."""
         return self.vendor in ("nvidia", "amd")
+
+    @property
+    def runtime(self) -> EngineRuntime:
+        return ENGINE_RUNTIMES[self.vendor]
+
+    @property
+    def max_devices_per_replica(self) -> int:
+        """The most devices one replica of this release's engine spans here: a node's, or one without collectives."""
+        return max(self.chips_per_node_options) if self.runtime.multi_device else 1
 
     def gke_selector(self, count: int) -> dict[str, str]:
         """GKE node labels for a replica of `count` devices (TPUs add the slice topology)."""

@@ -2,7 +2,8 @@
 
 Only headers are read here (a few KB per file), so a whole checkpoint can be checked, every tensor
 named with its file, before any weight is allocated. Tensor data is read later, one tensor at a
-time, through `safetensors`' memory map (`read_tensors`).
+time, through `safetensors`' memory map (`read_tensors`): whole, or only the slices a rank of a
+multi-device replica holds (`gemma4.parallel.sharding.Shard`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from gemma4.config import CAUSAL_LM_ARCHITECTURE, Gemma4Config
 
 if TYPE_CHECKING:
     import torch
+
+    from gemma4.parallel.sharding import Shard
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -30,6 +35,20 @@ DTYPE_SIZES = {
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_TEXT_PREFIX = {CAUSAL_LM_ARCHITECTURE: "model."}
+_MULTIMODAL_TEXT_PREFIX = "model.language_model."
+
+
+def checkpoint_name(config: Gemma4Config, model_name: str) -> str:
+    """The checkpoint tensor name of one of our parameter/buffer names.
+
+    The text decoder lives under `model.language_model.` in `Gemma4ForConditionalGeneration`
+    checkpoints (the official ones) and under `model.` in `Gemma4ForCausalLM` checkpoints.
+    """
+    if model_name.startswith("model."):
+        return _TEXT_PREFIX.get(config.architecture, _MULTIMODAL_TEXT_PREFIX) + model_name.removeprefix("model.")
+    return model_name
 
 
 class CheckpointError(ValueError):
@@ -152,8 +171,14 @@ def _index_shards(index_path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_tensors(entries: list[TensorEntry]) -> Iterator[tuple[TensorEntry, "torch.Tensor"]]:
-    """Yield each tensor's data, one at a time, memory-mapped from its file (grouped by file)."""
+def read_tensors(
+    entries: list[TensorEntry], shards: Mapping[str, "Shard"] | None = None
+) -> Iterator[tuple[TensorEntry, "torch.Tensor"]]:
+    """Yield each tensor's data, one at a time, memory-mapped from its file (grouped by file).
+
+    `shards` (by tensor name) gives the part of a tensor to read, through `get_slice`; a tensor
+    without one is read whole.
+    """
     from safetensors import safe_open
 
     by_file: dict[Path, list[TensorEntry]] = {}
@@ -162,4 +187,22 @@ def read_tensors(entries: list[TensorEntry]) -> Iterator[tuple[TensorEntry, "tor
     for file, group in by_file.items():
         with safe_open(str(file), framework="pt") as handle:
             for entry in group:
-                yield entry, handle.get_tensor(entry.name)
+                shard = (shards or {}).get(entry.name)
+                if shard is None or shard.covers(entry.shape):
+                    yield entry, handle.get_tensor(entry.name)
+                else:
+                    yield entry, _read_shard(handle.get_slice(entry.name), shard)
+
+
+def _read_shard(view: Any, shard: "Shard") -> "torch.Tensor":
+    """The shard's blocks read from a safetensors slice view and concatenated along each dimension."""
+    import torch
+
+    def block(prefix: tuple[slice, ...]) -> torch.Tensor:
+        dim = len(prefix)
+        if dim == len(shard.ranges):
+            return view[prefix]
+        parts = [block((*prefix, slice(start, stop))) for start, stop in shard.ranges[dim]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    return block(())

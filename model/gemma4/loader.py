@@ -1,9 +1,11 @@
 """Loading the text decoder from a Hugging Face Gemma 4 checkpoint directory.
 
-The whole checkpoint is checked against the model first (names, shapes, dtypes, file integrity),
-then the model is materialised from the meta device and filled one tensor at a time, each cast to
-the requested dtype on its way to the device. A checkpoint with any problem raises
-`CheckpointError` listing every problem, and no model is returned: nothing is half-loaded.
+The whole checkpoint is checked against the full (unsharded) model first (names, shapes, dtypes,
+file integrity), then the model, or one rank's shard of it (`gemma4.parallel.layout`), is
+materialised from the meta device and filled one tensor at a time, each cast to the requested dtype
+on its way to the device; a shard reads only its slices (`gemma4.parallel.sharding`). A checkpoint
+with any problem raises `CheckpointError` listing every problem, and no model is returned: nothing
+is half-loaded.
 
 Names: the text decoder lives under `model.language_model.` in `Gemma4ForConditionalGeneration`
 checkpoints (the official ones) and under `model.` in `Gemma4ForCausalLM` checkpoints. Tensors of
@@ -14,25 +16,28 @@ E2B/E4B checkpoints still carry for their KV-sharing layers are the only text te
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
-from gemma4.checkpoint import FLOAT_DTYPES, CheckpointError, TensorEntry, index_checkpoint, read_tensors
+from gemma4.checkpoint import (
+    FLOAT_DTYPES,
+    CheckpointError,
+    TensorEntry,
+    checkpoint_name,
+    index_checkpoint,
+    read_tensors,
+)
 from gemma4.config import CAUSAL_LM_ARCHITECTURE, Gemma4Config, load_config
 from gemma4.modeling import Gemma4ForCausalLM
+from gemma4.parallel.comm import SINGLE, Collectives
+from gemma4.parallel.layout import ParallelLayout
+from gemma4.parallel.placement import ExpertPlacement
+from gemma4.parallel.sharding import rank_shards
 
-_TEXT_PREFIX = {CAUSAL_LM_ARCHITECTURE: "model."}
-_MULTIMODAL_TEXT_PREFIX = "model.language_model."
 _VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.")
 _AUDIO_PREFIXES = ("model.audio_tower.", "model.embed_audio.")
 _SHARED_LAYER_UNUSED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
-
-
-def checkpoint_name(config: Gemma4Config, model_name: str) -> str:
-    """The checkpoint tensor name of one of our parameter/buffer names."""
-    if model_name.startswith("model."):
-        return _TEXT_PREFIX.get(config.architecture, _MULTIMODAL_TEXT_PREFIX) + model_name.removeprefix("model.")
-    return model_name
 
 
 def ignored_tensor_names(config: Gemma4Config) -> set[str]:
@@ -88,21 +93,38 @@ def plan_load(
 
 
 def load_model(
-    path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    layout: ParallelLayout = ParallelLayout(),
+    comm: Collectives = SINGLE,
+    placements: Mapping[int, ExpertPlacement] | None = None,
 ) -> Gemma4ForCausalLM:
-    """Load the Gemma 4 text model from a checkpoint directory (`config.json` + safetensors)."""
+    """Load the Gemma 4 text model, or this rank's shard of it, from a checkpoint directory
+    (`config.json` + safetensors). `placements` (MoE layer -> placement) defaults to balanced."""
     path = Path(path)
     config = load_config(path)
     entries = index_checkpoint(path)
     with torch.device("meta"):
-        model = Gemma4ForCausalLM(config)
-    plan = plan_load(model, config, entries)
+        full = Gemma4ForCausalLM(config)
+    plan = plan_load(full, config, entries)
+    full_shapes = {name: tuple(t.shape) for name, t in full.state_dict().items()}
+    with torch.device("meta"):
+        model = Gemma4ForCausalLM(config, layout, comm, placements)
+    shards = rank_shards(config.text, full_shapes, layout, model.expert_placements())
+    local_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = {name: shard.shape for name, shard in shards.items() if shard.shape != local_shapes[name]}
+    if wrong:
+        raise RuntimeError(f"the model's shard shapes disagree with gemma4.parallel.sharding: {wrong}")
 
     model = model.to(dtype).to_empty(device=device)
     targets = model.state_dict(keep_vars=True)
     model_names = {entry.name: model_name for model_name, entry in plan.items()}
     with torch.no_grad():
-        for entry, tensor in read_tensors(list(plan.values())):
+        for entry, tensor in read_tensors(
+            list(plan.values()), {entry.name: shards[name] for name, entry in plan.items()}
+        ):
             targets[model_names[entry.name]].copy_(tensor.to(device=device, dtype=dtype))
     model.reset_buffers()
     return model.eval().requires_grad_(False)

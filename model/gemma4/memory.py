@@ -13,8 +13,9 @@ Layout assumptions (what vLLM-style engines do):
   intermediate (gate/up column-, down row-parallel) and the vocabulary of the tied embedding / LM
   head and of the PLE table. KV heads are split too; when TP exceeds a layer's KV heads each rank
   keeps one head (replicated), for both the weights and the KV cache.
-* Expert parallelism (EP) gives each EP rank `num_experts / ep` whole experts; TP ranks inside one
-  EP rank split the expert intermediate. Auto layouts use EP = TP = GPU count for the MoE variant.
+* Expert parallelism (EP) gives each EP rank `(num_experts + redundant_experts) / ep` whole expert
+  slots (redundant slots hold copies of hot experts, `gemma4.parallel.placement`); TP ranks inside
+  one EP rank split the expert intermediate. Auto layouts use EP = TP = GPU count for the MoE variant.
 * Norms, layer scalars, the router, and the vision/audio towers are replicated on every GPU.
 * Quantised formats quantise only the decoder's matmul weights (attention, MLP, experts, PLE
   projections). The token embedding / tied LM head stays in bf16 as public FP8-block checkpoints
@@ -154,20 +155,23 @@ class _Tensor:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def rank_shape(self, tp: int, ep: int) -> tuple[int, ...]:
+    def rank_shape(self, tp: int, ep: int, redundant: int = 0) -> tuple[int, ...]:
+        """The shard one rank holds; an expert axis grows by the `redundant` slots before it splits."""
         divisors = {_TP: tp, _EP: ep, _TP_IN_EP: tp // ep}
         out = []
         for i, size in enumerate(self.shape):
             how = self.split[i] if i < len(self.split) else ""
             if how == _KV:
                 size = math.ceil(self.kv_heads / tp) * (size // self.kv_heads)
+            elif how == _EP:
+                size = (size + redundant) // ep
             elif how:
                 size //= divisors[how]
             out.append(size)
         return tuple(out)
 
-    def rank_bytes(self, fmt: WeightFormat, tp: int, ep: int) -> int:
-        shape = self.rank_shape(tp, ep)
+    def rank_bytes(self, fmt: WeightFormat, tp: int, ep: int, redundant: int = 0) -> int:
+        shape = self.rank_shape(tp, ep, redundant)
         if not (self.quantisable and fmt.quantised):
             return math.prod(shape) * fmt.unquantised_bytes
         *lead, rows, cols = shape
@@ -375,11 +379,14 @@ def _modalities(config: Gemma4Config, requested: tuple[str, ...] | str) -> tuple
     return tuple(m for m in MODALITIES if m == "text" or m in mods)
 
 
-def check_layout(text: Gemma4TextConfig, tensor_parallel: int, expert_parallel: int) -> None:
-    """Raise ValueError if the decoder cannot be split `tensor_parallel` / `expert_parallel` ways."""
-    tp, ep = tensor_parallel, expert_parallel
+def check_layout(text: Gemma4TextConfig, tensor_parallel: int, expert_parallel: int, redundant_experts: int = 0) -> None:
+    """Raise ValueError if the decoder cannot be split `tensor_parallel` / `expert_parallel` ways with
+    `redundant_experts` extra expert slots per MoE layer (spread evenly over the EP groups)."""
+    tp, ep, r = tensor_parallel, expert_parallel, redundant_experts
     if tp < 1 or ep < 1:
         raise ValueError(f"tensor_parallel and expert_parallel must be >= 1, got {tp} and {ep}")
+    if r < 0:
+        raise ValueError(f"redundant_experts must be >= 0, got {r}")
     sizes = [("attention heads", text.num_attention_heads), ("vocabulary", text.vocab_size)]
     sizes += [("MLP width", n) for n in {s.intermediate_size for s in text.layers}]
     bad = [f"{what} ({n})" for what, n in sizes if n % tp]
@@ -388,8 +395,9 @@ def check_layout(text: Gemma4TextConfig, tensor_parallel: int, expert_parallel: 
     if bad:
         raise ValueError(f"tensor_parallel={tp} does not divide the {', '.join(bad)}")
     if not text.enable_moe_block:
-        if ep != 1:
-            raise ValueError("expert_parallel applies to the MoE variant (26b-a4b) only")
+        for name, value, default in (("expert_parallel", ep, 1), ("redundant_experts", r, 0)):
+            if value != default:
+                raise ValueError(f"{name} applies to the MoE variant (26b-a4b) only")
         return
     assert text.num_experts is not None and text.moe_intermediate_size is not None
     if tp % ep or text.num_experts % ep or text.moe_intermediate_size % (tp // ep):
@@ -397,6 +405,9 @@ def check_layout(text: Gemma4TextConfig, tensor_parallel: int, expert_parallel: 
             f"expert_parallel={ep} must divide tensor_parallel={tp} and the {text.num_experts} experts, "
             f"and tensor_parallel/expert_parallel must divide the expert width {text.moe_intermediate_size}"
         )
+    if r % ep:
+        raise ValueError(f"redundant_experts={r} must be a multiple of expert_parallel={ep} (each EP group "
+                         "holds the same number of expert slots)")
 
 
 def _device_components(config: Gemma4Config, *, ple_on_device: bool, modalities: tuple[str, ...]) -> set[str]:
@@ -417,19 +428,21 @@ def weight_bytes_per_gpu(
     expert_parallel: int = 1,
     ple_on_device: bool = False,
     modalities: tuple[str, ...] | str = ("text",),
+    redundant_experts: int = 0,
 ) -> dict[str, int]:
     """Bytes one GPU holds per component (embedding, decoder, experts, ple, vision, audio).
 
     The PLE table counts only with `ple_on_device` (else it lives in host memory); towers only for
-    the modalities served; the unused K/V of KV-sharing layers never.
+    the modalities served; the unused K/V of KV-sharing layers never. Each EP rank holds
+    `(num_experts + redundant_experts) / expert_parallel` experts' shards.
     """
     fmt = _weight_format(weight_dtype)
-    check_layout(config.text, tensor_parallel, expert_parallel)
+    check_layout(config.text, tensor_parallel, expert_parallel, redundant_experts)
     loaded = _device_components(config, ple_on_device=ple_on_device, modalities=_modalities(config, modalities))
     out = dict.fromkeys(sorted(loaded), 0)
     for tensor in _tensors(config):
         if tensor.component in loaded:
-            out[tensor.component] += tensor.rank_bytes(fmt, tensor_parallel, expert_parallel)
+            out[tensor.component] += tensor.rank_bytes(fmt, tensor_parallel, expert_parallel, redundant_experts)
     return out
 
 
@@ -628,12 +641,13 @@ def _fixed_costs(
     ple_on_device: bool,
     modalities: tuple[str, ...] | str,
     cuda_graphs: bool,
+    redundant_experts: int = 0,
 ) -> _Fixed:
     """The one place the non-KV memory of a GPU is computed (plan and engine both use it)."""
     mods = _modalities(config, modalities)
     weights = weight_bytes_per_gpu(
         config, weight_dtype=weight_dtype, tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
-        ple_on_device=ple_on_device, modalities=mods,
+        ple_on_device=ple_on_device, modalities=mods, redundant_experts=redundant_experts,
     )
     width = 4 if weight_dtype == "fp32" else 2  # quantised weights still compute in bf16
     activations = activation_bytes(
@@ -669,6 +683,7 @@ def kv_cache_budget_bytes(
     ple_on_device: bool = True,
     modalities: tuple[str, ...] | str = ("text",),
     cuda_graphs: bool = True,
+    redundant_experts: int = 0,
 ) -> int:
     """Bytes of KV cache one GPU can hold: its usable memory minus weights, activations, graphs,
     runtime overhead and headroom (0 when those alone do not fit). `plan` uses the same arithmetic."""
@@ -676,7 +691,7 @@ def kv_cache_budget_bytes(
         config, weight_dtype=weight_dtype, capacity_bytes=int(device_memory_bytes * usable_fraction),
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         tensor_parallel=tensor_parallel, expert_parallel=expert_parallel, ple_on_device=ple_on_device,
-        modalities=modalities, cuda_graphs=cuda_graphs,
+        modalities=modalities, cuda_graphs=cuda_graphs, redundant_experts=redundant_experts,
     )
     return max(0, fixed.kv_budget)
 
@@ -687,6 +702,9 @@ def kv_cache_budget_bytes(
 @dataclass(frozen=True)
 class ServingSpec:
     """What to serve and on what. `gpus` / `tensor_parallel` / `expert_parallel` None = chosen by `plan`.
+
+    `redundant_experts` extra expert slots per MoE layer hold copies of hot experts (the engine's
+    `redundant_experts`); a layout whose EP degree does not divide them is not chosen.
 
     `gpu_memory_utilization` None takes the accelerator's usable fraction. `modalities` is a tuple
     of 'text', 'image', 'video', 'audio', or 'all' (whatever the checkpoint takes).
@@ -701,6 +719,7 @@ class ServingSpec:
     gpus: int | None = None
     tensor_parallel: int | None = None
     expert_parallel: int | None = None
+    redundant_experts: int = 0
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     ple_on_device: bool = True  # our engine keeps the PLE table on the device
@@ -719,6 +738,11 @@ class ServingSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.redundant_experts, int) or isinstance(self.redundant_experts, bool) \
+                or self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be a non-negative integer, got {self.redundant_experts!r}")
+        if self.redundant_experts and not config.text.enable_moe_block:
+            raise ValueError("redundant_experts applies to the MoE variant (26b-a4b) only")
         for name in ("gpus", "tensor_parallel", "expert_parallel"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -797,7 +821,7 @@ def _evaluate(config: Gemma4Config, spec: ServingSpec, layout: _Layout, max_num_
         config, weight_dtype=spec.weight_dtype, capacity_bytes=_capacity(spec, acc), max_num_seqs=max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens, tensor_parallel=layout.gpus,
         expert_parallel=layout.ep, ple_on_device=spec.ple_on_device, modalities=spec.modalities,
-        cuda_graphs=acc.captures_graphs,
+        cuda_graphs=acc.captures_graphs, redundant_experts=spec.redundant_experts,
     )
     groups = rank_cache_groups(config.text, layout.gpus)
     kv_width = _kv_bytes(spec.kv_dtype)
@@ -812,7 +836,8 @@ def _evaluate(config: Gemma4Config, spec: ServingSpec, layout: _Layout, max_num_
 def _layouts(config: Gemma4Config, spec: ServingSpec) -> list[_Layout]:
     """The spec's layout, or every per-node device count the model splits over, smallest first.
 
-    EP defaults to the GPU count for the MoE variant (1 otherwise).
+    EP defaults to the GPU count for the MoE variant (1 otherwise); auto layouts whose EP degree does not
+    divide the spec's redundant experts are skipped.
     """
     moe = config.text.enable_moe_block
     if spec.expert_parallel not in (None, 1) and not moe:
@@ -823,7 +848,7 @@ def _layouts(config: Gemma4Config, spec: ServingSpec) -> list[_Layout]:
     for n in counts:
         layout = _Layout(n, spec.expert_parallel or (n if moe else 1))
         try:
-            check_layout(config.text, layout.gpus, layout.ep)
+            check_layout(config.text, layout.gpus, layout.ep, spec.redundant_experts)
         except ValueError:
             if explicit is not None:  # a layout the spec asks for and the model cannot take is a spec error
                 raise
@@ -932,7 +957,7 @@ def _suggestions(spec: ServingSpec, evaluation: _Evaluation) -> list[str]:
         seqs = _max_seqs(config, spec, evaluation.layout)
         if 0 < seqs < spec.max_num_seqs:
             out.append(f"lower max_num_seqs to {seqs} (fits on {evaluation.layout.gpus} x {acc.name})")
-        length = _longest_context(spec, layout)
+        length = longest_context(dataclasses.replace(spec, **layout))
         if length:
             out.append(f"lower max_model_len to {length} (fits on {evaluation.layout.gpus} x {acc.name})")
     for other in sorted(ACCELERATORS.values(), key=lambda a: a.memory_bytes):
@@ -950,12 +975,13 @@ def _describe(changes: dict[str, str]) -> str:
     return " and ".join(parts)
 
 
-def _longest_context(spec: ServingSpec, layout: dict[str, Any]) -> int:
-    """The longest max_model_len (a multiple of 1024) below the requested one that fits the layout; 0 if none."""
+def longest_context(spec: ServingSpec) -> int:
+    """The longest max_model_len (a multiple of 1024) below the requested one that fits `spec` (on its own
+    layout when it gives one, else on the fewest devices that fit); 0 if none."""
     lo, hi = 0, (spec.max_model_len - 1) // 1024
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _fit(dataclasses.replace(spec, max_model_len=mid * 1024, **layout))[1]:
+        if _fit(dataclasses.replace(spec, max_model_len=mid * 1024))[1]:
             lo = mid
         else:
             hi = mid - 1

@@ -7,21 +7,36 @@ the engine supplies a paged one), which also serves the KV-sharing layers of E2B
 of the hot path (norms, QK-norm + RoPE, the cache write, the MoE, PLE, the softcap) goes through an
 `Ops` set (`gemma4.backends`): the torch reference ops by default, the Triton kernels when the
 engine selects them (`use_ops`).
+
+A model built with a `ParallelLayout` and its `Collectives` is one rank's shard of a multi-device
+replica (`gemma4.parallel`): local shapes, the checkpoint's names. Attention heads, KV heads, MLP
+width and the vocabulary are split over every rank (q/k/v and gate/up column-parallel, o and down
+row-parallel, embeddings and LM head vocabulary-parallel); the MoE experts over EP groups, each
+expert's width inside its group. Tokens are replicated on every rank, so norms, the router and PLE
+projections run replicated; each partial sum is all-reduced before the sandwich norm that follows
+it (the dense MLP's and the experts' in one all-reduce), and the logits are all-gathered.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gemma4.backends import Ops, reference_ops
+from gemma4.checkpoint import CheckpointError, checkpoint_name, index_checkpoint, read_tensors
 from gemma4.config import FULL, SLIDING, Gemma4Config, Gemma4TextConfig, LayerSpec, RopeConfig
+from gemma4.memory import check_layout
 from gemma4.ops.rope import rope_at
+from gemma4.parallel.comm import SINGLE, Collectives
+from gemma4.parallel.layout import ParallelLayout
+from gemma4.parallel.placement import ExpertPlacement, balanced_placement
+from gemma4.parallel.sharding import EXPERT_TENSORS, expert_shard
 
 # The dtypes a model's weights may take; the embedding scale is rounded to each once, at construction.
 WEIGHT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -151,19 +166,25 @@ class DenseAttention:
 
 
 class Attention(nn.Module):
-    """Gemma 4 self-attention: QK-norm, weightless V-norm, RoPE, optional K-as-V, optional shared KV."""
+    """Gemma 4 self-attention: QK-norm, weightless V-norm, RoPE, optional K-as-V, optional shared KV.
 
-    def __init__(self, config: Gemma4TextConfig, layer: LayerSpec) -> None:
+    On a TP rank it holds its heads and KV heads (`ParallelLayout.kv_heads`), and its output is a
+    partial sum over the ranks' heads (the layer all-reduces it).
+    """
+
+    def __init__(self, config: Gemma4TextConfig, layer: LayerSpec, layout: ParallelLayout) -> None:
         super().__init__()
         self.layer = layer
-        hidden, heads, d = config.hidden_size, config.num_attention_heads, layer.head_dim
+        hidden, d = config.hidden_size, layer.head_dim
+        _, heads = layout.split(config.num_attention_heads)
+        _, kv_heads = layout.kv_heads(layer.num_kv_heads)
         self.q_proj = nn.Linear(hidden, heads * d, bias=False)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         if not layer.shares_kv:
-            self.k_proj = nn.Linear(hidden, layer.num_kv_heads * d, bias=False)
+            self.k_proj = nn.Linear(hidden, kv_heads * d, bias=False)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
             # K-as-V layers have no v_proj: values are the raw key projection, weightless-normed.
-            self.v_proj = None if layer.k_eq_v else nn.Linear(hidden, layer.num_kv_heads * d, bias=False)
+            self.v_proj = None if layer.k_eq_v else nn.Linear(hidden, kv_heads * d, bias=False)
         self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(heads * d, hidden, bias=False)
         self.ops = reference_ops()
@@ -185,7 +206,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated GELU feed-forward: `down(gelu_tanh(gate(x)) * up(x))`."""
+    """Gated GELU feed-forward: `down(gelu_tanh(gate(x)) * up(x))` (on a TP rank: its share of the width,
+    a partial sum)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -219,29 +241,76 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts, stored packed as the checkpoint stores them (gate rows, then up rows)."""
+    """The routed experts, stored packed as the checkpoint stores them (gate rows, then up rows).
 
-    def __init__(self, config: Gemma4TextConfig) -> None:
+    A rank holds the `S` physical slots of its EP group (`placement.slots[group]`), each slot its
+    share of the expert's width. A token's assignment to logical expert e goes to copy
+    `copies[e][row % len(copies[e])]` (device tables `copy_counts [E]`, `copy_slots [E, R + 1]`);
+    assignments whose copy lives in another group run on the slot of the same index here with
+    weight 0, so shapes stay fixed and their contribution is exactly zero.
+    """
+
+    def __init__(self, config: Gemma4TextConfig, layout: ParallelLayout, placement: ExpertPlacement) -> None:
         super().__init__()
         assert config.num_experts is not None and config.moe_intermediate_size is not None
-        e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        e, h = config.num_experts, config.hidden_size
+        self.layout = layout
+        slots = layout.expert_slots(e)
+        _, width = layout.expert_width(config.moe_intermediate_size)
+        self.gate_up_proj = nn.Parameter(torch.empty(slots, 2 * width, h))
+        self.down_proj = nn.Parameter(torch.empty(slots, h, width))
+        self.register_buffer("copy_counts", torch.ones(e, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "copy_slots", torch.zeros(e, layout.redundant_experts + 1, dtype=torch.long), persistent=False
+        )
+        self.check(placement)
+        self.placement = placement
         self.ops = reference_ops()
 
+    def check(self, placement: ExpertPlacement) -> None:
+        """Raise ValueError unless `placement` fits this layer's experts and the layout."""
+        e, ep, slots = self.copy_counts.shape[0], self.layout.expert_parallel, self.gate_up_proj.shape[0]
+        if placement.num_experts != e or placement.expert_parallel != ep or placement.slots_per_group != slots:
+            raise ValueError(
+                f"a placement of {placement.num_experts} experts over {placement.expert_parallel} groups of "
+                f"{placement.slots_per_group} slots does not fit {e} experts over {ep} groups of {slots} slots"
+            )
+
+    def write_tables(self) -> None:
+        """Fill the routing tables from `placement` (in place: captured graphs keep reading them)."""
+        copies = self.placement.copies()
+        width = self.copy_slots.shape[1]
+        table = [slots + [slots[0]] * (width - len(slots)) for slots in copies]
+        self.copy_counts.copy_(torch.tensor([len(c) for c in copies], dtype=torch.long))
+        self.copy_slots.copy_(torch.tensor(table, dtype=torch.long))
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of each token's chosen experts, `x [N, H]` -> `[N, H]`."""
-        return self.ops.moe_experts(x, weights, experts, self.gate_up_proj, self.down_proj)
+        """This rank's part of the weighted sum of each token's chosen experts, `x [N, H]` -> `[N, H]`."""
+        rows = torch.arange(experts.shape[0], device=experts.device)[:, None]
+        slot = self.copy_slots[experts, torch.remainder(rows, self.copy_counts[experts])]
+        per_group = self.gate_up_proj.shape[0]
+        here = torch.div(slot, per_group, rounding_mode="floor") == self.layout.expert_group
+        weights = torch.where(here, weights, 0.0)
+        local = torch.remainder(slot, per_group)
+        return self.ops.moe_experts(x, weights, local, self.gate_up_proj, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
     """One Gemma 4 layer: sandwich-normed attention and MLP (plus MoE beside the MLP, plus PLE), scaled."""
 
-    def __init__(self, config: Gemma4TextConfig, layer: LayerSpec) -> None:
+    def __init__(
+        self,
+        config: Gemma4TextConfig,
+        layer: LayerSpec,
+        layout: ParallelLayout,
+        comm: Collectives,
+        placement: ExpertPlacement | None,
+    ) -> None:
         super().__init__()
         h, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = Attention(config, layer)
-        self.mlp = MLP(h, layer.intermediate_size)
+        self.comm = comm
+        self.self_attn = Attention(config, layer, layout)
+        self.mlp = MLP(h, layout.split(layer.intermediate_size)[1])
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
@@ -253,7 +322,8 @@ class DecoderLayer(nn.Module):
             # Tokens routed to each expert since load (serving telemetry: per-expert load and imbalance).
             self.register_buffer("expert_tokens", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
             self.router = Router(config)
-            self.experts = Experts(config)
+            assert placement is not None
+            self.experts = Experts(config, layout, placement)
             self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
             self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
             self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
@@ -278,12 +348,15 @@ class DecoderLayer(nn.Module):
         Each residual add is fused with the sandwich norm before it; the last one also applies the
         layer scalar.
         """
-        attn = self.self_attn(self.input_layernorm(x), rope, attention)
+        attn = self.comm.all_reduce(self.self_attn(self.input_layernorm(x), rope, attention))
         x = self._add_normed(x, attn, self.post_attention_layernorm)
 
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.has_moe:
-            h = self.post_feedforward_layernorm_1(h) + self._moe(x, token_mask)
+            h, moe = self._reduce_pair(h, self._moe(x, token_mask))
+            h = self.post_feedforward_layernorm_1(h) + self.post_feedforward_layernorm_2(moe)
+        else:
+            h = self.comm.all_reduce(h)
         if not self.has_per_layer_input:
             return self._add_normed(x, h, self.post_feedforward_layernorm, self.layer_scalar)
         x = self._add_normed(x, h, self.post_feedforward_layernorm)
@@ -297,12 +370,20 @@ class DecoderLayer(nn.Module):
         """`(residual + norm(x)) * scale`, as one op."""
         return self.ops.residual_rms_norm(residual, x, norm.weight, norm.eps, scale)
 
+    def _reduce_pair(self, dense: torch.Tensor, moe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense MLP's and the experts' partial sums, summed over the ranks in one all-reduce."""
+        if self.comm.world_size == 1:
+            return dense, moe
+        both = self.comm.all_reduce(torch.cat([dense, moe], dim=-1))
+        return both.split(dense.shape[-1], dim=-1)
+
     def _moe(self, residual: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """The experts' output before its post-norm (a partial sum on a rank of a replica)."""
         flat = residual.reshape(-1, residual.shape[-1])
         weights, experts = self.router(flat)
         self._count(experts, token_mask)
         out = self.experts(self.pre_feedforward_layernorm_2(flat), weights, experts)
-        return self.post_feedforward_layernorm_2(out.reshape(residual.shape))
+        return out.reshape(residual.shape)
 
     def _count(self, experts: torch.Tensor, token_mask: torch.Tensor | None) -> None:
         """Add the routed (unmasked) tokens to `expert_tokens` on the device, without a host sync."""
@@ -314,26 +395,52 @@ class DecoderLayer(nn.Module):
 
 
 class ScaledEmbedding(nn.Embedding):
-    """Token embedding multiplied by a scale rounded to the weight dtype (as the reference does)."""
+    """Token embedding multiplied by a scale rounded to the weight dtype (as the reference does).
 
-    def __init__(self, num_embeddings: int, dim: int, scale: float) -> None:
-        super().__init__(num_embeddings, dim)
+    On a TP rank it holds its vocabulary shard (rows `vocab_start ...`): each rank looks up the ids
+    it holds, zeros the others, and an all-reduce assembles the rows.
+    """
+
+    def __init__(
+        self, num_embeddings: int, dim: int, scale: float, layout: ParallelLayout = ParallelLayout(),
+        comm: Collectives = SINGLE,
+    ) -> None:
+        self.vocab_start, rows = layout.split(num_embeddings)
+        super().__init__(rows, dim)
+        self.comm = comm
         self.scale = scale
         # Rounded once here: forward creates no host tensor (no CPU op or Python float from a tensor per step).
         self.rounded_scales = {dtype: rounded_scale(scale, dtype) for dtype in WEIGHT_DTYPES}
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The (unscaled) table rows of `ids`, assembled from every rank's vocabulary shard."""
+        if self.comm.world_size == 1:
+            return super().forward(ids)
+        local = ids - self.vocab_start
+        held = (local >= 0) & (local < self.num_embeddings)
+        found = super().forward(torch.where(held, local, 0))
+        return self.comm.all_reduce(torch.where(held[..., None], found, 0))
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids) * self.rounded_scales[self.weight.dtype]
+        return self.rows(ids) * self.rounded_scales[self.weight.dtype]
 
 
 class Gemma4TextModel(nn.Module):
     """Embeddings (+ Per-Layer Embeddings), the decoder stack and the final norm."""
 
-    def __init__(self, config: Gemma4TextConfig) -> None:
+    def __init__(
+        self,
+        config: Gemma4TextConfig,
+        layout: ParallelLayout,
+        comm: Collectives,
+        placements: Mapping[int, ExpertPlacement],
+    ) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size, config.embed_scale)
-        self.layers = nn.ModuleList(DecoderLayer(config, spec) for spec in config.layers)
+        self.embed_tokens = ScaledEmbedding(config.vocab_size, config.hidden_size, config.embed_scale, layout, comm)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, spec, layout, comm, placements.get(spec.index)) for spec in config.layers
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = nn.ModuleDict(
             {
@@ -344,7 +451,9 @@ class Gemma4TextModel(nn.Module):
         p = config.hidden_size_per_layer_input
         if p:
             n = config.num_hidden_layers
-            self.embed_tokens_per_layer = ScaledEmbedding(config.vocab_size_per_layer_input, n * p, math.sqrt(p))
+            self.embed_tokens_per_layer = ScaledEmbedding(
+                config.vocab_size_per_layer_input, n * p, math.sqrt(p), layout, comm
+            )
             self.per_layer_model_projection = nn.Linear(config.hidden_size, n * p, bias=False)
             self.per_layer_projection_norm = RMSNorm(p, config.rms_norm_eps)
         self.ops = reference_ops()
@@ -353,10 +462,16 @@ class Gemma4TextModel(nn.Module):
         """PLE `[B, T, layers, p]`: a token-identity row plus a projection of the input embedding."""
         cfg = self.config
         table = self.embed_tokens_per_layer
+        ids, rows = input_ids.reshape(-1), table.weight
+        if table.comm.world_size > 1:
+            # Vocabulary-split table: gather each token's row (ids past the table read row 0, as the op
+            # does), then let the op index those rows by position.
+            rows = table.rows(torch.where(ids < cfg.vocab_size_per_layer_input, ids, 0))
+            ids = torch.arange(ids.shape[0], device=ids.device)
         ple = self.ops.per_layer_inputs(
-            input_ids.reshape(-1),
+            ids,
             _rows(self.per_layer_model_projection(embeds)),
-            table.weight,
+            rows,
             self.per_layer_projection_norm.weight,
             num_layers=cfg.num_hidden_layers,
             eps=cfg.rms_norm_eps,
@@ -384,19 +499,51 @@ class Gemma4TextModel(nn.Module):
 
 
 class Gemma4ForCausalLM(nn.Module):
-    """The text decoder with its (tied) LM head and final logit softcap."""
+    """The text decoder with its (tied) LM head and final logit softcap.
 
-    def __init__(self, config: Gemma4Config) -> None:
+    `layout` and `comm` make it one rank's shard of a replica; `placements` (MoE layer -> placement,
+    default balanced) say which experts the rank's EP group holds.
+    """
+
+    def __init__(
+        self,
+        config: Gemma4Config,
+        layout: ParallelLayout = ParallelLayout(),
+        comm: Collectives = SINGLE,
+        placements: Mapping[int, ExpertPlacement] | None = None,
+    ) -> None:
         super().__init__()
+        text = config.text
+        if comm.world_size != layout.tensor_parallel or comm.rank != layout.rank:
+            raise ValueError(
+                f"collectives of rank {comm.rank} of {comm.world_size} do not match the layout's rank "
+                f"{layout.rank} of {layout.tensor_parallel}"
+            )
+        check_layout(text, layout.tensor_parallel, layout.expert_parallel)
         self.config = config
-        self.text_config = config.text
-        self.model = Gemma4TextModel(config.text)
-        if not config.text.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.text_config = text
+        self.layout = layout
+        self.comm = comm
+        self.model = Gemma4TextModel(text, layout, comm, self._placements(placements or {}))
+        if not text.tie_word_embeddings:
+            self.lm_head = nn.Linear(text.hidden_size, layout.split(text.vocab_size)[1], bias=False)
         self.ops = reference_ops()
         self.register_buffer(
             "placeholder_ids", torch.tensor(config.multimodal_placeholder_ids, dtype=torch.long), persistent=False
         )
+
+    def _placements(self, given: Mapping[int, ExpertPlacement]) -> dict[int, ExpertPlacement]:
+        """`given` for every MoE layer, the balanced placement where it has none."""
+        text, layout = self.text_config, self.layout
+        moe_layers = [spec.index for spec in text.layers] if text.enable_moe_block else []
+        unknown = sorted(set(given) - set(moe_layers))
+        if unknown:
+            raise ValueError(f"placements given for layers {unknown}, which have no experts")
+        if not moe_layers:
+            return {}
+        assert text.num_experts is not None
+        balanced = balanced_placement(text.num_experts, layout.expert_parallel, layout.redundant_experts)
+        return {i: given.get(i, balanced) for i in moe_layers}
 
     def use_ops(self, ops: Ops) -> None:
         """Run the hot path through `ops` (every module that computes holds the set it calls)."""
@@ -411,6 +558,10 @@ class Gemma4ForCausalLM(nn.Module):
                 module.reset_buffers()
             elif isinstance(module, DecoderLayer) and module.has_moe:
                 module.expert_tokens = torch.zeros_like(module.expert_tokens)
+            elif isinstance(module, Experts):
+                module.copy_counts = torch.empty_like(module.copy_counts)
+                module.copy_slots = torch.empty_like(module.copy_slots)
+                module.write_tables()
         self.placeholder_ids = torch.tensor(
             self.config.multimodal_placeholder_ids, dtype=torch.long, device=self.placeholder_ids.device
         )
@@ -419,6 +570,56 @@ class Gemma4ForCausalLM(nn.Module):
         """Tokens routed to each expert so far, per MoE layer (empty for dense models); syncs, for metrics only."""
         return {i: layer.expert_tokens.tolist() for i, layer in enumerate(self.model.layers) if layer.has_moe}
 
+    def expert_placements(self) -> dict[int, ExpertPlacement]:
+        """Each MoE layer's expert placement (empty for dense models)."""
+        return {i: layer.experts.placement for i, layer in enumerate(self.model.layers) if layer.has_moe}
+
+    def set_expert_placements(self, placements: Mapping[int, ExpertPlacement], checkpoint: str | Path) -> None:
+        """Move to new placements between steps: reload (from `checkpoint`, this rank's slices only) the
+        local slots whose expert changed, then rewrite the routing tables. The outputs of later steps are
+        those of the old placement up to float summation order."""
+        layers = self.model.layers
+        bad = sorted(i for i in placements if not (0 <= i < len(layers) and layers[i].has_moe))
+        if bad:
+            raise ValueError(f"placements given for layers {bad}, which have no experts")
+        for i, placement in placements.items():
+            layers[i].experts.check(placement)
+        entries = index_checkpoint(checkpoint)
+        group = self.layout.expert_group
+        targets: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        shards = {}
+        for i, placement in placements.items():
+            experts = layers[i].experts
+            old, new = experts.placement.slots[group], placement.slots[group]
+            changed = [s for s in range(len(new)) if old[s] != new[s]]
+            if not changed:
+                continue
+            for suffix in EXPERT_TENSORS:
+                name = checkpoint_name(self.config, f"model.layers.{i}.{suffix}")
+                param = getattr(experts, suffix.removeprefix("experts."))
+                shape = self._expert_shape(suffix)
+                entry = entries.get(name)
+                if entry is None or entry.shape != shape:
+                    found = "missing" if entry is None else f"has shape {list(entry.shape)}"
+                    raise CheckpointError(f"tensor {name!r} {found}, expected shape {list(shape)}")
+                targets[name] = (param, changed)
+                shards[name] = expert_shard(suffix, shape, [new[s] for s in changed], self.layout)
+        with torch.no_grad():
+            for entry, tensor in read_tensors([entries[name] for name in targets], shards):
+                param, slots = targets[entry.name]
+                index = torch.tensor(slots, device=param.device)
+                param.index_copy_(0, index, tensor.to(device=param.device, dtype=param.dtype))
+        for i, placement in placements.items():
+            layers[i].experts.placement = placement
+            layers[i].experts.write_tables()
+
+    def _expert_shape(self, suffix: str) -> tuple[int, int, int]:
+        """The full checkpoint shape of an experts tensor."""
+        text = self.text_config
+        assert text.num_experts is not None and text.moe_intermediate_size is not None
+        e, h, i = text.num_experts, text.hidden_size, text.moe_intermediate_size
+        return (e, 2 * i, h) if suffix.endswith("gate_up_proj") else (e, h, i)
+
     def text_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Multimodal placeholders are embedded as `<pad>` (soft tokens are scattered in later)."""
         if self.placeholder_ids.numel() == 0:
@@ -426,9 +627,11 @@ class Gemma4ForCausalLM(nn.Module):
         return torch.where(torch.isin(input_ids, self.placeholder_ids), self.text_config.pad_token_id, input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits, the final softcap applied."""
+        """fp32 logits over the whole vocabulary, the final softcap applied (on a rank of a replica: its
+        vocabulary shard's, gathered from every rank)."""
         weight = self.model.embed_tokens.weight if self.text_config.tie_word_embeddings else self.lm_head.weight
-        return self.ops.softcap_logits(F.linear(hidden, weight), self.text_config.final_logit_softcapping)
+        logits = self.ops.softcap_logits(F.linear(hidden, weight), self.text_config.final_logit_softcapping)
+        return self.comm.all_gather(logits, dim=-1)
 
     def hidden_states(
         self,

@@ -5,7 +5,9 @@ parse the spec, plan it with the memory model, and if it fits apply the owned ob
 applied hash already matches are not written, so a restart sends no updates.
 
 An infeasible or invalid spec creates nothing and sets `Planned=False` with the planner's reason
-and suggestions; so does one without API keys that does not opt into serving anyone
+and suggestions; so does one this release's engine cannot run as planned (`Unsupported`: lighter
+formats, or more devices per replica than the engine spans there, e.g. multi-chip TPU replicas,
+with changes that fit what it runs), and one without API keys that does not opt into serving anyone
 (`Unauthenticated`: the platform's gateway would refuse to start on the pods' addresses anyway).
 If an earlier spec was deployed, its objects are left as they are: the service keeps serving the
 last feasible spec (`Deployed` and `Ready` stay as they were) until the spec fits again. Deleting
@@ -75,7 +77,7 @@ def _plan(spec: kopf.Spec, owner: Owner, kube: Kube) -> _Planning:
         plan = planner.plan_for(parsed)
         if not plan.feasible:
             return _Planning(status.condition(status.PLANNED, "False", "Infeasible", status.infeasible_message(plan)))
-        unsupported = planner.unsupported_by_engine(parsed)
+        unsupported = planner.unsupported_by_engine(parsed, plan)
         if unsupported is not None:
             return _Planning(status.condition(status.PLANNED, "False", "Unsupported", unsupported))
         monitor = kube.crd_exists(SERVICE_MONITOR_CRD)

@@ -8,7 +8,10 @@ reference to the resource, so deleting it garbage-collects them.
 The Ray cluster: the head runs the Serve controller and the HTTP/gRPC proxies and no replica
 (`num-cpus: 0`, no accelerators); one worker group runs one engine replica per pod, each pod
 requesting exactly the plan's devices, scaled by the Ray autoscaler between the resource's min and
-max replicas. The worker group's `replicas` is left out on purpose: the autoscaler owns it, and
+max replicas. A replica of several devices is a Ray placement group packed on one node (its actor's
+CPU bundle, then `{"CPU": 1, "GPU": 1}` per rank), so each worker pod offers Ray exactly one
+replica's CPUs and devices (`pod_ray_resources`): a replica's ranks all land on one pod and no two
+replicas share one. TPU pods count their chip as Ray's `TPU` resource and run the engine on XLA. The worker group's `replicas` is left out on purpose: the autoscaler owns it, and
 applying it would reset every scale-up. Every Ray pod mounts the checkpoint (a read-only PVC, or an
 emptyDir an init container downloads into): the gateway needs no CPU slot, so Ray may place it on
 the head, and it reads the tokenizer and config from the checkpoint.
@@ -27,6 +30,7 @@ terminates at an ingress in front of it.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from importlib import metadata
@@ -34,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from gemma4.accelerators import GiB, get_accelerator
+from gemma4.accelerators import Accelerator, GiB, get_accelerator
 from gemma4.memory import Plan
 
 from gemma4_operator.crd import API_VERSION, GROUP, KIND
@@ -70,6 +74,7 @@ CHECKPOINT_DIR = "/models"
 TLS_DIR = "/etc/gemma4/tls"
 WORKER_GROUP = "gpu"
 HEAD_CPU, HEAD_MEMORY, WORKER_CPU = "2", "8Gi", "8"
+REPLICA_CPUS = 1  # Ray CPUs of a replica's actor (the placement group's first bundle)
 # Ray's object store lives in the pod's memory on top of the plan's host memory (Ray would take 30%).
 OBJECT_STORE_BYTES = 2 * GiB
 CLIENT_LABEL = f"{GROUP}/client"  # pods in other namespaces with this label may call the APIs
@@ -134,20 +139,46 @@ def grpc_host(spec: Gemma4ServiceSpec) -> str:
     return ANY_ADDRESS if spec.gateway.plaintext_grpc_exposed else LOOPBACK
 
 
+def engine_settings(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
+    """The args' `engine` section: the plan's layout and sizes as the engine's settings."""
+    return {
+        "block_size": plan.spec.block_size,
+        "max_num_seqs": plan.spec.max_num_seqs,
+        "max_num_batched_tokens": plan.spec.max_num_batched_tokens,
+        "max_model_len": plan.spec.max_model_len,
+        "kv_cache_memory_bytes": plan.kv_cache_bytes_per_gpu,
+        "tensor_parallel_size": plan.tensor_parallel,
+        "expert_parallel_size": plan.expert_parallel,
+        "redundant_experts": plan.spec.redundant_experts,
+        "expert_rebalance_interval": spec.parallelism.expert_rebalance_interval,
+    }
+
+
+def replica_num_gpus(plan: Plan) -> int:
+    """`replica.num_gpus`, the GPUs of the replica's own actor: its device when it runs on one GPU; none when
+    its ranks' bundles hold the devices (tensor parallel) or the devices are no Ray GPUs (TPU chips)."""
+    on_gpus = get_accelerator(plan.accelerator).runtime.ray_resource == "GPU"
+    return 1 if on_gpus and plan.tensor_parallel == 1 else 0
+
+
+def pod_ray_resources(plan: Plan) -> dict[str, int]:
+    """What one worker pod offers Ray: the CPUs one replica takes (its actor, plus one per rank of a
+    placement group) and the replica's devices under the vendor's Ray resource name."""
+    ranks = plan.tensor_parallel if plan.tensor_parallel > 1 else 0
+    devices = get_accelerator(plan.accelerator).runtime.ray_resource
+    return {"CPU": REPLICA_CPUS + ranks, devices: plan.gpus_per_replica}
+
+
 def platform_args(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
     """The application's args: a `PlatformSettings` dict carrying the plan's engine settings."""
     scaling = spec.autoscaling
     return {
-        "model": {"path": checkpoint_path(spec), "name": spec.served_model_name},
-        "engine": {
-            "block_size": plan.spec.block_size,
-            "max_num_seqs": plan.spec.max_num_seqs,
-            "max_num_batched_tokens": plan.spec.max_num_batched_tokens,
-            "max_model_len": plan.spec.max_model_len,
-            "kv_cache_memory_bytes": plan.kv_cache_bytes_per_gpu,
-        },
+        "model": {"path": checkpoint_path(spec), "name": spec.served_model_name,
+                  "device": get_accelerator(plan.accelerator).runtime.device},
+        "engine": engine_settings(spec, plan),
         "replica": {
-            "num_gpus": plan.gpus_per_replica,
+            "num_gpus": replica_num_gpus(plan),
+            "num_cpus": REPLICA_CPUS,
             "autoscaling": {
                 "min_replicas": scaling.min_replicas,
                 "max_replicas": scaling.max_replicas,
@@ -183,10 +214,11 @@ def serve_config(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
 
 
 def node_selector(spec: Gemma4ServiceSpec, devices: int) -> dict[str, str]:
-    """The cloud's labels for the accelerator, else the vendor's node-labeller labels."""
+    """The cloud's labels for the accelerator, else the vendor's node-labeller labels; TPUs exist on GKE
+    only, so they always get GKE's accelerator and slice-topology labels."""
     accelerator = get_accelerator(spec.accelerator.type)
     chosen: dict[str, str] = {}
-    if spec.cloud == "gke":
+    if spec.cloud == "gke" or accelerator.gke_tpu_topologies:
         chosen = accelerator.gke_selector(devices)  # ValueError for a TPU count no slice has
     elif spec.cloud == "eks":
         chosen = dict(accelerator.eks_node_selector)
@@ -194,11 +226,10 @@ def node_selector(spec: Gemma4ServiceSpec, devices: int) -> dict[str, str]:
 
 
 def serving_image(spec: Gemma4ServiceSpec) -> str:
-    """The spec's image, else this release's serving image (the ROCm build for AMD accelerators)."""
+    """The spec's image, else this release's serving image for the vendor (its -rocm and -tpu builds)."""
     if spec.image:
         return spec.image
-    suffix = "-rocm" if get_accelerator(spec.accelerator.type).vendor == "amd" else ""
-    return f"{IMAGE_REPOSITORY}:{IMAGE_TAG}{suffix}"
+    return f"{IMAGE_REPOSITORY}:{IMAGE_TAG}{get_accelerator(spec.accelerator.type).runtime.image_suffix}"
 
 
 def proxy_environment(spec: Gemma4ServiceSpec) -> dict[str, str]:
@@ -317,6 +348,18 @@ def _worker_template(owner: Owner, spec: Gemma4ServiceSpec, plan: Plan) -> dict[
     )
 
 
+def _worker_start_params(accelerator: Accelerator, plan: Plan) -> dict[str, str]:
+    """`ray start` flags of a worker pod: the object store, and exactly `pod_ray_resources` (Ray would
+    otherwise count the container's CPUs and leave room for a second replica)."""
+    offered = pod_ray_resources(plan)
+    params = {"object-store-memory": str(OBJECT_STORE_BYTES), "num-cpus": str(offered.pop("CPU"))}
+    if accelerator.runtime.ray_resource == "GPU":
+        params["num-gpus"] = str(offered.pop("GPU"))
+    if offered:  # custom resources: a JSON object, quoted for the shell KubeRay runs `ray start` in
+        params["resources"] = '"' + json.dumps(offered).replace('"', '\\"') + '"'
+    return params
+
+
 # ---------------------------------------------------------------------------- owned objects
 
 
@@ -345,7 +388,7 @@ def ray_service(owner: Owner, spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, 
                     "groupName": WORKER_GROUP,
                     "minReplicas": scaling.min_replicas,
                     "maxReplicas": scaling.max_replicas,
-                    "rayStartParams": {"object-store-memory": str(OBJECT_STORE_BYTES)},
+                    "rayStartParams": _worker_start_params(get_accelerator(spec.accelerator.type), plan),
                     "template": _worker_template(owner, spec, plan),
                 }],
             },

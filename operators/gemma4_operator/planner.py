@@ -3,11 +3,16 @@
 The memory model is the same one the engine sizes its KV pools with, so what the operator asks
 Kubernetes for is what a replica allocates. `auto` parallelism leaves the layout to the planner
 (the fewest devices that fit, or `accelerator.count` when given); `explicit` passes the degrees on.
+The memory model plans layouts and formats this release's engine does not run (fp8 / int weights,
+multi-chip TPU replicas); `unsupported_by_engine` refuses those, with changes that fit what it runs.
 """
 
 from __future__ import annotations
 
-from gemma4.memory import Plan, ServingSpec, plan
+import dataclasses
+
+from gemma4.accelerators import ACCELERATORS, get_accelerator
+from gemma4.memory import Plan, ServingSpec, longest_context, plan
 
 from gemma4_operator.spec import Gemma4ServiceSpec
 
@@ -25,6 +30,7 @@ def serving_spec(spec: Gemma4ServiceSpec) -> ServingSpec:
         gpus=spec.accelerator.count,
         tensor_parallel=spec.parallelism.tensor_parallel if explicit else None,
         expert_parallel=spec.parallelism.expert_parallel if explicit else None,
+        redundant_experts=spec.parallelism.redundant_experts,
     )
 
 
@@ -37,14 +43,62 @@ ENGINE_WEIGHT_DTYPES = ("bf16",)
 ENGINE_KV_DTYPES = ("bf16",)
 
 
-def unsupported_by_engine(spec: Gemma4ServiceSpec) -> str | None:
-    """Why the serving engine cannot run `spec` yet (a plan alone would deploy pods that fail), else None."""
+def unsupported_by_engine(spec: Gemma4ServiceSpec, plan: Plan) -> str | None:
+    """Why the serving engine cannot run `spec` as `plan` lays it out (its pods would fail), else None."""
     problems = []
     if spec.model.dtype not in ENGINE_WEIGHT_DTYPES:
         problems.append(f"spec.model.dtype {spec.model.dtype}")
     if spec.model.kv_dtype not in ENGINE_KV_DTYPES:
         problems.append(f"spec.model.kvDtype {spec.model.kv_dtype}")
-    if not problems:
+    if problems:
+        return (f"{' and '.join(problems)} can be planned but this release's engine serves bf16 weights with a "
+                "bf16 KV cache only; use bf16 (see `gemma4-platform plan` for the lighter formats' sizing)")
+    acc = get_accelerator(plan.accelerator)
+    limit = acc.max_devices_per_replica
+    if plan.gpus_per_replica <= limit:
         return None
-    return (f"{' and '.join(problems)} can be planned but this release's engine serves bf16 weights with a "
-            "bf16 KV cache only; use bf16 (see `gemma4-platform plan` for the lighter formats' sizing)")
+    why = (f"{acc.runtime.backend} has no collectives in this release, so a replica runs on one device"
+           if not acc.runtime.multi_device else "a replica runs on one node's devices")
+    suggestions = engine_suggestions(plan.spec)
+    tail = f" Suggestions: {'; '.join(suggestions)}." if suggestions else " Nothing the engine runs fits this spec."
+    return (f"{plan.spec.variant} needs {plan.gpus_per_replica} x {acc.name} per replica, but this release's engine "
+            f"runs at most {limit} x {acc.name} per replica ({why}).{tail}")
+
+
+def runnable_plan(serving: ServingSpec) -> Plan | None:
+    """`serving`'s plan if it fits and the engine runs its layout, else None."""
+    try:
+        result = plan(serving)
+    except ValueError:  # a layout the model cannot take
+        return None
+    fits = result.feasible and result.gpus_per_replica <= get_accelerator(result.accelerator).max_devices_per_replica
+    return result if fits else None
+
+
+def engine_suggestions(serving: ServingSpec) -> list[str]:
+    """Changes that make `serving` fit within what the engine runs, each checked with the memory model:
+    a lower concurrency or context on the accelerator's largest runnable replica, a larger accelerator of
+    the same vendor, and the accelerator of another vendor that needs the fewest devices."""
+    acc = get_accelerator(serving.accelerator)
+    out: list[str] = []
+    largest = dataclasses.replace(serving, gpus=acc.max_devices_per_replica, tensor_parallel=None,
+                                  expert_parallel=None)
+    try:
+        seqs = plan(largest).max_num_seqs_at_max_model_len
+        length = longest_context(largest)
+    except ValueError:  # the model does not split over that many devices
+        seqs = length = 0
+    where = f"fits on {largest.gpus} x {acc.name}"
+    if 0 < seqs < serving.max_num_seqs:
+        out.append(f"lower spec.serving.maxConcurrentSequences to {seqs} ({where})")
+    if length:
+        out.append(f"lower spec.serving.maxModelLen to {length} ({where})")
+    auto = {"gpus": None, "tensor_parallel": None, "expert_parallel": None}
+    others = [(o, runnable_plan(dataclasses.replace(serving, accelerator=o.name, **auto)))
+              for o in sorted(ACCELERATORS.values(), key=lambda a: a.memory_bytes) if o.name != acc.name]
+    same = [(o, p) for o, p in others if p is not None and o.vendor == acc.vendor]
+    other = sorted(((o, p) for o, p in others if p is not None and o.vendor != acc.vendor),
+                   key=lambda item: item[1].gpus_per_replica)
+    for o, p in same[:1] + other[:1]:
+        out.append(f"use spec.accelerator.type {o.name} (fits on {p.gpus_per_replica} x {o.name})")
+    return out

@@ -88,6 +88,10 @@ class Parallelism(_Spec):
     mode: Literal["auto", "explicit"] = "auto"
     tensor_parallel: int | None = Field(None, ge=1)
     expert_parallel: int | None = Field(None, ge=1)
+    redundant_experts: int = Field(0, ge=0, description="extra expert slots per MoE layer for copies of hot "
+                                   "experts (26b-a4b; a multiple of the expert-parallel degree), in any mode")
+    expert_rebalance_interval: int = Field(0, ge=0, description="engine steps between load-aware expert "
+                                           "placements (0 = keep the balanced start)")
 
     @model_validator(mode="after")
     def _explicit(self) -> Parallelism:

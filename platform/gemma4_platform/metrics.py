@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gemma4.engine import EngineStats, FinishReason, RequestOutput
 from gemma4.engine.outputs import LATENCY_BUCKET_BOUNDS
+from gemma4.parallel.placement import ExpertPlacement, balanced_placement, group_loads, imbalance
 
 LATENCY_BUCKETS = LATENCY_BUCKET_BOUNDS  # the engine's own latency histograms use the same bounds
 TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192, 32768, 131072)
@@ -65,6 +66,27 @@ class ReplicaMetrics:
             "gemma4_moe_expert_imbalance_ratio", "Max over mean tokens per expert, per MoE layer.",
             names + ["layer"], registry=r,
         )
+        # Expert parallelism: load per EP rank (summed over layers) and per-layer rank imbalance, under each
+        # layer's current placement; a replica without EP is one rank holding every expert.
+        self.rank_tokens = Counter(
+            "gemma4_moe_rank_tokens", "Expert assignments served per EP rank, summed over MoE layers.",
+            names + ["rank"], registry=r,
+        )
+        self.rank_imbalance = Gauge(
+            "gemma4_moe_rank_imbalance_ratio",
+            "Max over mean expert assignments per EP rank under the current placement, per MoE layer (cumulative).",
+            names + ["layer"], registry=r,
+        )
+        self.redundant_experts = Gauge(
+            "gemma4_moe_redundant_experts", "Redundant expert slots per MoE layer (extra copies of hot experts).",
+            names, registry=r,
+        )
+        self.placement_changes = Counter(
+            "gemma4_moe_placement_changes", "MoE layer placements replaced since the replica started.",
+            names, registry=r,
+        )
+        self._expert_counts: dict[int, list[int]] = {}  # last seen cumulative counts, for per-rank increments
+        self._placements: dict[int, ExpertPlacement] = {}  # last seen placements, to count changes
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", names, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", names, registry=r)
         self.request_success = Counter(
@@ -105,7 +127,14 @@ class ReplicaMetrics:
         self.request_prompt_tokens.labels(**lab).observe(output.usage.prompt_tokens)
         self.request_generation_tokens.labels(**lab).observe(output.usage.completion_tokens)
 
-    def update_engine(self, stats: EngineStats, expert_load: dict[int, list[int]]) -> None:
+    def update_engine(
+        self,
+        stats: EngineStats,
+        expert_load: dict[int, list[int]],
+        placements: dict[int, ExpertPlacement] | None = None,
+    ) -> None:
+        """Refresh from the engine's stats and cumulative expert counts; `placements` (per MoE layer) are
+        where the experts live now, None when the replica has no expert parallelism."""
         lab = self._labels
         self.waiting.labels(**lab).set(stats.num_waiting)
         self.running.labels(**lab).set(stats.num_running)
@@ -119,6 +148,7 @@ class ReplicaMetrics:
             counter.labels(**lab).inc(max(0, new - old))
         self._engine_totals = totals
         self._update_experts(expert_load)
+        self._update_ranks(expert_load, placements)
 
     def _update_experts(self, expert_load: dict[int, list[int]]) -> None:
         lab = self._labels
@@ -132,6 +162,26 @@ class ReplicaMetrics:
         self.hot_expert_tokens.clear()  # the hottest pairs change: only the current top N are exported
         for count, layer, expert in heapq.nlargest(self.moe_top_experts, pairs):
             self.hot_expert_tokens.labels(**lab, layer=str(layer), expert=str(expert)).set(count)
+
+    def _update_ranks(self, expert_load: dict[int, list[int]], placements: dict[int, ExpertPlacement] | None) -> None:
+        """Each interval's new assignments go to the ranks of the placement in force at its end (placements
+        change rarely, so the counts stay close to what each rank served)."""
+        if not expert_load:
+            return
+        lab = self._labels
+        self.placement_changes.labels(**lab)  # exported as 0 until the first change
+        for layer, counts in expert_load.items():
+            placement = placements[layer] if placements is not None else balanced_placement(len(counts), 1)
+            last = self._expert_counts.get(layer, [0] * len(counts))
+            new = [max(0, n - o) for n, o in zip(counts, last)] if len(last) == len(counts) else counts
+            for rank, tokens in enumerate(group_loads(placement, new)):
+                self.rank_tokens.labels(**lab, rank=str(rank)).inc(tokens)
+            self.rank_imbalance.labels(**lab, layer=str(layer)).set(imbalance(group_loads(placement, counts)))
+            self.redundant_experts.labels(**lab).set(len(placement.physical()) - placement.num_experts)
+            if layer in self._placements and self._placements[layer] != placement:
+                self.placement_changes.labels(**lab).inc()
+            self._placements[layer] = placement
+            self._expert_counts[layer] = list(counts)
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

@@ -11,7 +11,9 @@ for a step; `stats()` reads the snapshot the step thread publishes after each st
 processor's finished-request counters. A consumer that stops iterating (client gone, deadline,
 cancellation) aborts its request: its blocks are freed at the next step boundary and its stream
 ends with an 'abort' output. If a step or the output processing fails, every live request's stream
-ends with that error instead of hanging. Once wrapped, the engine must be driven only through here.
+ends with that error instead of hanging; a failed worker (`EngineDeadError` from the core, naming
+its rank) ends them at once. Once wrapped, the engine must be driven only through here, and
+`shutdown` stops its workers too.
 """
 
 from __future__ import annotations
@@ -22,17 +24,13 @@ from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import AsyncIterator, Union
 
-from gemma4.engine.core import EngineCore, StopRequest, check_request_id
+from gemma4.engine.core import EngineCore, EngineDeadError, StopRequest, check_request_id
 from gemma4.engine.llm_engine import LLMEngine, Prompt
 from gemma4.engine.outputs import CoreStats, EngineStats, RequestOutput
 from gemma4.engine.request import Request
 from gemma4.engine.sampling_params import SamplingParams
 
 _JOIN_TIMEOUT_S = 30.0
-
-
-class EngineDeadError(RuntimeError):
-    """The engine's step loop failed or was shut down; the request cannot complete."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,8 @@ class AsyncEngine:
         return alive and self._error is None and not self._stopped
 
     def shutdown(self) -> None:
-        """Stop stepping (after the step in progress); requests still running end with EngineDeadError."""
+        """Stop stepping (after the step in progress) and the engine's workers; requests still running
+        end with EngineDeadError."""
         with self._wake:
             self._stopped = True
             self._wake.notify()
@@ -139,6 +138,7 @@ class AsyncEngine:
         self._outbox.put(_END)  # ends the output thread even if the step thread is still in a forward
         self._output_thread.join(timeout=_JOIN_TIMEOUT_S)
         self._fail_all(EngineDeadError("the engine was shut down"))
+        self.engine.shutdown()
 
     # ------------------------------------------------------------------ step thread
     def _run_core(self) -> None:

@@ -6,20 +6,36 @@ stop strings and chat parsing belong to `gemma4.engine.output_processor`, which 
 thread. The core ends requests on stop tokens (after `min_tokens`), `max_tokens`, `max_model_len`
 and abort; when the output processor finds a stop string, `stop_request` ends the request here and
 frees it (the output processor drops whatever the core sampled after the completing token).
+
+The model runs behind an `Executor` (`gemma4.engine.executor`): each step goes to the workers as a
+`WorkerStep` of what changed since the last (`gemma4.engine.worker_step`), and rank 0's sampled
+tokens come back. With expert parallelism and `expert_rebalance_interval`, an `ExpertRebalancer`
+re-places the experts between steps by the load measured since its last placement. A failed worker
+(`WorkerFailure`) leaves the core dead: that step and every later one raise `EngineDeadError`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Container
+from typing import Callable, Container, TypeVar
 
+from gemma4.engine.executor import Executor, WorkerFailure
 from gemma4.engine.kv_cache_manager import KVCacheManager
-from gemma4.engine.model_runner import ModelRunner
 from gemma4.engine.outputs import CacheGroupStats, CoreStats
 from gemma4.engine.request import FinishReason, Request, RequestStatus
-from gemma4.engine.sampler import Sampler, TokenLogprobs
+from gemma4.engine.sampler import TokenLogprobs
 from gemma4.engine.scheduler import Scheduler
+from gemma4.engine.worker_step import StepDeltas
+from gemma4.parallel import placement as expert_placement
+from gemma4.parallel.placement import ExpertPlacement
+
+
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop failed or was shut down; the request cannot complete."""
 
 
 @dataclass(frozen=True)
@@ -55,20 +71,63 @@ def check_request_id(request_id: str, in_use: Container[str]) -> None:
         raise ValueError(f"request_id {request_id!r} is already in use")
 
 
+class ExpertRebalancer:
+    """Load-aware expert placement: every `interval` steps, plan placements from the per-expert load
+    routed since the last plan (`gemma4.parallel.placement.plan_placements`, EPLB-style with
+    `redundant` extra slots) and apply those that changed. Runs between steps, so no request sees a
+    placement change inside a forward; outputs stay those of the old placement (up to summation order).
+    """
+
+    def __init__(self, executor: Executor, interval: int, expert_parallel: int, redundant: int) -> None:
+        self.executor = executor
+        self.interval = interval
+        self.expert_parallel = expert_parallel
+        self.redundant = redundant
+        self.placements: dict[int, ExpertPlacement] = executor.expert_placements()
+        self._mark = executor.expert_load()  # the cumulative load at the last plan
+        self._steps = 0
+        self.num_changes = 0  # MoE layers whose placement changed, summed over rebalances
+
+    def after_step(self) -> None:
+        self._steps += 1
+        if self._steps % self.interval == 0:
+            self.rebalance()
+
+    def rebalance(self) -> None:
+        load = self.executor.expert_load()
+        recent = {layer: [now - then for now, then in zip(counts, self._mark[layer])] for layer, counts in load.items()}
+        self._mark = load
+        if not any(any(counts) for counts in recent.values()):
+            return  # nothing routed since the last plan: nothing to learn from
+        planned = expert_placement.plan_placements(recent, self.expert_parallel, self.redundant, self.placements)
+        changed = {layer: p for layer, p in planned.items() if p != self.placements[layer]}
+        if changed:
+            self.executor.apply_expert_placements(changed)
+            self.placements.update(changed)
+            self.num_changes += len(changed)
+
+
 class EngineCore:
     """Owns the requests being scheduled; every method runs on one thread (the step thread)."""
 
     def __init__(
-        self, kv: KVCacheManager, scheduler: Scheduler, runner: ModelRunner, sampler: Sampler, max_model_len: int
+        self,
+        kv: KVCacheManager,
+        scheduler: Scheduler,
+        executor: Executor,
+        max_model_len: int,
+        rebalancer: ExpertRebalancer | None = None,
     ) -> None:
         self.kv = kv
         self.scheduler = scheduler
-        self.runner = runner
-        self.sampler = sampler
+        self.executor = executor
         self.max_model_len = max_model_len
+        self.rebalancer = rebalancer
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._deltas = StepDeltas()
+        self._failure: WorkerFailure | None = None
 
     def add_request(self, request: Request) -> None:
         """Queue a validated request (its id must not be in use here)."""
@@ -96,14 +155,20 @@ class EngineCore:
 
     def step(self) -> list[CoreOutput]:
         """One scheduled forward pass; a record for every request that sampled a token."""
+        if self._failure is not None:
+            raise self._dead()
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        logits, sampling = self.runner.execute(batch, self.kv)
+        step = self._deltas.build(batch, [self.kv.block_tables(r.request_id) for r in batch.requests])
+        results = self._on_workers(lambda: self.executor.execute(step))
+        sampling = []
         for request, n in zip(batch.requests, batch.num_tokens):
             request.num_computed_tokens += n
             self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
-        results = self.sampler.sample(logits, sampling)
+            if request.num_computed_tokens == request.num_tokens:  # a finished prefill or a decode: it sampled
+                sampling.append(request)
+        assert len(results) == len(sampling), f"{len(results)} sampled tokens for {len(sampling)} requests"
         now = time.monotonic()
         records = []
         for request, result in zip(sampling, results):
@@ -112,7 +177,20 @@ class EngineCore:
             self._check_stop(request, result.token_id)
             logprobs = None if result.logprobs is None else [result.logprobs]
             records.append(self._record(request, [result.token_id], logprobs, now))
+        if self.rebalancer is not None:
+            self._on_workers(self.rebalancer.after_step)
         return records
+
+    def _on_workers(self, call: Callable[[], T]) -> T:
+        """Run an executor call; a worker failure leaves the core dead (this and every later step raise)."""
+        try:
+            return call()
+        except WorkerFailure as exc:
+            self._failure = exc
+            raise self._dead() from exc
+
+    def _dead(self) -> EngineDeadError:
+        return EngineDeadError(f"the engine's workers failed: {self._failure}")
 
     def _check_stop(self, request: Request, token: int) -> None:
         """A stop token ends a request only after its first `min_tokens` output tokens (the sampler
@@ -128,7 +206,7 @@ class EngineCore:
         request.finish_reason = reason
         request.stop_reason = stop_reason
         self.scheduler.remove(request.request_id)
-        self.sampler.remove(request.request_id)
+        self._deltas.finish(request.request_id)
         del self.requests[request.request_id]
 
     @staticmethod
@@ -157,4 +235,5 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            expert_placement_changes=self.rebalancer.num_changes if self.rebalancer is not None else 0,
         )

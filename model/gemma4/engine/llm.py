@@ -9,9 +9,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from gemma4.config import Gemma4Config
+from gemma4.engine.executor import Executor, MultiprocExecutor
 from gemma4.engine.llm_engine import EngineArgs, LLMEngine, Prompt
 from gemma4.engine.outputs import RequestOutput
 from gemma4.engine.sampling_params import SamplingParams
+from gemma4.engine.worker import WorkerConfig
 from gemma4.loader import load_model
 from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.tokenizer import Gemma4Tokenizer, load_tokenizer
@@ -38,7 +40,9 @@ def random_weights_model(
 class LLM:
     """Load a checkpoint directory (or build random weights for a config) and generate in batches.
 
-    Keyword arguments are `EngineArgs` fields (block_size, max_num_seqs, num_kv_blocks, ...).
+    Keyword arguments are `EngineArgs` fields (block_size, max_num_seqs, num_kv_blocks, ...). With
+    `tensor_parallel_size > 1` each rank loads its shard of the checkpoint in its own process (a
+    `MultiprocExecutor`; on GPUs rank r uses device r from `device` on); `shutdown()` stops them.
     """
 
     def __init__(
@@ -55,13 +59,24 @@ class LLM:
         if unknown:
             raise ValueError(f"unknown engine argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         args = EngineArgs(**engine_args)
+        target: Gemma4ForCausalLM | Executor
         if isinstance(model, Gemma4Config):
-            net = random_weights_model(model, dtype=dtype, device=device, seed=args.seed)
+            if args.tensor_parallel_size > 1:
+                raise ValueError("tensor_parallel_size > 1 needs a checkpoint path: each rank loads its shard of it")
+            target = random_weights_model(model, dtype=dtype, device=device, seed=args.seed)
         else:
-            net = load_model(model, dtype=dtype, device=device)
+            if args.tensor_parallel_size > 1:
+                target = MultiprocExecutor(WorkerConfig.of(model, dtype, device, args))
+            else:
+                target = load_model(model, dtype=dtype, device=device)
             if tokenizer is None and (Path(model) / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(model)
-        self.engine = LLMEngine(net, tokenizer, args)
+        try:
+            self.engine = LLMEngine(target, tokenizer, args)
+        except BaseException:
+            if isinstance(target, Executor):
+                target.shutdown()
+            raise
 
     @property
     def tokenizer(self) -> Gemma4Tokenizer | None:
@@ -87,6 +102,10 @@ class LLM:
                 if output.finished:
                     final[output.request_id] = output
         return [final[i] for i in ids]
+
+    def shutdown(self) -> None:
+        """Stop the engine's workers (those of a multi-rank engine are processes)."""
+        self.engine.shutdown()
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

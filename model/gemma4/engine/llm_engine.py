@@ -13,27 +13,25 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
-import torch
-
-from gemma4.backends import KERNEL_CHOICES, KernelChoice
-from gemma4.engine.core import EngineCore
+from gemma4.config import Gemma4Config
+from gemma4.engine.args import CPU_KV_CACHE_BYTES, EngineArgs, resolve_kv_cache_bytes  # noqa: F401 - re-exported
+from gemma4.engine.core import EngineCore, ExpertRebalancer
+from gemma4.engine.executor import Executor, UniprocExecutor
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.model_runner import ModelRunner
 from gemma4.engine.output_processor import OutputProcessor
 from gemma4.engine.outputs import EngineStats, RequestOutput
 from gemma4.engine.request import Request
-from gemma4.engine.sampler import Sampler
 from gemma4.engine.sampling_params import SamplingParams
 from gemma4.engine.scheduler import Scheduler, SchedulerConfig
-from gemma4.kv_layout import cache_groups, split_kv_budget
-from gemma4.memory import kv_cache_budget_bytes
+from gemma4.engine.worker import Worker
+from gemma4.kv_layout import cache_groups
 from gemma4.modeling import Gemma4ForCausalLM
+from gemma4.parallel.placement import ExpertPlacement
 from gemma4.tokenizer import Gemma4Tokenizer
 
 
 MAX_CACHE_SALT_CHARS = 256
-CPU_KV_CACHE_BYTES = 1 << 30  # the KV budget on the CPU, where device memory is the host's
-_WEIGHT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -48,108 +46,28 @@ class ChatPrompt:
 Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]], ChatPrompt]
 
 
-@dataclass(frozen=True)
-class EngineArgs:
-    """Engine limits and cache sizing.
-
-    The KV pools are sized from `kv_cache_memory_bytes` (split across cache groups by
-    `gemma4.kv_layout.split_kv_budget`) unless `num_kv_blocks` fixes the block count of every group.
-    `kv_cache_memory_bytes=None` sizes the budget from the device: on a GPU, what
-    `gemma4.memory.kv_cache_budget_bytes` leaves of `gpu_memory_utilization` of its memory (the
-    same arithmetic the planner sizes pods with); on the CPU, `CPU_KV_CACHE_BYTES`.
-
-    `cuda_graphs` captures decode steps per batch-size bucket on CUDA (ignored elsewhere);
-    `torch_compile` compiles the decode forward (`fullgraph=True`, one static graph per bucket). It is
-    off by default: CUDA graphs already remove the launch overhead compiling would save, compiling
-    costs start-up time per bucket, and its gain on a GPU has not been measured yet.
-
-    `kernels` picks the hot-path ops (`gemma4.backends.select_ops`): `auto` runs the Triton kernels on
-    CUDA and ROCm and the torch reference ops on the CPU and XLA; `triton` on a CPU needs
-    `TRITON_INTERPRET=1` (the tests' way of running the kernels); `torch` forces the reference ops.
-    """
-
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    num_kv_blocks: int | None = None
-    kv_cache_memory_bytes: int | None = None
-    gpu_memory_utilization: float = 0.90
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    cuda_graphs: bool = True
-    torch_compile: bool = False
-    kernels: KernelChoice = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be a boolean, got {self.cuda_graphs!r}")
-        if not isinstance(self.torch_compile, bool):
-            raise ValueError(f"torch_compile must be a boolean, got {self.torch_compile!r}")
-        if self.kernels not in KERNEL_CHOICES:
-            raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-
-
-def resolve_kv_cache_bytes(model: Gemma4ForCausalLM, args: EngineArgs) -> int:
-    """The KV budget: the explicit `args.kv_cache_memory_bytes`, else sized from the model's device."""
-    if args.kv_cache_memory_bytes is not None:
-        return args.kv_cache_memory_bytes
-    param = next(model.parameters())
-    if param.device.type != "cuda":
-        return CPU_KV_CACHE_BYTES
-    if param.dtype not in _WEIGHT_DTYPES:
-        raise ValueError(f"cannot size a KV cache for {param.dtype} weights; pass kv_cache_memory_bytes")
-    budget = kv_cache_budget_bytes(
-        model.config,
-        weight_dtype=_WEIGHT_DTYPES[param.dtype],
-        device_memory_bytes=torch.cuda.get_device_properties(param.device).total_memory,
-        usable_fraction=args.gpu_memory_utilization,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        ple_on_device=True,  # this model keeps the PLE table in its embedding on the device
-        cuda_graphs=args.cuda_graphs,
-    )
-    if budget == 0:
-        raise ValueError(
-            f"the weights and step buffers leave no GPU memory for a KV cache at gpu_memory_utilization="
-            f"{args.gpu_memory_utilization} (max_num_seqs={args.max_num_seqs}, max_num_batched_tokens="
-            f"{args.max_num_batched_tokens}): use a larger GPU or a smaller model"
-        )
-    return budget
-
-
 class LLMEngine:
-    def __init__(self, model: Gemma4ForCausalLM, tokenizer: Gemma4Tokenizer | None, args: EngineArgs) -> None:
-        self.model = model
+    """`LLMEngine(model, tokenizer, args)` runs an in-process model (a `UniprocExecutor`);
+    `LLMEngine(executor, tokenizer, args)` runs the workers an executor holds (one per rank)."""
+
+    def __init__(
+        self, model: Gemma4ForCausalLM | Executor, tokenizer: Gemma4Tokenizer | None, args: EngineArgs
+    ) -> None:
+        self.executor = model if isinstance(model, Executor) else UniprocExecutor(Worker.wrap(model, args))
+        if self.executor.world_size != args.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size={args.tensor_parallel_size} but the executor runs {self.executor.world_size} ranks"
+            )
+        self.config: Gemma4Config = self.executor.config
         self.tokenizer = tokenizer
         self.args = args
-        text = model.text_config
+        text = self.config.text
+        args.check_model(text)
         self.vocab_size = text.vocab_size
-        self.max_model_len = min(args.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
-        self.eos_token_ids = tuple(tokenizer.eos_token_ids if tokenizer is not None else model.config.eos_token_ids)
+        self.max_model_len = args.model_len(text)
+        self.eos_token_ids = tuple(tokenizer.eos_token_ids if tokenizer is not None else self.config.eos_token_ids)
         groups = cache_groups(text)
-        if args.num_kv_blocks is not None:
-            num_blocks = {g.name: args.num_kv_blocks for g in groups}
-        else:
-            num_blocks = split_kv_budget(
-                groups,
-                resolve_kv_cache_bytes(model, args),
-                block_size=args.block_size,
-                kv_dtype_bytes=next(model.parameters()).element_size(),
-                max_num_seqs=args.max_num_seqs,
-                max_model_len=self.max_model_len,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-            )
+        num_blocks = self.executor.num_kv_blocks()
         for group in groups:
             if group.sliding_window is not None:  # one sequence's window plus a full prefill chunk
                 need = group.peak_blocks_per_sequence(args.block_size, self.max_model_len, args.max_num_batched_tokens)
@@ -163,23 +81,45 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len), self.kv
         )
-        self.runner = ModelRunner(
-            model,
-            groups,
-            num_blocks,
-            args.block_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            cuda_graphs=args.cuda_graphs,
-            torch_compile=args.torch_compile,
-            kernels=args.kernels,
-        )
-        self.sampler = Sampler(self.vocab_size, self.runner.device, args.seed, draw=self.runner.ops.sample_draw)
-        self.core = EngineCore(self.kv, self.scheduler, self.runner, self.sampler, self.max_model_len)
+        self.executor.init_cache(num_blocks)
+        rebalancer = None
+        if args.expert_rebalance_interval and text.enable_moe_block:
+            rebalancer = ExpertRebalancer(
+                self.executor, args.expert_rebalance_interval, args.expert_parallel_size, args.redundant_experts
+            )
+        self.core = EngineCore(self.kv, self.scheduler, self.executor, self.max_model_len, rebalancer)
         self.output_processor = OutputProcessor(tokenizer)
         self._arrivals = itertools.count()
         self._ids = itertools.count()
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The in-process worker's runner (single-device engines; tests and benchmarks look inside it)."""
+        runner = self._local_worker().runner
+        assert runner is not None
+        return runner
+
+    @property
+    def model(self) -> Gemma4ForCausalLM:
+        """The in-process model (single-device engines)."""
+        return self._local_worker().model
+
+    def _local_worker(self) -> Worker:
+        if not isinstance(self.executor, UniprocExecutor):
+            raise AttributeError(f"the model runs in {self.executor.world_size} worker processes, not here")
+        return self.executor.worker
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert so far, per MoE layer (empty for dense models); for metrics."""
+        return self.executor.expert_load()
+
+    def expert_placements(self) -> dict[int, ExpertPlacement]:
+        """Where each MoE layer's experts live now (empty for dense models)."""
+        return self.executor.expert_placements()
+
+    def shutdown(self) -> None:
+        """Stop the workers; the engine takes no more steps."""
+        self.executor.shutdown()
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: Prompt) -> tuple[list[int], bool]:

@@ -16,17 +16,24 @@ torch reference ops on the CPU/XLA, or as `kernels` says) and hands them to the 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from gemma4.backends import KernelChoice, backend_of, select_ops
 from gemma4.config import FULL
-from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.paged_attention import PagedAttention, PagedKVCache, SequenceSlice, check_block_tables, debug_checks_enabled
 from gemma4.engine.request import Request
 from gemma4.engine.scheduler import ScheduledBatch
 from gemma4.engine.step_inputs import StagedStep, StepBuffers, StepShape, StepTensors, bucket
 from gemma4.kv_layout import CacheGroup
 from gemma4.modeling import Gemma4ForCausalLM
+
+
+class BlockTables(Protocol):
+    """Where a step's block tables come from: the KV manager, or a worker's mirror of its tables."""
+
+    def block_tables(self, seq_id: str) -> list[list[int]]: ...
 
 
 def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -108,14 +115,14 @@ class ModelRunner:
         longest = max(r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens))
         return bucket(-(-longest // self.block_size), self.max_cols)
 
-    def stage(self, batch: ScheduledBatch, kv: KVCacheManager) -> StagedStep:
+    def stage(self, batch: ScheduledBatch, kv: BlockTables) -> StagedStep:
         tables = [kv.block_tables(r.request_id) for r in batch.requests]
         if debug_checks_enabled():
             check_block_tables(self.cache, _slices(batch, tables))
         return self.buffers.stage(self.step_shape(batch), batch.requests, batch.num_tokens, tables)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, kv: KVCacheManager) -> tuple[torch.Tensor, list[Request]]:
+    def execute(self, batch: ScheduledBatch, kv: BlockTables) -> tuple[torch.Tensor, list[Request]]:
         """Run the step; returns fp32 logits `[n, vocab]` for the requests that sample, in order (n >= the
         number of sampling requests: padded rows follow and are to be ignored)."""
         staged = self.stage(batch, kv)

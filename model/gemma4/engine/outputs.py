@@ -129,6 +129,7 @@ class CoreStats:
 
     `generation_tokens_total` counts every token the model sampled, also one an asynchronously
     found stop string then cut (usage counts only the tokens a request kept).
+    `expert_placement_changes` counts the MoE layers the load-aware placement moved experts of.
     """
 
     num_waiting: int
@@ -139,6 +140,7 @@ class CoreStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    expert_placement_changes: int
 
 
 @dataclass(frozen=True)

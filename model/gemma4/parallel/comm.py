@@ -34,10 +34,9 @@ class Collectives:
         if self.world_size == 1:
             return x
         x = x.contiguous()
-        out = x.new_empty((self.world_size, *x.shape))
-        dist.all_gather_into_tensor(out, x, group=self.group)
-        dim = dim % x.dim()
-        return torch.cat(out.unbind(0), dim=dim)
+        out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))  # the ranks' x stacked along dim 0
+        _all_gather_single(out, x, group=self.group)
+        return torch.cat(out.chunk(self.world_size), dim=dim % x.dim())
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -45,6 +44,8 @@ class Collectives:
 
 
 SINGLE = Collectives()
+# torch 2.13 names it all_gather_single (and deprecates all_gather_into_tensor); torch 2.9 has only the latter.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def init_collectives(backend: str, init_method: str, world_size: int, rank: int) -> Collectives:

@@ -1,0 +1,142 @@
+"""The engine's settings (`EngineArgs`) and what follows from them alone: the context limit and each
+rank's KV budget. Shared by the engine core's process and every worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gemma4.backends import KERNEL_CHOICES, KernelChoice, backend_of
+from gemma4.config import Gemma4TextConfig
+from gemma4.memory import check_layout, kv_cache_budget_bytes
+from gemma4.modeling import Gemma4ForCausalLM
+from gemma4.parallel.layout import ParallelLayout
+
+CPU_KV_CACHE_BYTES = 1 << 30  # the KV budget on the CPU, where device memory is the host's
+_WEIGHT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Engine limits, cache sizing and the replica's parallel layout.
+
+    The KV pools are sized from `kv_cache_memory_bytes` (split across cache groups by
+    `gemma4.kv_layout.split_kv_budget`) unless `num_kv_blocks` fixes the block count of every group.
+    `kv_cache_memory_bytes=None` sizes the budget from the device: on a GPU, what
+    `gemma4.memory.kv_cache_budget_bytes` leaves of `gpu_memory_utilization` of its memory (the
+    same arithmetic the planner sizes pods with); on the CPU, `CPU_KV_CACHE_BYTES`. With several
+    ranks every one of them holds that budget of its share of the KV heads.
+
+    `cuda_graphs` captures decode steps per batch-size bucket on CUDA (ignored elsewhere);
+    `torch_compile` compiles the decode forward (`fullgraph=True`, one static graph per bucket). It is
+    off by default: CUDA graphs already remove the launch overhead compiling would save, compiling
+    costs start-up time per bucket, and its gain on a GPU has not been measured yet.
+
+    `kernels` picks the hot-path ops (`gemma4.backends.select_ops`): `auto` runs the Triton kernels on
+    CUDA and ROCm and the torch reference ops on the CPU and XLA; `triton` on a CPU needs
+    `TRITON_INTERPRET=1` (the tests' way of running the kernels); `torch` forces the reference ops.
+
+    `tensor_parallel_size` ranks (devices) run one replica, `expert_parallel_size` groups of them
+    hold the MoE experts (`gemma4.parallel.layout`); `redundant_experts` extra expert slots per MoE
+    layer hold copies of hot experts, and every `expert_rebalance_interval` steps (0: never) the
+    engine re-places the experts by the load measured since the last placement.
+    """
+
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.90
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    cuda_graphs: bool = True
+    torch_compile: bool = False
+    kernels: KernelChoice = "auto"
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    redundant_experts: int = 0
+    expert_rebalance_interval: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "expert_parallel_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("redundant_experts", "expert_rebalance_interval"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a boolean, got {self.cuda_graphs!r}")
+        if not isinstance(self.torch_compile, bool):
+            raise ValueError(f"torch_compile must be a boolean, got {self.torch_compile!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
+        if tp % ep:
+            raise ValueError(f"expert_parallel_size ({ep}) must divide tensor_parallel_size ({tp})")
+        if ep == 1 and (self.redundant_experts or self.expert_rebalance_interval):
+            raise ValueError("redundant_experts and expert_rebalance_interval need expert_parallel_size > 1")
+        if self.redundant_experts % ep:
+            raise ValueError(
+                f"redundant_experts must be a multiple of expert_parallel_size ({ep}), got {self.redundant_experts}"
+            )
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """Rank 0's layout; a worker takes `layout.with_rank(rank)`."""
+        return ParallelLayout(self.tensor_parallel_size, self.expert_parallel_size, 0, self.redundant_experts)
+
+    def check_model(self, text: Gemma4TextConfig) -> None:
+        """Raise ValueError if this layout cannot split the decoder `text`."""
+        check_layout(text, self.tensor_parallel_size, self.expert_parallel_size)
+        if self.redundant_experts and not text.enable_moe_block:
+            raise ValueError("redundant_experts applies to the MoE variant (26b-a4b) only")
+
+    def model_len(self, text: Gemma4TextConfig) -> int:
+        """The context limit: `max_model_len`, at most the model's positions."""
+        return min(self.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resolve_kv_cache_bytes(model: Gemma4ForCausalLM, args: EngineArgs) -> int:
+    """One rank's KV budget: the explicit `args.kv_cache_memory_bytes`, else sized from its device."""
+    if args.kv_cache_memory_bytes is not None:
+        return args.kv_cache_memory_bytes
+    param = next(model.parameters())
+    memory = backend_of(param.device).device_memory_bytes(param.device)
+    if memory is None:
+        return CPU_KV_CACHE_BYTES
+    if param.dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"cannot size a KV cache for {param.dtype} weights; pass kv_cache_memory_bytes")
+    budget = kv_cache_budget_bytes(
+        model.config,
+        weight_dtype=_WEIGHT_DTYPES[param.dtype],
+        device_memory_bytes=memory,
+        usable_fraction=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        tensor_parallel=args.tensor_parallel_size,
+        expert_parallel=args.expert_parallel_size,
+        ple_on_device=True,  # this model keeps the PLE table in its embedding on the device
+        cuda_graphs=args.cuda_graphs,
+    )
+    if budget == 0:
+        raise ValueError(
+            f"the weights and step buffers leave no GPU memory for a KV cache at gpu_memory_utilization="
+            f"{args.gpu_memory_utilization} (max_num_seqs={args.max_num_seqs}, max_num_batched_tokens="
+            f"{args.max_num_batched_tokens}): use a larger GPU or a smaller model"
+        )
+    return budget
