@@ -230,10 +230,10 @@ class PlatformSettings(_Strict):
             text = self.model_text_config()
             if text is None:
                 return
-        from gemma4.memory import check_layout
+        from gemma4.engine.args import EngineArgs
 
         try:
-            check_layout(text, tp, ep)
+            EngineArgs(**engine.model_dump()).check_model(text)
         except ValueError as exc:
             raise ValueError(f"engine.tensor_parallel_size={tp}, engine.expert_parallel_size={ep}: {exc}") from None
 
