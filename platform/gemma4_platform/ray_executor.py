@@ -129,7 +129,7 @@ class RayExecutor(Executor):
         for rank, ping in enumerate(pings):
             try:
                 await asyncio.wait_for(ping, timeout_s)
-            except (RayActorError, asyncio.TimeoutError) as exc:
+            except (RayActorError, TimeoutError) as exc:
                 raise WorkerFailure(f"rank {rank} of {self.world_size} does not answer: {exc!r}") from exc
 
     def shutdown(self) -> None:
