@@ -112,3 +112,19 @@ def test_a_dead_rank_ends_streams_with_unavailable_then_a_new_replica_serves(pla
         return not set(rank_actors()) & set(dead) and len(rank_actors()) == RANKS
 
     wait_until(recovered, 120, interval=1, what="a new replica with fresh rank actors to serve requests")
+
+
+def test_a_rank_dying_while_idle_fails_the_health_check_and_the_replica_is_replaced(platform) -> None:
+    """No step notices an idle replica's dead rank: the health check pings every rank."""
+    stub = platform["stub"]
+    dead = rank_actors()
+    name, namespace = min(dead.values())
+    ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+
+    def replaced() -> bool:
+        live = rank_actors()
+        return len(live) == RANKS and not set(live) & set(dead)
+
+    wait_until(replaced, 120, interval=1, what="the health check to replace the replica whose rank died")
+    reply = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPT), sampling=greedy(3)), timeout=120)
+    assert len(reply.token_ids) == 3
