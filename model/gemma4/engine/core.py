@@ -27,8 +27,7 @@ from gemma4.engine.request import FinishReason, Request, RequestStatus
 from gemma4.engine.sampler import TokenLogprobs
 from gemma4.engine.scheduler import Scheduler
 from gemma4.engine.worker_step import StepDeltas
-from gemma4.parallel import placement as expert_placement
-from gemma4.parallel.placement import ExpertPlacement
+from gemma4.parallel.placement import ExpertPlacement, plan_placements
 
 
 T = TypeVar("T")
@@ -99,7 +98,7 @@ class ExpertRebalancer:
         self._mark = load
         if not any(any(counts) for counts in recent.values()):
             return  # nothing routed since the last plan: nothing to learn from
-        planned = expert_placement.plan_placements(recent, self.expert_parallel, self.redundant, self.placements)
+        planned = plan_placements(recent, self.expert_parallel, self.redundant, self.placements)
         changed = {layer: p for layer, p in planned.items() if p != self.placements[layer]}
         if changed:
             self.executor.apply_expert_placements(changed)

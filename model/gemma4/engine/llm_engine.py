@@ -4,7 +4,8 @@
 (`gemma4.engine.core`: schedule, forward, sample, token stops, free blocks) and the output processor
 (`gemma4.engine.output_processor`: detokenize, stop strings, chat parsing, delta outputs).
 `LLMEngine.step()` runs both inline; the `AsyncEngine` runs them on two threads. The offline `LLM`
-drives it directly; it knows nothing of servers.
+drives it directly; it knows nothing of servers. The model itself runs behind an executor: in this
+process for a single-device model, or one worker per rank of a multi-device replica.
 """
 
 from __future__ import annotations

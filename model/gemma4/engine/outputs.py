@@ -140,7 +140,7 @@ class CoreStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
-    expert_placement_changes: int
+    expert_placement_changes: int = 0
 
 
 @dataclass(frozen=True)
