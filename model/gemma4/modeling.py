@@ -36,7 +36,7 @@ from gemma4.ops.rope import rope_at
 from gemma4.parallel.comm import SINGLE, Collectives
 from gemma4.parallel.layout import ParallelLayout
 from gemma4.parallel.placement import ExpertPlacement, balanced_placement
-from gemma4.parallel.sharding import EXPERT_TENSORS, expert_shard
+from gemma4.parallel.sharding import EXPERT_TENSORS, Shard, expert_shard
 
 # The dtypes a model's weights may take; the embedding scale is rounded to each once, at construction.
 WEIGHT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -247,13 +247,14 @@ class Experts(nn.Module):
     share of the expert's width. A token's assignment to logical expert e goes to copy
     `copies[e][row % len(copies[e])]` (device tables `copy_counts [E]`, `copy_slots [E, R + 1]`);
     assignments whose copy lives in another group run on the slot of the same index here with
-    weight 0, so shapes stay fixed and their contribution is exactly zero.
+    weight 0, so shapes stay fixed and (expert outputs being finite) they add exactly zero.
     """
 
     def __init__(self, config: Gemma4TextConfig, layout: ParallelLayout, placement: ExpertPlacement) -> None:
         super().__init__()
         assert config.num_experts is not None and config.moe_intermediate_size is not None
         e, h = config.num_experts, config.hidden_size
+        self.num_experts = e
         self.layout = layout
         slots = layout.expert_slots(e)
         _, width = layout.expert_width(config.moe_intermediate_size)
@@ -269,7 +270,7 @@ class Experts(nn.Module):
 
     def check(self, placement: ExpertPlacement) -> None:
         """Raise ValueError unless `placement` fits this layer's experts and the layout."""
-        e, ep, slots = self.copy_counts.shape[0], self.layout.expert_parallel, self.gate_up_proj.shape[0]
+        e, ep, slots = self.num_experts, self.layout.expert_parallel, self.gate_up_proj.shape[0]
         if placement.num_experts != e or placement.expert_parallel != ep or placement.slots_per_group != slots:
             raise ValueError(
                 f"a placement of {placement.num_experts} experts over {placement.expert_parallel} groups of "
@@ -402,11 +403,16 @@ class ScaledEmbedding(nn.Embedding):
     """
 
     def __init__(
-        self, num_embeddings: int, dim: int, scale: float, layout: ParallelLayout = ParallelLayout(),
+        self,
+        num_embeddings: int,
+        dim: int,
+        scale: float,
+        layout: ParallelLayout = ParallelLayout(),
         comm: Collectives = SINGLE,
     ) -> None:
-        self.vocab_start, rows = layout.split(num_embeddings)
+        start, rows = layout.split(num_embeddings)
         super().__init__(rows, dim)
+        self.vocab_start = start
         self.comm = comm
         self.scale = scale
         # Rounded once here: forward creates no host tensor (no CPU op or Python float from a tensor per step).
@@ -559,8 +565,6 @@ class Gemma4ForCausalLM(nn.Module):
             elif isinstance(module, DecoderLayer) and module.has_moe:
                 module.expert_tokens = torch.zeros_like(module.expert_tokens)
             elif isinstance(module, Experts):
-                module.copy_counts = torch.empty_like(module.copy_counts)
-                module.copy_slots = torch.empty_like(module.copy_slots)
                 module.write_tables()
         self.placeholder_ids = torch.tensor(
             self.config.multimodal_placeholder_ids, dtype=torch.long, device=self.placeholder_ids.device
@@ -586,23 +590,20 @@ class Gemma4ForCausalLM(nn.Module):
             layers[i].experts.check(placement)
         entries = index_checkpoint(checkpoint)
         group = self.layout.expert_group
-        targets: dict[str, tuple[torch.Tensor, list[int]]] = {}
-        shards = {}
+        targets: dict[str, tuple[torch.Tensor, list[int]]] = {}  # checkpoint name -> (parameter, its slots to fill)
+        shards: dict[str, Shard] = {}
         for i, placement in placements.items():
             experts = layers[i].experts
             old, new = experts.placement.slots[group], placement.slots[group]
             changed = [s for s in range(len(new)) if old[s] != new[s]]
-            if not changed:
-                continue
-            for suffix in EXPERT_TENSORS:
+            for suffix in EXPERT_TENSORS if changed else ():
                 name = checkpoint_name(self.config, f"model.layers.{i}.{suffix}")
-                param = getattr(experts, suffix.removeprefix("experts."))
                 shape = self._expert_shape(suffix)
                 entry = entries.get(name)
                 if entry is None or entry.shape != shape:
-                    found = "missing" if entry is None else f"has shape {list(entry.shape)}"
-                    raise CheckpointError(f"tensor {name!r} {found}, expected shape {list(shape)}")
-                targets[name] = (param, changed)
+                    found = "is missing" if entry is None else f"has shape {list(entry.shape)}"
+                    raise CheckpointError(f"tensor {name!r} {found}; expected shape {list(shape)}")
+                targets[name] = (getattr(experts, suffix.removeprefix("experts.")), changed)
                 shards[name] = expert_shard(suffix, shape, [new[s] for s in changed], self.layout)
         with torch.no_grad():
             for entry, tensor in read_tensors([entries[name] for name in targets], shards):
