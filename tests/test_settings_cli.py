@@ -37,11 +37,56 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         (["model.dtype=int4"], "model.dtype: Input should be 'bfloat16', 'float16' or 'float32'"),
         (["server.tls_cert_file=/nope.pem"], "tls_cert_file and tls_key_file must be given together"),
         (["oops"], "--set expects section.field=value"),
+        (["engine.tensor_parallel_size=0"], "engine.tensor_parallel_size: Input should be greater than or equal to 1"),
+        (["engine.tensor_parallel_size=3"], "tensor_parallel_size=3.*does not divide the attention heads \\(4\\)"),
+        (["engine.expert_parallel_size=2"], "expert_parallel_size \\(2\\) must divide tensor_parallel_size \\(1\\)"),
+        (
+            ["engine.tensor_parallel_size=2", "engine.expert_parallel_size=2"],
+            "expert_parallel applies to the MoE variant",
+        ),
+        (
+            ["model.tiny_variant=26b-a4b", "engine.tensor_parallel_size=2", "engine.expert_parallel_size=2",
+             "engine.redundant_experts=1"],
+            "redundant_experts \\(1\\) must be a multiple of expert_parallel_size \\(2\\)",
+        ),
+        (["engine.expert_rebalance_interval=10"], "need expert_parallel_size > 1"),
+        (
+            ["engine.tensor_parallel_size=2", "engine.expert_parallel_size=2", "engine.redundant_experts=2"],
+            "expert_parallel applies to the MoE variant",
+        ),
+        (["engine.expert_rebalance_interval=-1"], "engine.expert_rebalance_interval: Input should be greater"),
+        (
+            ["engine.tensor_parallel_size=2", "replica.num_gpus=1"],
+            "replica.num_gpus \\(1\\) must equal engine.tensor_parallel_size \\(2\\)",
+        ),
+        (["engine.tensor_parallel_size=2", "model.device=xla"], "'xla' \\(xla\\) has no collectives"),
     ],
 )
 def test_invalid_settings_exit_with_the_field(overrides: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         load_settings(None, overrides, None)
+
+
+def test_parallel_settings_fit_the_model_they_serve(tmp_path: Path) -> None:
+    """MoE layouts the tiny 26B-A4B splits are accepted; a checkpoint's own config is what is checked;
+    a checkpoint that is not readable here (a path on the cluster) is left to the replica to check."""
+    settings = load_settings(
+        None,
+        ["model.tiny_variant=26b-a4b", "engine.tensor_parallel_size=4", "engine.expert_parallel_size=2",
+         "engine.redundant_experts=2", "engine.expert_rebalance_interval=100"],
+        None,
+    )
+    engine = settings.engine
+    assert (engine.tensor_parallel_size, engine.expert_parallel_size, engine.redundant_experts) == (4, 2, 2)
+    assert engine.expert_rebalance_interval == 100
+    from gemma4.tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, variant="e2b", seed=0)
+    with pytest.raises(SystemExit, match="expert_parallel applies to the MoE variant"):
+        load_settings(None, ["engine.tensor_parallel_size=2", "engine.expert_parallel_size=2"], str(tmp_path))
+    remote = load_settings(None, ["engine.tensor_parallel_size=3"], "/models/elsewhere")
+    with pytest.raises(ValueError, match="tensor_parallel_size=3"):
+        remote.check_model(PlatformSettings().model_text_config())
 
 
 def test_api_keys_from_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,6 +115,25 @@ def test_config_command_writes_a_serve_config_that_round_trips() -> None:
     assert config["grpc_options"]["enable_reflection"] is False
     assert serve_config(PlatformSettings())["http_options"]["port"] == 8000
     json.dumps(config)  # a RayService's serveConfigV2 is plain data
+
+
+def test_config_command_carries_the_parallel_settings() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gemma4_platform.cli", "config", "--set", "engine.tensor_parallel_size=2",
+         "--set", "replica.num_gpus=2"],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+        env={"PYTHONPATH": f"{REPO / 'platform'}:{REPO / 'model'}", "PATH": "/usr/bin:/bin"},
+    )
+    engine = yaml.safe_load(out.stdout)["applications"][0]["args"]["engine"]
+    assert engine["tensor_parallel_size"] == 2 and engine["expert_parallel_size"] == 1
+    assert engine["redundant_experts"] == 0 and engine["expert_rebalance_interval"] == 0
+    refused = subprocess.run(
+        [sys.executable, "-m", "gemma4_platform.cli", "config", "--set", "engine.tensor_parallel_size=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        env={"PYTHONPATH": f"{REPO / 'platform'}:{REPO / 'model'}", "PATH": "/usr/bin:/bin"},
+    )
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "tensor_parallel_size=3" in refused.stderr and "does not divide the attention heads (4)" in refused.stderr
 
 
 def test_config_env_prints_the_proxy_environment() -> None:

@@ -2,6 +2,7 @@
 
     gemma4-platform serve                       # tiny random-weight Gemma 4, HTTP :8000, gRPC :9000
     gemma4-platform serve --checkpoint /models/gemma-4-E4B-it --set replica.num_gpus=1
+    gemma4-platform serve --set engine.tensor_parallel_size=2   # one replica over two ranks (CPU here)
     gemma4-platform config --settings prod.yaml # a Serve config file (serveConfigV2) for KubeRay
     gemma4-platform config --env                # the environment the Ray pods need (proxy hardening)
     gemma4-platform plan --variant 31b --dtype fp8 --max-model-len 32768   # GPUs and memory per replica
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -50,10 +52,15 @@ def load_settings(path: str | None, overrides: list[str], checkpoint: str | None
     if checkpoint:
         raw.setdefault("model", {})["path"] = checkpoint
     try:
-        return PlatformSettings.model_validate(raw)
+        settings = PlatformSettings.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in exc.errors())
         raise SystemExit(f"invalid settings: {problems}") from None
+    try:
+        settings.check_model()
+    except ValueError as exc:
+        raise SystemExit(f"invalid settings: {exc}") from None
+    return settings
 
 
 def serve_config(settings: PlatformSettings) -> dict[str, Any]:
@@ -97,14 +104,15 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from gemma4_platform.graph import DRAIN_S, build_app
+    from gemma4_platform.graph import DRAIN_S, build_app, replica_resources
 
     try:
         application = build_app(settings.model_dump())  # checks the settings (and keys) before Ray starts
     except ValueError as exc:
         raise SystemExit(f"gemma4-platform serve: {exc}") from None
 
-    ray.init(include_dashboard=False, ignore_reinit_error=True)
+    local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": local_cpus(settings, replica_resources(settings))}
+    ray.init(include_dashboard=False, ignore_reinit_error=True, **local)
     http = {"host": server.host, "port": server.http_port}
     if server.tls_cert_file:
         http |= {"ssl_certfile": server.tls_cert_file, "ssl_keyfile": server.tls_key_file}
@@ -134,6 +142,13 @@ def run_serve(settings: PlatformSettings, *, block: bool = True) -> None:
             print("Serve did not stop within the drain time: stopping Ray", flush=True)
     if not _finishes_within(10, ray.shutdown):
         print("Ray did not stop within 10 s: exiting anyway", flush=True)
+
+
+def local_cpus(settings: PlatformSettings, resources: dict[str, Any]) -> int:
+    """Logical CPUs for a local Ray: this machine's, and at least what one replica reserves, so that a
+    replica of several CPU ranks starts on a machine with fewer cores (its ranks then share them)."""
+    bundles = resources.get("placement_group_bundles") or [{"CPU": settings.replica.num_cpus}]
+    return max(os.cpu_count() or 1, math.ceil(sum(b.get("CPU", 0) for b in bundles)))
 
 
 def _finishes_within(seconds: float, step: Any) -> bool:

@@ -29,7 +29,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from gemma4.config import load_config
-from gemma4.engine import RequestOutput
+from gemma4.engine import LLMEngine, RequestOutput
+from gemma4.engine.executor import WorkerFailure
 
 from gemma4_platform import serve_logs, tracing
 from gemma4_platform.auth import ApiKeys
@@ -45,6 +46,7 @@ from gemma4_platform.frontend import Frontend, GatewayPolicy, ModelDescription
 from gemma4_platform.grpc_service import Gemma4ServingService, retry_metadata
 from gemma4_platform.metrics import GatewayMetrics, MetricsHub, ReplicaMetrics, ReplicaReport, merge_expositions
 from gemma4_platform.openai_api import add_openai_routes, error_response
+from gemma4_platform.ray_executor import RayExecutor
 from gemma4_platform.routing import PrefixAffinityRouter
 from gemma4_platform.settings import PlatformSettings
 from gemma4_platform.serve_logs import serve_logger
@@ -52,6 +54,8 @@ from gemma4_platform.serve_logs import serve_logger
 logger = serve_logger(__name__)
 HUB_NAME = "gemma4-metrics-hub"
 DRAIN_S = 30  # a stopping deployment finishes its in-flight streams for up to this long
+HEALTH_CHECK_TIMEOUT_S = 10
+RANK_PING_TIMEOUT_S = 5  # within the health check's timeout: a rank that does not answer fails the check
 
 
 def resolve_checkpoint(settings: PlatformSettings) -> str:
@@ -75,12 +79,36 @@ def resolve_checkpoint(settings: PlatformSettings) -> str:
     return str(target)
 
 
-def _device(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    import torch
+def replica_device(settings: PlatformSettings) -> str:
+    """The device the replica's model runs on. `auto` is the first GPU where there is one; a multi-device
+    replica's own actor holds no device (its ranks have one each), so there `auto` follows the rank
+    bundles: GPUs when the replica asks for them, else the CPU."""
+    if settings.model.device != "auto":
+        return settings.model.device
+    if settings.engine.tensor_parallel_size > 1:
+        return "cuda" if settings.replica.num_gpus else "cpu"
+    from gemma4.backends import default_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device()
+
+
+def replica_resources(settings: PlatformSettings) -> dict[str, Any]:
+    """The replica deployment's resource options.
+
+    One device: the replica actor holds it. N > 1 ranks: a placement group packed on one node, bundle 0
+    for the replica actor (the engine core, no device) and one bundle per rank (a GPU and a CPU, or a
+    CPU), which the `RayExecutor`'s rank actors fill.
+    """
+    r, ranks = settings.replica, settings.engine.tensor_parallel_size
+    if ranks == 1:
+        return {"ray_actor_options": {"num_gpus": r.num_gpus, "num_cpus": r.num_cpus}}
+    rank_bundle = {"CPU": 1, "GPU": 1} if r.num_gpus else {"CPU": 1}
+    return {
+        "ray_actor_options": {"num_gpus": 0, "num_cpus": r.num_cpus},
+        # A bundle may not be empty: a replica that asks for no CPU still reserves a sliver of one.
+        "placement_group_bundles": [{"CPU": max(r.num_cpus, 0.01)}] + [dict(rank_bundle) for _ in range(ranks)],
+        "placement_group_strategy": "STRICT_PACK",
+    }
 
 
 def metrics_hub() -> Any:
@@ -97,24 +125,15 @@ class Replica:
     """One engine: loads the model, streams requests, publishes its metrics."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        import torch
-
-        from gemma4 import LLM, AsyncEngine
+        from gemma4 import AsyncEngine
 
         self.settings = PlatformSettings.model_validate(settings)
         tracing.configure("gemma4-replica", self.settings.telemetry.tracing)
-        device = _device(self.settings.model.device)
-        if device == "cpu" and self.settings.replica.num_cpus >= 1:
-            torch.set_num_threads(int(self.settings.replica.num_cpus))
-        llm = LLM(
-            resolve_checkpoint(self.settings),
-            dtype=getattr(torch, self.settings.model.dtype),
-            device=device,
-            **self.settings.engine.model_dump(),
-        )
-        self.model = llm.engine.model
-        self.engine = AsyncEngine(llm.engine)
+        checkpoint = resolve_checkpoint(self.settings)
+        self.settings.check_model(load_config(checkpoint).text)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.executor: RayExecutor | None = None
+        self.engine = AsyncEngine(self._build_engine(checkpoint))
         self.metrics = ReplicaMetrics(
             self.settings.model.name, self.replica_id, moe_top_experts=self.settings.telemetry.moe_top_experts
         )
@@ -122,14 +141,47 @@ class Replica:
         serve_logs.install()
         self._publisher = asyncio.get_event_loop().create_task(self._publish_forever())
 
+    def _build_engine(self, checkpoint: str) -> LLMEngine:
+        """One device: the model in this process. Several: this process runs the engine core and one rank
+        actor per device runs its model shard."""
+        import torch
+
+        from gemma4 import LLM
+        from gemma4.engine import EngineArgs
+        from gemma4.engine.worker import WorkerConfig
+        from gemma4.tokenizer import load_tokenizer
+
+        settings, device = self.settings, replica_device(self.settings)
+        dtype = getattr(torch, settings.model.dtype)
+        engine = settings.engine
+        if engine.tensor_parallel_size == 1:
+            if device == "cpu" and settings.replica.num_cpus >= 1:
+                torch.set_num_threads(int(settings.replica.num_cpus))
+            return LLM(checkpoint, dtype=dtype, device=device, **engine.model_dump()).engine
+        args = EngineArgs(**engine.model_dump())
+        self.executor = RayExecutor(WorkerConfig.of(checkpoint, dtype, device, args), f"gemma4-{self.replica_id}")
+        tokenizer = load_tokenizer(checkpoint) if (Path(checkpoint) / "tokenizer.json").is_file() else None
+        return LLMEngine(self.executor, tokenizer, args)
+
     async def _publish_forever(self) -> None:
         while True:
-            self.publish_metrics()
+            await self.publish_metrics()
             await asyncio.sleep(self.settings.telemetry.metrics_interval_s)
 
-    def publish_metrics(self) -> None:
-        expert_load = self.model.expert_load()
-        self.metrics.update_engine(self.engine.stats(), expert_load)
+    async def publish_metrics(self) -> None:
+        """Engine stats, expert load and readiness to the hub. The expert counters may live in the rank
+        actors, so they are read off the event loop; a replica whose ranks failed reports not ready."""
+        engine = self.engine.engine
+        expert_load: dict[int, list[int]] = {}
+        if self.engine.is_running:
+            try:
+                expert_load, placements = await asyncio.to_thread(
+                    lambda: (engine.expert_load(), engine.expert_placements())
+                )
+            except WorkerFailure as exc:
+                logger.warning("expert load unavailable: %s", exc)
+            else:
+                self.metrics.update_engine(self.engine.stats(), expert_load, placements)
         report = ReplicaReport(self.metrics.render(), ready=self.engine.is_running, expert_load=expert_load)
         self.hub.publish.remote(self.replica_id, report)
 
@@ -151,9 +203,12 @@ class Replica:
                             model_name=self.settings.model.name, replica=self.replica_id, finished_reason="abort"
                         ).inc()
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
+        """Unhealthy (Serve replaces the replica) once the engine stopped or a rank stopped answering."""
         if not self.engine.is_running:
             raise RuntimeError("the engine loop is not running")
+        if self.executor is not None:
+            await self.executor.check_alive(timeout_s=RANK_PING_TIMEOUT_S)
 
     def __del__(self) -> None:
         """Serve calls this when the replica stops: stop stepping and withdraw this replica's metrics."""
@@ -161,6 +216,9 @@ class Replica:
         if engine is not None:
             engine.shutdown()
             self.hub.forget.remote(self.replica_id)
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.shutdown()
 
 
 class RayReplicaBackend:
@@ -413,6 +471,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """The application: `args` is a `PlatformSettings` dict (validated here, errors name the field)."""
     settings = PlatformSettings.model_validate(args)
     dumped = settings.model_dump()
+    settings.check_model()  # refuse a layout the model cannot be split by before anything is deployed
     r, scaling = settings.replica, settings.replica.autoscaling
     router = (
         RequestRouterConfig(
@@ -425,7 +484,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     replica = serve.deployment(
         Replica,
         name="Replica",
-        ray_actor_options={"num_gpus": r.num_gpus, "num_cpus": r.num_cpus},
         max_ongoing_requests=r.max_ongoing_requests,
         autoscaling_config=AutoscalingConfig(
             min_replicas=scaling.min_replicas,
@@ -436,10 +494,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             downscale_delay_s=scaling.downscale_delay_s,
         ),
         health_check_period_s=2,
-        health_check_timeout_s=10,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         # Drain: a stopping replica gets no new requests and finishes its streams for up to DRAIN_S.
         graceful_shutdown_wait_loop_s=1,
         graceful_shutdown_timeout_s=DRAIN_S,
+        **replica_resources(settings),
         **({"request_router_config": router} if router else {}),
     )
     gateway = serve.deployment(

@@ -10,9 +10,12 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from gemma4.config import Gemma4TextConfig
 
 API_KEYS_ENV = "GEMMA4_API_KEYS"  # comma- or newline-separated key entries; or api_keys_file
 METRICS_TOKEN_ENV = "GEMMA4_METRICS_TOKEN"
@@ -27,7 +30,9 @@ class ModelSettings(_Strict):
     name: str = Field("gemma-4", description="model name reported to clients (/v1/models, GetModelInfo)")
     tiny_variant: Literal["e2b", "e4b", "26b-a4b", "31b"] = "e2b"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    device: str = Field("auto", description="'auto' = cuda when available, else cpu")
+    device: str = Field(
+        "auto", description="'auto' = the first GPU (NVIDIA or AMD) when there is one, else cpu; or cuda, xla, cpu"
+    )
 
 
 class EngineSettings(_Strict):
@@ -47,6 +52,31 @@ class EngineSettings(_Strict):
     kernels: Literal["auto", "triton", "torch"] = Field(
         "auto", description="hot-path ops: auto = Triton kernels on CUDA/ROCm, torch reference ops on CPU/XLA"
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="devices (ranks) per replica: attention, MLPs and vocabulary split this many ways"
+    )
+    expert_parallel_size: int = Field(
+        1, ge=1, description="EP groups the MoE experts are split over (divides tensor_parallel_size; 26b-a4b only)"
+    )
+    redundant_experts: int = Field(
+        0, ge=0, description="extra expert slots per MoE layer for copies of hot experts (a multiple of expert_parallel_size)"
+    )
+    expert_rebalance_interval: int = Field(
+        0, ge=0, description="engine steps between load-aware expert placement recomputations; 0 = never"
+    )
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "EngineSettings":
+        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
+        if tp % ep:
+            raise ValueError(f"expert_parallel_size ({ep}) must divide tensor_parallel_size ({tp})")
+        if ep == 1 and (self.redundant_experts or self.expert_rebalance_interval):
+            raise ValueError("redundant_experts and expert_rebalance_interval need expert_parallel_size > 1")
+        if self.redundant_experts % ep:
+            raise ValueError(
+                f"redundant_experts ({self.redundant_experts}) must be a multiple of expert_parallel_size ({ep})"
+            )
+        return self
 
 
 class AutoscalingSettings(_Strict):
@@ -64,7 +94,9 @@ class AutoscalingSettings(_Strict):
 
 
 class ReplicaSettings(_Strict):
-    num_gpus: float = Field(0, ge=0, description="GPUs per replica (Ray resource)")
+    num_gpus: float = Field(
+        0, ge=0, description="GPUs per replica (Ray resource); with engine.tensor_parallel_size N > 1: N, or 0 for CPU ranks"
+    )
     num_cpus: float = Field(1, ge=0)
     max_ongoing_requests: int = Field(128, ge=1)
     autoscaling: AutoscalingSettings = AutoscalingSettings()
@@ -161,6 +193,62 @@ class PlatformSettings(_Strict):
     limits: LimitSettings = LimitSettings()
     server: ServerSettings = ServerSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+
+    @model_validator(mode="after")
+    def _replica_devices(self) -> "PlatformSettings":
+        """A multi-device replica has one device per rank, on a backend with collectives."""
+        tp, gpus = self.engine.tensor_parallel_size, self.replica.num_gpus
+        if tp == 1:
+            return self
+        if gpus not in (0, tp):
+            raise ValueError(
+                f"replica.num_gpus ({gpus:g}) must equal engine.tensor_parallel_size ({tp}), one GPU per rank, "
+                "or be 0 for ranks on the CPU"
+            )
+        if self.model.device != "auto":
+            from gemma4.backends import backend_of
+
+            backend = backend_of(self.model.device)
+            if not backend.multi_device:
+                raise ValueError(
+                    f"engine.tensor_parallel_size={tp}: model.device {self.model.device!r} ({backend.name}) has no "
+                    "collectives in this release, so a replica runs on one device there; use tensor_parallel_size 1"
+                )
+        return self
+
+    def check_model(self, text: "Gemma4TextConfig | None" = None) -> None:
+        """Refuse parallel settings the decoder cannot be split by (ValueError naming the settings).
+
+        Without `text`, the decoder of `model_text_config()`; nothing is checked when that is not readable
+        here (the replica checks again where the checkpoint is).
+        """
+        engine = self.engine
+        tp, ep = engine.tensor_parallel_size, engine.expert_parallel_size
+        if text is None:
+            if (tp, ep) == (1, 1):
+                return  # a single-device replica fits every decoder: no config to read
+            text = self.model_text_config()
+            if text is None:
+                return
+        from gemma4.engine.args import EngineArgs
+
+        try:
+            EngineArgs(**engine.model_dump()).check_model(text)
+        except ValueError as exc:
+            raise ValueError(f"engine.tensor_parallel_size={tp}, engine.expert_parallel_size={ep}: {exc}") from None
+
+    def model_text_config(self) -> "Gemma4TextConfig | None":
+        """The decoder these settings serve: the checkpoint's when its config.json is readable here, the tiny
+        variant's without a checkpoint, None when the checkpoint is elsewhere (a path on the cluster)."""
+        if self.model.path is None:
+            from gemma4.tiny import tiny_config
+
+            return tiny_config(self.model.tiny_variant).text
+        if not (Path(self.model.path) / "config.json").is_file():
+            return None
+        from gemma4.config import load_config
+
+        return load_config(self.model.path).text
 
     def api_key_entries(self) -> list[str]:
         """The raw key entries: lines of the keys file, then the comma- or newline-separated GEMMA4_API_KEYS."""
