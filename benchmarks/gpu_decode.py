@@ -41,6 +41,7 @@ import torch
 import kernel_micro
 from bench_common import int_list, machine, percentile, str_list
 from gemma4 import memory
+from gemma4.backends import backend_of
 from gemma4.config import Gemma4Config, variant_config
 from gemma4.engine import EngineArgs, LLMEngine, SamplingParams, random_weights_model
 from gemma4.tiny import tiny_config
@@ -133,12 +134,11 @@ def _engine_args(setup: Setup, mode: str, kv_bytes: int, seed: int) -> EngineArg
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    backend_of(device).synchronize(device)
 
 
 def _peak_bytes(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return backend_of(device).peak_memory_bytes(device)
 
 
 def _latency_fields(start: float, first: list[float], gaps: list[float], tokens: int, end: float) -> dict[str, Any]:
@@ -260,12 +260,11 @@ def run_variant(setup: Setup, args: argparse.Namespace, device: torch.device, re
         if engine_args is None:
             report.add("skipped", {"variant": setup.variant, "mode": mode, "why": "EngineArgs lacks the mode's switch"})
             continue
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        backend_of(device).reset_peak_memory(device)
         start = time.perf_counter()
         engine = LLMEngine(model, None, engine_args)
         startup = time.perf_counter() - start
-        graphs = device.type == "cuda" and bool(getattr(engine_args, "cuda_graphs", False))
+        graphs = backend_of(device).cuda_graphs and bool(getattr(engine_args, "cuda_graphs", False))
         predicted = predicted_memory(setup, dtype, kv_bytes, graphs)
         run_engine(engine, prompts[:2], 2, device)  # warm-up: first kernels, allocator
         for batch in setup.batches:
@@ -284,8 +283,7 @@ def run_variant(setup: Setup, args: argparse.Namespace, device: torch.device, re
     _release(device)
     if not args.hf_batches or _over_budget(report, deadline, {"variant": setup.variant, "mode": "transformers"}):
         return
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    backend_of(device).reset_peak_memory(device)
     hf = build_transformers(setup.config, DTYPES[dtype], device, args.seed)
     hf.generate(torch.tensor(prompts[:1], device=device), max_new_tokens=2, do_sample=False, pad_token_id=0)
     for batch in args.hf_batches:
@@ -307,8 +305,7 @@ def run_variant(setup: Setup, args: argparse.Namespace, device: torch.device, re
 
 def _release(device: torch.device) -> None:
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    backend_of(device).release_cached_memory()
 
 
 def plan_setup(variant: str, args: argparse.Namespace, device_bytes: int | None) -> tuple[Setup | None, str | None]:
@@ -354,8 +351,8 @@ def main() -> None:
         parser.error(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
     began = time.perf_counter()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    backend = backend_of(device)
+    name, device_bytes = backend.device_name(device), backend.device_memory_bytes(device)
     if args.peak_bandwidth_gbs is not None:
         args.bandwidth = args.peak_bandwidth_gbs * 1e9
     else:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from gemma4.backends import reference_ops, triton_ops
+from gemma4.backends import backend_of, reference_ops, triton_ops
 from gemma4.ops.paged_attention import SequenceLayout
 
 
@@ -45,12 +45,13 @@ TINY_ATTENTION = (
 
 
 def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    """Median seconds of `fn` over `reps` runs after one warm-up (CUDA events on a GPU)."""
+    """Median seconds of `fn` over `reps` runs after one warm-up (stream events where the backend has them)."""
+    backend = backend_of(device)
     fn()
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = backend.event(timing=True), backend.event(timing=True)
+        if start is not None and end is not None:
             start.record()
             fn()
             end.record()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 
 from gemma4 import LLM, SamplingParams
+from gemma4.backends import backend_of
 from gemma4.config import variant_config
 from gemma4.tiny import tiny_config
 
@@ -59,8 +59,7 @@ def main() -> None:
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    backend_of(args.device).synchronize(args.device)
     elapsed = time.perf_counter() - start
 
     out_tokens = sum(len(o.token_ids) for o in outputs)
@@ -68,7 +67,7 @@ def main() -> None:
     gaps = [g for o in outputs for g in o.metrics.inter_token_times]
     result = {
         "variant": args.variant + (" (tiny)" if args.tiny else ""),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "device": backend_of(args.device).device_name(args.device),
         "torch_threads": torch.get_num_threads(),
         "dtype": args.dtype,
         "num_prompts": args.num_prompts,

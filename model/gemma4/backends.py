@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -31,16 +32,24 @@ class Backend:
 
     `collectives` is the torch.distributed backend a multi-rank replica's process group uses on it
     (None: this release runs only single-device replicas there; XLA's SPMD path is not built).
-    `pinned_memory`: host staging buffers are page-locked, so host-to-device copies can be
-    asynchronous. `dtypes`: the weight and activation dtypes the engine serves on it.
+    `pinned_memory`: host staging buffers are page-locked, so copies between host and device are
+    asynchronous and ordered by the device's stream (events and stream synchronisation, below).
+    `dtypes`: the weight and activation dtypes the engine serves on it. `grouped_mm`:
+    `torch._grouped_mm` runs here in bf16 (NVIDIA only; ROCm builds lack it). `host_memory`: the
+    device's memory is the host's, so host buffers serve as device buffers without a copy.
+
+    The methods are the device operations the engine and benchmarks need, so that no caller
+    branches on a device type itself.
     """
 
-    name: Literal["cuda", "rocm", "xla", "cpu"]
+    name: Literal["cuda", "rocm", "xla", "cpu", "meta"]
     triton: bool  # Triton kernels compile and run here natively
     cuda_graphs: bool  # decode steps can be captured and replayed
     collectives: Literal["nccl", "gloo"] | None
     pinned_memory: bool
     dtypes: tuple[torch.dtype, ...]
+    grouped_mm: bool = False
+    host_memory: bool = False
 
     @property
     def default_kernels(self) -> Literal["triton", "torch"]:
@@ -51,11 +60,69 @@ class Backend:
         """Whether a replica may span several devices of this backend."""
         return self.collectives is not None
 
+    @property
+    def _torch_cuda(self) -> bool:
+        """Whether torch drives this backend through `torch.cuda` (NVIDIA, and ROCm through HIP)."""
+        return self.name in ("cuda", "rocm")
+
     def device_memory_bytes(self, device: torch.device | str) -> int | None:
-        """The device's total memory, or None where the device's memory is the host's (CPU)."""
-        if self.name in ("cuda", "rocm"):
+        """The device's total memory, or None where torch does not report it (the CPU, XLA)."""
+        if self._torch_cuda:
             return torch.cuda.get_device_properties(torch.device(device)).total_memory
         return None
+
+    def device_name(self, device: torch.device | str) -> str:
+        """The device's product name for reports: the GPU's, the host processor's, else the backend's name."""
+        if self._torch_cuda:
+            return torch.cuda.get_device_name(torch.device(device))
+        if self.host_memory:
+            return platform.processor() or self.name
+        return self.name
+
+    def indexed(self, device: torch.device | str) -> torch.device:
+        """`device` with its index made explicit on GPUs ("cuda" -> the current device), so that
+        tensors created later compare equal to it; other devices are returned as given."""
+        device = torch.device(device)
+        if self._torch_cuda and device.index is None:
+            return torch.device(device.type, torch.cuda.current_device())
+        return device
+
+    def event(self, timing: bool = False) -> torch.cuda.Event | None:
+        """A stream event (with `timing`, one that measures elapsed time), or None where work is not
+        queued on streams the host can wait on (the CPU runs eagerly; XLA syncs explicitly)."""
+        return torch.cuda.Event(enable_timing=timing) if self._torch_cuda else None
+
+    def synchronize(self, device: torch.device | str) -> None:
+        """Wait until the work queued on `device` has finished (XLA: run the pending graph first)."""
+        if self._torch_cuda:
+            torch.cuda.synchronize(torch.device(device))
+        elif self.name == "xla":
+            import torch_xla
+
+            torch_xla.sync(wait=True)
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` copied to the host: asynchronously into pinned memory where the backend pins,
+        then one wait on the current stream, else a plain blocking copy."""
+        if not self.pinned_memory:
+            return tensor.cpu()
+        host = tensor.to("cpu", non_blocking=True)
+        torch.cuda.current_stream(tensor.device).synchronize()
+        return host
+
+    def reset_peak_memory(self, device: torch.device | str) -> None:
+        """Start a new peak for `peak_memory_bytes` (a no-op where the allocator keeps no statistics)."""
+        if self._torch_cuda:
+            torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+    def peak_memory_bytes(self, device: torch.device | str) -> int | None:
+        """The allocator's peak since the last reset, or None where it keeps no statistics."""
+        return torch.cuda.max_memory_allocated(torch.device(device)) if self._torch_cuda else None
+
+    def release_cached_memory(self) -> None:
+        """Return the caching allocator's free blocks to the device (GPUs; a no-op elsewhere)."""
+        if self._torch_cuda:
+            torch.cuda.empty_cache()
 
     def check_dtype(self, dtype: torch.dtype) -> None:
         if dtype not in self.dtypes:
@@ -64,22 +131,35 @@ class Backend:
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-CUDA = Backend("cuda", triton=True, cuda_graphs=True, collectives="nccl", pinned_memory=True, dtypes=_FLOATS)
+CUDA = Backend(
+    "cuda", triton=True, cuda_graphs=True, collectives="nccl", pinned_memory=True, dtypes=_FLOATS, grouped_mm=True
+)
 ROCM = Backend("rocm", triton=True, cuda_graphs=True, collectives="nccl", pinned_memory=True, dtypes=_FLOATS)
 XLA = Backend("xla", triton=False, cuda_graphs=False, collectives=None, pinned_memory=False, dtypes=_FLOATS)
-CPU = Backend("cpu", triton=False, cuda_graphs=False, collectives="gloo", pinned_memory=False, dtypes=_FLOATS)
+CPU = Backend(
+    "cpu", triton=False, cuda_graphs=False, collectives="gloo", pinned_memory=False, dtypes=_FLOATS, host_memory=True
+)
+# Meta tensors carry shapes and no values: what shape-only checks and traces run the torch ops on.
+META = Backend("meta", triton=False, cuda_graphs=False, collectives=None, pinned_memory=False, dtypes=_FLOATS)
+
+
+def rocm_build() -> bool:
+    """Whether this torch is a ROCm build (its GPUs report device type "cuda"; torch.version.hip tells them apart)."""
+    return torch.version.hip is not None
 
 
 def backend_of(device: torch.device | str) -> Backend:
-    """The backend of `device` (ROCm builds of torch report device type "cuda"; torch.version.hip tells them apart)."""
+    """The backend of `device` (a "cuda" device is ROCm's on a ROCm build of torch)."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return ROCM if torch.version.hip is not None else CUDA
+        return ROCM if rocm_build() else CUDA
     if kind == "xla":
         return XLA
     if kind == "cpu":
         return CPU
-    raise ValueError(f"unsupported device type {kind!r}: expected cuda (NVIDIA or ROCm), xla or cpu")
+    if kind == "meta":
+        return META
+    raise ValueError(f"unsupported device type {kind!r}: expected cuda (NVIDIA or ROCm), xla, cpu or meta")
 
 
 @dataclass(frozen=True)

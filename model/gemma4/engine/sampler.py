@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gemma4.backends import backend_of
 from gemma4.engine.request import Request
 from gemma4.ops import sampling
 from gemma4.ops.sampling import apply_penalties, mask_tokens, record_tokens, row_keys, seed_keys
@@ -96,10 +97,8 @@ class Sampler:
     ) -> None:
         self.vocab_size = vocab_size
         self._draw_fn = draw
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
+        self._backend = backend_of(device)
+        device = self.device = self._backend.indexed(device)
         self._generator = torch.Generator().manual_seed(seed)
         self._rows: dict[str, _RowState] = {}
         self._params = _SlotTable(device, floats=((6,), torch.float32), ints=((2,), torch.int64))
@@ -188,9 +187,9 @@ class Sampler:
         table["ints"][slots] = torch.stack([ints_t[:, _TOP_K], seed_keys(ints_t[:, _SEED_KEY])], dim=1)
 
     def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """A small host list as a device tensor, through pinned memory on CUDA so the copy never waits."""
+        """A small host list as a device tensor, through pinned memory where the backend pins (the copy never waits)."""
         tensor = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
+        if self._backend.pinned_memory:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
 
@@ -291,9 +290,5 @@ class Sampler:
         return [SampleResult(token_ids[i], lp_of.get(i)) for i in range(n)]
 
     def _to_host(self, packed: torch.Tensor) -> torch.Tensor:
-        """The step's one device-to-host copy (into pinned memory on CUDA, then one synchronize)."""
-        if self.device.type != "cuda":
-            return packed.cpu()
-        host = packed.to("cpu", non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return host
+        """The step's one device-to-host copy (see `Backend.to_host`)."""
+        return self._backend.to_host(packed)

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from gemma4.backends import backend_of
 from gemma4.engine.request import Request
 from gemma4.ops.paged_attention import SequenceLayout
 
@@ -72,7 +73,7 @@ class StagedStep:
 
 
 class StepBuffers:
-    """The persistent host (pinned on CUDA) and device buffers a step is staged through."""
+    """The persistent host (pinned where the backend pins) and device buffers a step is staged through."""
 
     _SECTIONS = ("input_ids", "positions", "token_seq", "token_mask")
     _SEQ_SECTIONS = ("query_start", "query_len", "context_len", "sample_rows")
@@ -82,12 +83,13 @@ class StepBuffers:
         self.num_groups = num_groups
         self.device = device
         size = 4 * max_tokens + 4 * max_seqs + num_groups * max_seqs * max_cols
-        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        backend = backend_of(device)
+        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=backend.pinned_memory)
         self._host_np = self.host.numpy()
-        self.device_buffer = self.host.to(device) if device.type != "cpu" else self.host
+        self.device_buffer = self.host if backend.host_memory else self.host.to(device)
         self._tables = _TableRows(num_groups, max_cols, keep=2 * max_seqs)
         # The host buffer is rewritten only once the previous step's copy out of it has completed.
-        self._copied = torch.cuda.Event() if device.type == "cuda" else None
+        self._copied = backend.event()
 
     def _offsets(self, shape: StepShape) -> tuple[dict[str, tuple[int, int]], int]:
         """Section name -> (offset, length) for `shape`, packed from the start; and the total used."""

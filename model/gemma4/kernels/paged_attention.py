@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gemma4.backends import rocm_build
 from gemma4.kernels.configs import POINTER_TYPES, KernelConfig
 from gemma4.ops.paged_attention import SequenceLayout, slot_mapping
 
@@ -106,7 +107,7 @@ SHIPPED_DTYPES = (torch.bfloat16, torch.float16)
 
 def vendor() -> str:
     """The tile table to use: "hip" on ROCm builds of torch, else "cuda"."""
-    return "hip" if torch.version.hip is not None else "cuda"
+    return "hip" if rocm_build() else "cuda"
 
 
 def select_tile(head_dim: int, k_as_v: bool, decode: bool, vendor_name: str) -> Tile:

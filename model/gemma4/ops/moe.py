@@ -34,6 +34,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from gemma4.backends import backend_of
+
 Formulation = Literal["gather", "grouped", "dense"]
 
 
@@ -44,7 +46,7 @@ def formulation(
     if num_assignments <= num_experts:
         return "gather"
     aligned = hidden % 8 == 0 and intermediate % 8 == 0  # 16-byte strides for bf16 operands
-    if device.type == "cuda" and torch.version.hip is None and dtype == torch.bfloat16 and aligned:
+    if backend_of(device).grouped_mm and dtype == torch.bfloat16 and aligned:
         return "grouped"
     return "dense"
 
