@@ -28,6 +28,12 @@ class GlooRank:
             raise ValueError(f"rank {rank} fails on purpose")
         return self.rank
 
+    def fail_before_collective(self, rank: int) -> float:
+        """Rank `rank` raises; the others wait in an all-reduce it never joins."""
+        if self.rank == rank:
+            raise ValueError(f"rank {rank} fails before the collective")
+        return self.comm.all_reduce(torch.ones(1)).item()
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -60,9 +60,6 @@ def pod_templates(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # The replica's parallel layout (issue 12): the engine's settings of these names arrive in the platform's
 # EngineSettings in the same change; until they do, `args_settings` validates the args without them.
-LAYOUT_SETTINGS = ("tensor_parallel_size", "expert_parallel_size", "redundant_experts", "expert_rebalance_interval")
-
-
 def serve_args(objects: list[dict[str, Any]]) -> dict[str, Any]:
     """The application's args in the RayService's Serve config, as written."""
     config = yaml.safe_load(by_kind(objects, "RayService")[0]["spec"]["serveConfigV2"])
@@ -71,12 +68,9 @@ def serve_args(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 def args_settings(objects: list[dict[str, Any]]) -> Any:
     """The platform's settings from the application's args in the RayService's Serve config."""
-    from gemma4_platform.settings import EngineSettings, PlatformSettings
+    from gemma4_platform.settings import PlatformSettings
 
-    args = serve_args(objects)
-    pending = set(LAYOUT_SETTINGS) - set(EngineSettings.model_fields)
-    return PlatformSettings.model_validate({**args, "engine": {
-        key: value for key, value in args["engine"].items() if key not in pending}})
+    return PlatformSettings.model_validate(serve_args(objects))
 
 
 def crd_schema() -> dict[str, Any]:

@@ -48,6 +48,17 @@ def test_a_dead_rank_fails_the_call_at_once() -> None:
         procs.close(timeout_s=5)
 
 
+def test_a_rank_that_raises_while_the_others_wait_in_a_collective_stops_the_group(monkeypatch) -> None:
+    monkeypatch.setattr(RankProcesses, "ERROR_GRACE_S", 2.0)
+    procs = RankProcesses(2, partial(make_gloo_rank, 2), env={"OMP_NUM_THREADS": "1"})
+    try:
+        with pytest.raises(RankError, match=r"fails before the collective(.|\n)*ranks \[1\] were stuck"):
+            procs.call("fail_before_collective", 0)
+        assert not procs.alive()
+    finally:
+        procs.close(timeout_s=5)
+
+
 def test_a_factory_that_fails_stops_start_up() -> None:
     with pytest.raises(RankError, match="rank 1 cannot start"):
         RankProcesses(2, make_broken_rank, start_timeout_s=60)

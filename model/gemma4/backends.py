@@ -13,7 +13,7 @@ import functools
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ContextManager, Literal
 
 import torch
 
@@ -37,6 +37,8 @@ class Backend:
     `dtypes`: the weight and activation dtypes the engine serves on it. `grouped_mm`:
     `torch._grouped_mm` runs here in bf16 (NVIDIA only; ROCm builds lack it). `host_memory`: the
     device's memory is the host's, so host buffers serve as device buffers without a copy.
+    `lazy`: ops are traced into graphs that run when a result is needed (XLA): such a device has no
+    generators of its own and no inference tensors (in-place copies into them fail).
 
     The methods are the device operations the engine and benchmarks need, so that no caller
     branches on a device type itself.
@@ -50,6 +52,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     grouped_mm: bool = False
     host_memory: bool = False
+    lazy: bool = False
 
     @property
     def default_kernels(self) -> Literal["triton", "torch"]:
@@ -64,6 +67,14 @@ class Backend:
     def _torch_cuda(self) -> bool:
         """Whether torch drives this backend through `torch.cuda` (NVIDIA, and ROCm through HIP)."""
         return self.name in ("cuda", "rocm")
+
+    def inference(self) -> ContextManager[None]:
+        """The no-autograd context a step runs in: inference mode where the device has inference tensors."""
+        return torch.no_grad() if self.lazy else torch.inference_mode()
+
+    def generator_device(self, device: torch.device | str) -> torch.device:
+        """Where a seeded generator for `device`'s random tensors lives (lazy devices draw on the host)."""
+        return torch.device("cpu") if self.lazy else torch.device(device)
 
     def device_memory_bytes(self, device: torch.device | str) -> int | None:
         """The device's total memory, or None where torch does not report it (the CPU, XLA)."""
@@ -135,7 +146,9 @@ CUDA = Backend(
     "cuda", triton=True, cuda_graphs=True, collectives="nccl", pinned_memory=True, dtypes=_FLOATS, grouped_mm=True
 )
 ROCM = Backend("rocm", triton=True, cuda_graphs=True, collectives="nccl", pinned_memory=True, dtypes=_FLOATS)
-XLA = Backend("xla", triton=False, cuda_graphs=False, collectives=None, pinned_memory=False, dtypes=_FLOATS)
+XLA = Backend(
+    "xla", triton=False, cuda_graphs=False, collectives=None, pinned_memory=False, dtypes=_FLOATS, lazy=True
+)
 CPU = Backend(
     "cpu", triton=False, cuda_graphs=False, collectives="gloo", pinned_memory=False, dtypes=_FLOATS, host_memory=True
 )

@@ -625,7 +625,9 @@ class Gemma4ForCausalLM(nn.Module):
         """Multimodal placeholders are embedded as `<pad>` (soft tokens are scattered in later)."""
         if self.placeholder_ids.numel() == 0:
             return input_ids
-        return torch.where(torch.isin(input_ids, self.placeholder_ids), self.text_config.pad_token_id, input_ids)
+        # A comparison against every placeholder, not torch.isin: XLA lowers this, isin runs on the host.
+        placeholder = (input_ids[..., None] == self.placeholder_ids).any(-1)
+        return torch.where(placeholder, self.text_config.pad_token_id, input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits over the whole vocabulary, the final softcap applied (on a rank of a replica: its

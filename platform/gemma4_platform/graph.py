@@ -28,6 +28,7 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from gemma4.backends import backend_of
 from gemma4.config import load_config
 from gemma4.engine import LLMEngine, RequestOutput
 from gemma4.engine.executor import WorkerFailure
@@ -155,7 +156,7 @@ class Replica:
         dtype = getattr(torch, settings.model.dtype)
         engine = settings.engine
         if engine.tensor_parallel_size == 1:
-            if device == "cpu" and settings.replica.num_cpus >= 1:
+            if backend_of(device).host_memory and settings.replica.num_cpus >= 1:  # CPU inference threads
                 torch.set_num_threads(int(settings.replica.num_cpus))
             return LLM(checkpoint, dtype=dtype, device=device, **engine.model_dump()).engine
         args = EngineArgs(**engine.model_dump())

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from gemma4.backends import backend_of
 from gemma4.config import Gemma4Config
 from gemma4.engine.executor import Executor, MultiprocExecutor
 from gemma4.engine.llm_engine import EngineArgs, LLMEngine, Prompt
@@ -22,17 +23,20 @@ from gemma4.tokenizer import Gemma4Tokenizer, load_tokenizer
 def random_weights_model(
     config: Gemma4Config, *, dtype: torch.dtype, device: str | torch.device, seed: int = 0
 ) -> Gemma4ForCausalLM:
-    """A model of `config` with random weights, built directly on the device (benchmarks, no checkpoint)."""
+    """A model of `config` with random weights, built directly on the device (benchmarks, no checkpoint);
+    a lazy device (XLA) has no generators, so its weights are drawn on the host one tensor at a time."""
     with torch.device("meta"):
         model = Gemma4ForCausalLM(config)
     model = model.to(dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    draw_on = backend_of(device).generator_device(device)
+    generator = torch.Generator(device=draw_on).manual_seed(seed)
     with torch.no_grad():
         for tensor in model.state_dict(keep_vars=True).values():
             if tensor.dim() <= 1:
                 tensor.fill_(1.0)
             else:
-                tensor.normal_(0.0, 0.02, generator=generator)
+                drawn = torch.empty(tensor.shape, dtype=tensor.dtype, device=draw_on).normal_(0.0, 0.02, generator=generator)
+                tensor.copy_(drawn)
     model.reset_buffers()
     return model.eval().requires_grad_(False)
 

@@ -121,10 +121,13 @@ class ModelRunner:
             check_block_tables(self.cache, _slices(batch, tables))
         return self.buffers.stage(self.step_shape(batch), batch.requests, batch.num_tokens, tables)
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, kv: BlockTables) -> tuple[torch.Tensor, list[Request]]:
         """Run the step; returns fp32 logits `[n, vocab]` for the requests that sample, in order (n >= the
         number of sampling requests: padded rows follow and are to be ignored)."""
+        with backend_of(self.device).inference():
+            return self._execute(batch, kv)
+
+    def _execute(self, batch: ScheduledBatch, kv: BlockTables) -> tuple[torch.Tensor, list[Request]]:
         staged = self.stage(batch, kv)
         step = staged.tensors
         if self.graphs is not None and self.graphs.captured(step.shape):

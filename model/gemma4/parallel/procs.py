@@ -71,6 +71,8 @@ class RankProcesses:
     Construction returns once every rank is ready, or raises (and stops them all).
     """
 
+    ERROR_GRACE_S = 10.0
+
     def __init__(
         self,
         world_size: int,
@@ -110,14 +112,18 @@ class RankProcesses:
         return self._collect(timeout_s)
 
     def _collect(self, timeout_s: float | None) -> list[Any]:
-        """One answer per rank; a rank that dies ends the wait for all, one that raised is reported once
-        every other rank has answered (so no stale answer is left in a pipe)."""
+        """One answer per rank; a rank that dies ends the wait for all. One that raised is reported once
+        every other rank has answered (so no stale answer is left in a pipe), or, if some have not within
+        `ERROR_GRACE_S` (blocked in a collective the failed rank never joined), once all are killed."""
         results: dict[int, Any] = {}
         errors: list[str] = []
         waiting = dict(enumerate(self._conns))
         while waiting:
             sentinels = {self._procs[r].sentinel: r for r in waiting}
-            ready = wait([*waiting.values(), *sentinels], timeout=timeout_s)
+            ready = wait([*waiting.values(), *sentinels], timeout=self.ERROR_GRACE_S if errors else timeout_s)
+            if not ready and errors:
+                self.kill()
+                raise RankError("\n".join(errors) + f"\nranks {sorted(waiting)} were stuck after it and are stopped")
             if not ready:
                 raise RankFailed(f"ranks {sorted(waiting)} did not answer within {timeout_s} s")
             for item in ready:
