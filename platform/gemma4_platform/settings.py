@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gemma4.parallel.layout import check_parallel_settings
+
 if TYPE_CHECKING:
     from gemma4.config import Gemma4TextConfig
 
@@ -67,15 +69,9 @@ class EngineSettings(_Strict):
 
     @model_validator(mode="after")
     def _parallel(self) -> "EngineSettings":
-        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
-        if tp % ep:
-            raise ValueError(f"expert_parallel_size ({ep}) must divide tensor_parallel_size ({tp})")
-        if ep == 1 and (self.redundant_experts or self.expert_rebalance_interval):
-            raise ValueError("redundant_experts and expert_rebalance_interval need expert_parallel_size > 1")
-        if self.redundant_experts % ep:
-            raise ValueError(
-                f"redundant_experts ({self.redundant_experts}) must be a multiple of expert_parallel_size ({ep})"
-            )
+        check_parallel_settings(
+            self.tensor_parallel_size, self.expert_parallel_size, self.redundant_experts, self.expert_rebalance_interval
+        )
         return self
 
 

@@ -11,7 +11,7 @@ from gemma4.backends import KERNEL_CHOICES, KernelChoice, backend_of
 from gemma4.config import Gemma4TextConfig
 from gemma4.memory import check_layout, kv_cache_budget_bytes
 from gemma4.modeling import Gemma4ForCausalLM
-from gemma4.parallel.layout import ParallelLayout
+from gemma4.parallel.layout import ParallelLayout, check_parallel_settings
 
 CPU_KV_CACHE_BYTES = 1 << 30  # the KV budget on the CPU, where device memory is the host's
 _WEIGHT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -81,15 +81,9 @@ class EngineArgs:
             raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        tp, ep = self.tensor_parallel_size, self.expert_parallel_size
-        if tp % ep:
-            raise ValueError(f"expert_parallel_size ({ep}) must divide tensor_parallel_size ({tp})")
-        if ep == 1 and (self.redundant_experts or self.expert_rebalance_interval):
-            raise ValueError("redundant_experts and expert_rebalance_interval need expert_parallel_size > 1")
-        if self.redundant_experts % ep:
-            raise ValueError(
-                f"redundant_experts must be a multiple of expert_parallel_size ({ep}), got {self.redundant_experts}"
-            )
+        check_parallel_settings(
+            self.tensor_parallel_size, self.expert_parallel_size, self.redundant_experts, self.expert_rebalance_interval
+        )
 
     @property
     def layout(self) -> ParallelLayout:

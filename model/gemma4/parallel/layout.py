@@ -98,3 +98,15 @@ class ParallelLayout:
         if total % self.expert_parallel:
             raise ValueError(f"{num_experts} experts + {self.redundant_experts} redundant do not split {self.expert_parallel} ways")
         return total // self.expert_parallel
+
+
+def check_parallel_settings(tensor_parallel: int, expert_parallel: int, redundant: int, rebalance_interval: int) -> None:
+    """The layout settings' rules among themselves (the engine's and the platform's settings share them);
+    `gemma4.memory.check_layout` then checks them against a model's config."""
+    tp, ep = tensor_parallel, expert_parallel
+    if tp % ep:
+        raise ValueError(f"expert_parallel_size ({ep}) must divide tensor_parallel_size ({tp})")
+    if ep == 1 and (redundant or rebalance_interval):
+        raise ValueError("redundant_experts and expert_rebalance_interval need expert_parallel_size > 1")
+    if redundant % ep:
+        raise ValueError(f"redundant_experts ({redundant}) must be a multiple of expert_parallel_size ({ep})")
