@@ -215,8 +215,9 @@ def test_head_dim_512_k_as_v() -> None:
     seqs = [(0, 40, 1), (1, 7, 1)]
     step = make_step(seqs, num_tokens=2, grids=((2, 1),), block_size=16, cols=4, heads=8, kv_heads=1, dim=512,
                      k_as_v=True, seed=8)
-    check(step, None)
-    check(step, None, num_splits=2)
+    # Keys are rotated in the kernel with its own sin/cos over 256 pairs (see the K-as-V test above).
+    check(step, None, atol=5e-5)
+    check(step, None, num_splits=2, atol=5e-5)
 
 
 def test_custom_op_compiles_fullgraph() -> None:

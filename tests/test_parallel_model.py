@@ -108,7 +108,12 @@ def _shuffled(placement: ExpertPlacement, seed: int) -> ExpertPlacement:
 def test_redundant_experts_and_a_placement_change(pool, checkpoints, reference, input_ids) -> None:
     """tp4/ep4 with 4 redundant slots, then every MoE layer moved to another placement between steps."""
     path = checkpoints["26b-a4b"]
-    pool.call("load", path, 4, 4, 4)
+    sizes = pool.call("load", path, 4, 4, 4)
+    priced = weight_bytes_per_gpu(
+        load_config(path), weight_dtype="fp32", tensor_parallel=4, expert_parallel=4, redundant_experts=4,
+        ple_on_device=True,
+    )
+    assert sizes == [sum(priced.values())] * 4  # the memory model prices the redundant slots the ranks hold
     expected_logits, _ = reference["26b-a4b"]
     _assert_matches(_sharded_logits(pool, input_ids, 4), expected_logits)
 

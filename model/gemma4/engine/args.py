@@ -92,9 +92,7 @@ class EngineArgs:
 
     def check_model(self, text: Gemma4TextConfig) -> None:
         """Raise ValueError if this layout cannot split the decoder `text`."""
-        check_layout(text, self.tensor_parallel_size, self.expert_parallel_size)
-        if self.redundant_experts and not text.enable_moe_block:
-            raise ValueError("redundant_experts applies to the MoE variant (26b-a4b) only")
+        check_layout(text, self.tensor_parallel_size, self.expert_parallel_size, self.redundant_experts)
 
     def model_len(self, text: Gemma4TextConfig) -> int:
         """The context limit: `max_model_len`, at most the model's positions."""
@@ -124,6 +122,7 @@ def resolve_kv_cache_bytes(model: Gemma4ForCausalLM, args: EngineArgs) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel=args.tensor_parallel_size,
         expert_parallel=args.expert_parallel_size,
+        redundant_experts=args.redundant_experts,
         ple_on_device=True,  # this model keeps the PLE table in its embedding on the device
         cuda_graphs=args.cuda_graphs,
     )
