@@ -15,6 +15,7 @@ import torch
 from engine_fixtures import BLOCK_SIZE, mixed_prompts, write_checkpoint
 from gemma4 import LLM, AsyncEngine, SamplingParams
 from gemma4.engine import EngineArgs, EngineDeadError, LLMEngine, MultiprocExecutor, random_weights_model
+from gemma4.engine.worker import WorkerConfig
 from gemma4.tiny import tiny_config
 from reference_models import SLIDING_WINDOW, reference_greedy
 
@@ -117,6 +118,11 @@ def test_a_killed_worker_ends_open_streams_with_a_clear_error(engines) -> None:
             asyncio.run(front.add_request([5, 6], long))
     finally:
         front.shutdown()
+
+
+def test_a_multi_rank_replica_on_a_backend_without_collectives_is_refused_before_it_starts() -> None:
+    with pytest.raises(ValueError, match="a replica on xla runs on one device; tensor_parallel_size must be 1"):
+        WorkerConfig.of("/no/checkpoint", torch.float32, "xla", EngineArgs(tensor_parallel_size=2))
 
 
 def test_parallel_settings_are_validated_before_any_worker_starts(references) -> None:

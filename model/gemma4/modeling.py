@@ -525,7 +525,7 @@ class Gemma4ForCausalLM(nn.Module):
                 f"collectives of rank {comm.rank} of {comm.world_size} do not match the layout's rank "
                 f"{layout.rank} of {layout.tensor_parallel}"
             )
-        check_layout(text, layout.tensor_parallel, layout.expert_parallel)
+        check_layout(text, layout.tensor_parallel, layout.expert_parallel, layout.redundant_experts)
         self.config = config
         self.text_config = text
         self.layout = layout

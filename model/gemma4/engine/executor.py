@@ -96,9 +96,6 @@ class MultiprocExecutor(Executor):
     """
 
     def __init__(self, config: WorkerConfig, *, start_timeout_s: float = 300.0) -> None:
-        backend = backend_of(config.device)
-        if config.layout.distributed and not backend.multi_device:
-            raise ValueError(f"a replica on {backend.name} runs on one device; tensor_parallel_size must be 1")
         self.config = load_config(config.checkpoint)
         config.engine_args.check_model(self.config.text)
         self.world_size = config.layout.world_size

@@ -54,6 +54,9 @@ class WorkerConfig:
             raise ValueError(f"dtype must name a torch dtype (bfloat16, float32, ...), got {self.dtype!r}")
         if self.layout != self.engine_args.layout.with_rank(self.layout.rank):
             raise ValueError(f"layout {self.layout} does not match the engine arguments' {self.engine_args.layout}")
+        backend = backend_of(self.device)
+        if self.layout.distributed and not backend.multi_device:
+            raise ValueError(f"a replica on {backend.name} runs on one device; tensor_parallel_size must be 1")
 
     @classmethod
     def of(cls, checkpoint: str | Path, dtype: torch.dtype, device: str | torch.device, args: EngineArgs) -> WorkerConfig:
@@ -113,8 +116,6 @@ class Worker:
         backend = backend_of(config.device)
         comm = SINGLE
         if layout.distributed:
-            if not backend.multi_device:
-                raise ValueError(f"a replica on {backend.name} runs on one device; tensor_parallel_size must be 1")
             if init_method is None:
                 raise ValueError("a rank of a multi-rank replica needs the process group's init_method")
             comm = init_collectives(backend.collectives, init_method, layout.world_size, rank)
