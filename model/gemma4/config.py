@@ -371,6 +371,11 @@ class Gemma4VisionConfig:
     use_clipped_linears: bool = False
     standardize: bool = False
     default_output_length: int = 280
+    rms_norm_eps: float = 1e-6
+
+    @classmethod
+    def from_hf_dict(cls, raw: Mapping[str, Any], *, source: str) -> "Gemma4VisionConfig":
+        return _known_fields(cls, raw)
 
 
 @dataclass(frozen=True)
@@ -384,6 +389,11 @@ class Gemma4AudioConfig:
     subsampling_conv_channels: tuple[int, ...] = (128, 32)
     output_proj_dims: int = 1536
     use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+
+    @classmethod
+    def from_hf_dict(cls, raw: Mapping[str, Any], *, source: str) -> "Gemma4AudioConfig":
+        return _known_fields(cls, raw)
 
 
 @dataclass(frozen=True)
@@ -542,17 +552,18 @@ def _rope(rope: Mapping[str, Any], layer_type: str, default: RopeConfig, source:
 
 
 def _tower(cls: type, raw: Any, source: str) -> Any:
-    """Read an optional tower config, keeping only the fields we model; null means no tower."""
+    """Read an optional tower config (`cls.from_hf_dict`); null means no tower."""
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected an object or null")
-    known = {f.name: f for f in fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        if key in known:
-            values[key] = tuple(value) if isinstance(value, list) else value
-    return cls(**values)
+    return cls.from_hf_dict(raw, source=source)
+
+
+def _known_fields(cls: type, raw: Mapping[str, Any]) -> Any:
+    """`cls` from the keys of `raw` that name its fields (lists become tuples); the rest is ignored."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known})
 
 
 # ---------------------------------------------------------------------------- released variants

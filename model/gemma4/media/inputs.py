@@ -1,0 +1,76 @@
+"""What a preprocessed media item is, as the gateway, the engine and the encoders exchange it.
+
+Plain data with CPU tensors (picklable: items cross to replicas through Ray's object store and to
+rank processes). An image, one video frame and one audio clip are each one `MediaFeatures`: one
+encoder call, one run of soft tokens in the prompt (`MediaPlaceholder`). A video is its frames, each
+its own item and its own bidirectional block, with the timestamps the prompt shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Modality = Literal["image", "video", "audio"]
+MODALITIES: tuple[Modality, ...] = ("image", "video", "audio")
+
+
+class MediaError(ValueError):
+    """Media a client sent that cannot be used; `where` names the part (`messages[1].content[0]`)."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+
+
+@dataclass(frozen=True, eq=False)
+class MediaFeatures:
+    """One encoder input. Images and video frames: `pixel_values [P, 3 * patch^2]` fp32 in [0, 1] and
+    `position_ids [P, 2]` int64 (x = column, y = row), P = pooling_kernel^2 * num_tokens, no padding.
+    Audio: `input_features [T, 128]` fp32 log-mel and `input_features_mask [T]` bool.
+
+    `content_hash` (hex) is a digest of the modality and the tensors: the same content gives the same
+    soft tokens, so it keys the encoder cache and is mixed into prefix-cache block hashes.
+    """
+
+    modality: Modality
+    num_tokens: int
+    content_hash: str
+    pixel_values: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    input_features: torch.Tensor | None = None
+    input_features_mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class VideoFeatures:
+    """A sampled video: one item per frame, and each frame's time in seconds (what the prompt shows)."""
+
+    frames: tuple[MediaFeatures, ...]
+    timestamps: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class MediaPlaceholder:
+    """Where one item's soft tokens go: prompt positions `[offset, offset + features.num_tokens)`."""
+
+    offset: int
+    features: MediaFeatures
+
+    @property
+    def length(self) -> int:
+        return self.features.num_tokens
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.features.num_tokens
+
+
+@dataclass(frozen=True)
+class MultimodalPrompt:
+    """Expanded prompt ids and the media placed in them (in prompt order, non-overlapping)."""
+
+    token_ids: list[int]
+    media: tuple[MediaPlaceholder, ...] = ()
