@@ -127,15 +127,27 @@ class AttentionBackend(Protocol):
     def __call__(self, layer: LayerSpec, q: torch.Tensor, kv: NewKV | None) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class SoftTokens:
+    """Encoder outputs placed into a forward's embeddings: row `rows[i]` of the flattened `[B * T]` tokens
+    (a placeholder position) takes `embeds[i]` (`[M, H]`, the embedder's output, unscaled)."""
+
+    rows: torch.Tensor
+    embeds: torch.Tensor
+
+
 class DenseAttention:
     """Full-sequence attention without a cache: causal on global layers, causal + window on sliding ones.
 
-    Keeps each producer layer's keys/values for the KV-sharing layers that read them.
+    `span_ids [B, T]` (-1 outside) are the bidirectional blocks of the vision models: on sliding layers
+    a block's tokens also see its later tokens, `(k > q - W) & (k <= q | same block)`; global layers stay
+    causal. Keeps each producer layer's keys/values for the KV-sharing layers that read them.
     """
 
-    def __init__(self, positions: torch.Tensor, ops: Ops) -> None:
+    def __init__(self, positions: torch.Tensor, ops: Ops, span_ids: torch.Tensor | None = None) -> None:
         self.positions = positions
         self.ops = ops
+        self.span_ids = span_ids
         self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[int | None, torch.Tensor] = {}
 
@@ -145,6 +157,9 @@ class DenseAttention:
             k = self.positions[:, None, :]
             mask = k <= q
             if window is not None:
+                if self.span_ids is not None:
+                    same = self.span_ids[:, :, None] == self.span_ids[:, None, :]
+                    mask |= same & (self.span_ids[:, :, None] >= 0)
                 mask &= q - k < window
             self._masks[window] = mask[:, None]  # [B, 1, T, T], broadcast over heads
         return self._masks[window]
@@ -493,9 +508,16 @@ class Gemma4TextModel(nn.Module):
         attention: AttentionBackend,
         *,
         token_mask: torch.Tensor | None = None,
+        soft_tokens: SoftTokens | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states; `token_mask [B, T]` (True = real token, None = all) gates expert counts."""
+        """Final-normed hidden states; `token_mask [B, T]` (True = real token, None = all) gates expert counts.
+
+        `input_ids` hold `<pad>` at media placeholders, whose embedding rows `soft_tokens` replace; PLE
+        reads the pad ids for its token-identity part and the merged embeddings for its context part.
+        """
         x = self.embed_tokens(input_ids)
+        if soft_tokens is not None:
+            x = x.reshape(-1, x.shape[-1]).index_copy(0, soft_tokens.rows, soft_tokens.embeds.to(x.dtype)).view_as(x)
         ple = self.per_layer_inputs(input_ids, x) if self.config.hidden_size_per_layer_input else None
         ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
         for i, layer in enumerate(self.layers):
@@ -621,13 +643,12 @@ class Gemma4ForCausalLM(nn.Module):
         e, h, i = text.num_experts, text.hidden_size, text.moe_intermediate_size
         return (e, 2 * i, h) if suffix.endswith("gate_up_proj") else (e, h, i)
 
-    def text_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Multimodal placeholders are embedded as `<pad>` (soft tokens are scattered in later)."""
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """True at multimodal placeholder ids (None for a checkpoint without media tokens)."""
         if self.placeholder_ids.numel() == 0:
-            return input_ids
+            return None
         # A comparison against every placeholder, not torch.isin: XLA lowers this, isin runs on the host.
-        placeholder = (input_ids[..., None] == self.placeholder_ids).any(-1)
-        return torch.where(placeholder, self.text_config.pad_token_id, input_ids)
+        return (input_ids[..., None] == self.placeholder_ids).any(-1)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits over the whole vocabulary, the final softcap applied (on a rank of a replica: its
@@ -643,24 +664,34 @@ class Gemma4ForCausalLM(nn.Module):
         attention: AttentionBackend,
         *,
         token_mask: torch.Tensor | None = None,
+        soft_tokens: SoftTokens | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states `[B, T, H]`; the engine computes logits only for rows it samples.
 
         `token_mask [B, T]` (bool, True = real token) keeps padded rows out of the expert-load counters.
+        Multimodal placeholders are embedded as `<pad>`, then `soft_tokens` take their rows.
         """
-        return self.model(self.text_input_ids(input_ids), positions, attention, token_mask=token_mask)
+        placeholders = self.placeholder_mask(input_ids)
+        if placeholders is not None:
+            input_ids = torch.where(placeholders, self.text_config.pad_token_id, input_ids)
+        return self.model(input_ids, positions, attention, token_mask=token_mask, soft_tokens=soft_tokens)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         attention: AttentionBackend | None = None,
+        *,
+        soft_tokens: SoftTokens | None = None,
+        span_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits `[B, T, vocab]` for `input_ids [B, T]` (default: positions 0..T-1, dense causal attention)."""
+        """Logits `[B, T, vocab]` for `input_ids [B, T]` (default: positions 0..T-1, dense attention, causal
+        but for the bidirectional blocks `span_ids [B, T]` marks, on models that have them)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if attention is None:
-            attention = DenseAttention(positions, self.ops)
-        return self.compute_logits(self.hidden_states(input_ids, positions, attention))
+            bidirectional = self.text_config.use_bidirectional_attention == "vision"
+            attention = DenseAttention(positions, self.ops, span_ids if bidirectional else None)
+        return self.compute_logits(self.hidden_states(input_ids, positions, attention, soft_tokens=soft_tokens))
