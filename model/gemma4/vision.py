@@ -155,7 +155,7 @@ class Gemma4VisionModel(nn.Module):
         """pixel_values [B, P, 3*p*p] in [0, 1], position_ids [B, P, 2] (x = column, y = row; -1 = padding)
         -> (tokens [B, P // k^2, d], valid [B, P // k^2]); invalid slots hold zeros."""
         k = self.config.pooling_kernel_size
-        b, p, _ = pixel_values.shape
+        p = pixel_values.shape[1]
         if p % (k * k):
             raise ValueError(f"the patch count {p} must be a multiple of pooling_kernel_size^2 = {k * k}")
         padding = (position_ids == -1).all(dim=-1)
@@ -170,9 +170,11 @@ class Gemma4VisionModel(nn.Module):
     def _pool(
         self, h: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean of each k x k block of patches into slot `x//k + (W//k) * (y//k)` (row-major), times sqrt(d),
-        in fp32; W is the image's patch width. A slot is valid when a real patch lands in it."""
+        """Mean of each k x k block of patches into slot `x//k + (W//k) * (y//k)` (row-major; W is the image's
+        patch width), summed in fp32 and rounded to the working dtype, then times sqrt(d) in fp32 (fp32 out).
+        A slot is valid when a real patch lands in it."""
         k = self.config.pooling_kernel_size
+        dtype = h.dtype
         pos = position_ids.clamp(min=0)
         width = pos[..., 0].masked_fill(padding, 0).amax(dim=-1, keepdim=True) + 1
         block = pos // k
@@ -181,10 +183,12 @@ class Gemma4VisionModel(nn.Module):
             raise ValueError(f"patch positions map to pooled slots beyond the {length} the patch count allows")
         h = h.float().masked_fill(padding.unsqueeze(-1), 0.0)
         pooled = torch.zeros(h.shape[0], length, h.shape[-1], dtype=torch.float32, device=h.device)
-        pooled.scatter_add_(1, slot.unsqueeze(-1).expand_as(h), h / (k * k))
+        pooled.scatter_add_(1, slot.unsqueeze(-1).expand_as(h), h * (1.0 / (k * k)))
         counts = torch.zeros(h.shape[0], length, dtype=torch.int64, device=h.device)
         counts.scatter_add_(1, slot, (~padding).long())
-        return pooled * math.sqrt(self.config.hidden_size), counts > 0
+        # The mean is rounded to the working dtype before the fp32 scaling, as the reference does.
+        pooled = pooled.to(dtype).float() * math.sqrt(self.config.hidden_size)
+        return pooled, counts > 0
 
     def encode(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One unpadded image or video frame: [P, 3*p*p], [P, 2] -> [P // k^2, d]."""
