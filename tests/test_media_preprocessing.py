@@ -170,3 +170,23 @@ def test_corrupt_audio() -> None:
     for data in (b"RIFF\x00\x00\x00\x00WAVEjunk", b"not audio at all" * 10, b""):
         with pytest.raises(MediaError, match="clip7"):
             decode_audio(data, where="clip7")
+
+
+@pytest.mark.parametrize(("fmt", "codec"), [("flac", "flac"), ("mp3", "libmp3lame")])
+def test_compressed_stereo_44k_decodes_to_16k_mono(fmt: str, codec: str) -> None:
+    import av
+
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * 44100) / 44100)).astype(np.float32)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=44100)
+        stream.layout = "stereo"
+        frame = av.AudioFrame.from_ndarray(np.stack([tone, -tone]), format="fltp", layout="stereo")
+        frame.sample_rate = 44100
+        to_codec = av.AudioResampler(format=stream.format.name, layout="stereo", rate=44100)
+        for converted in [*to_codec.resample(frame), None]:
+            for packet in stream.encode(converted):
+                container.mux(packet)
+    decoded = decode_audio(buffer.getvalue(), where="audio")
+    assert decoded.dtype == np.float32 and abs(decoded.shape[0] - 2 * SAMPLE_RATE) <= 1200  # codec delay/padding
+    assert np.abs(decoded).max() < 0.01  # opposite channels average to silence: the mixdown is a mean
