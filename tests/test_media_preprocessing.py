@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import wave
+import zlib
 
 import numpy as np
 import pytest
@@ -97,6 +99,33 @@ def test_image_errors_name_the_part() -> None:
         image_features(_picture(64, 64, 3), 100)
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width x height`: decoding its pixels would be a bomb."""
+    data = bytearray(_encode(Image.new("L", (8, 8)), "PNG"))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("width", "height"), [(9000, 9000), (40000, 40000)])
+def test_decompression_bomb_refused_from_header(width: int, height: int) -> None:
+    data = _png_claiming(width, height)
+    assert len(data) < 200
+    with pytest.raises(MediaError, match="too large|over the limit") as info:
+        decode_image(data, where="img", max_pixels=MAX_PIXELS)
+    assert info.value.where == "img"
+
+
+def test_gif_first_frame() -> None:
+    frames = [Image.new("RGB", (60, 40), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    decoded = decode_image(buffer.getvalue(), where="img", max_pixels=MAX_PIXELS)
+    assert decoded.mode == "RGB" and decoded.size == (60, 40)
+    assert decoded.getpixel((5, 5)) == (255, 0, 0)
+
+
 def _reference_audio(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     out = Gemma4AudioFeatureExtractor()([samples], return_tensors="np")
     return out["input_features"][0], out["input_features_mask"][0]
@@ -144,6 +173,24 @@ def test_wav_round_trip() -> None:
     ref_features, _ = _reference_audio(decoded)
     assert ours.num_tokens == 25
     np.testing.assert_allclose(ours.input_features.numpy(), ref_features, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_wav_8_and_24_bit(width: int) -> None:
+    samples = _clip("sine", 1600)
+    if width == 1:
+        raw = np.clip(np.round(samples * 128 + 128), 0, 255).astype(np.uint8).tobytes()
+    else:
+        ints = np.round(samples * 2**23).astype("<i4")
+        raw = np.stack([ints & 0xFF, (ints >> 8) & 0xFF, (ints >> 16) & 0xFF], axis=-1).astype(np.uint8).tobytes()
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(width)
+        writer.setframerate(SAMPLE_RATE)
+        writer.writeframes(raw)
+    decoded = decode_audio(buffer.getvalue(), where="audio")
+    np.testing.assert_allclose(decoded, samples, atol=1 / 127 if width == 1 else 1e-6)
 
 
 def test_long_audio_refused_or_truncated() -> None:

@@ -98,10 +98,8 @@ def image_features(
         raise MediaError(modality, f"image budget {budget} is not one of {ALLOWED_BUDGETS}")
     if image.mode != "RGB":
         image = _to_rgb(image)
-    try:
-        out_h, out_w = target_size(image.height, image.width, budget, patch, kernel)
-    except ValueError as exc:
-        raise MediaError(modality, str(exc)) from exc
+    # An allowed budget always leaves a side of at least one pooling cell, so target_size cannot fail here.
+    out_h, out_w = target_size(image.height, image.width, budget, patch, kernel)
     if (out_h, out_w) != (image.height, image.width):
         image = image.resize((out_w, out_h), resample=Image.Resampling.BICUBIC)
     # The reference rescales in float64 and casts once: the same rounding gives bit-equal values.
