@@ -134,6 +134,7 @@ def audio_features(samples: np.ndarray) -> MediaFeatures:
     As the extractor does for one clip: right-pad with zeros to a multiple of 128 samples, prepend
     160 zeros (semicausal), frames of 320 every 160 samples; a frame is valid iff the last sample of
     its 321-sample unfold window is real audio, and invalid frames are zeroed.
+    Samples past MAX_SAMPLES are dropped, as the extractor truncates (decode_audio refuses them first).
     """
     clip = np.asarray(samples, dtype=np.float32).reshape(-1)[:MAX_SAMPLES]
     n = clip.shape[0]

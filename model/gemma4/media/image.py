@@ -37,7 +37,7 @@ def decode_image(data: bytes, *, where: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=list(_FORMATS))
     except Image.DecompressionBombError as exc:
-        raise MediaError(where, f"image is too large ({exc})") from exc
+        raise MediaError(where, f"image is too large (over the limit of {max_pixels} pixels): {exc}") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise MediaError(where, f"not a decodable image (accepted: PNG, JPEG, WebP, GIF): {exc}") from exc
     if image.format not in _FORMATS:
@@ -93,7 +93,11 @@ def image_features(
     patch: int = 16,
     kernel: int = 3,
 ) -> MediaFeatures:
-    """Resize (bicubic), rescale to [0, 1] and patchify one RGB image, without padding."""
+    """Resize (bicubic), rescale to [0, 1] and patchify one RGB image, without padding.
+
+    A budget outside ALLOWED_BUDGETS is a MediaError whose `where` is the modality (the caller's
+    request parameter, not one media part).
+    """
     if budget not in ALLOWED_BUDGETS:
         raise MediaError(modality, f"image budget {budget} is not one of {ALLOWED_BUDGETS}")
     if image.mode != "RGB":
