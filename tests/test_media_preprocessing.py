@@ -47,7 +47,8 @@ def test_target_size_examples(height: int, width: int, expected: tuple[int, int]
 
 @pytest.mark.parametrize(
     ("height", "width", "fmt"),
-    [(30, 30, "PNG"), (100, 4000, "PNG"), (480, 640, "JPEG"), (300, 90, "WEBP"), (57, 211, "GIF"), (4000, 100, "JPEG")],
+    [(30, 30, "PNG"), (100, 4000, "PNG"), (480, 640, "JPEG"), (300, 90, "WEBP"), (57, 211, "GIF"), (4000, 100, "JPEG"),
+     (768, 768, "WEBP")],  # 768x768 at 280 is already the target: no resize
 )
 @pytest.mark.parametrize("budget", [70, 280])
 def test_image_matches_pil_processor(height: int, width: int, fmt: str, budget: int) -> None:
@@ -69,6 +70,18 @@ def test_image_matches_pil_processor(height: int, width: int, fmt: str, budget: 
     np.testing.assert_allclose(ours.pixel_values.numpy(), ref_pixels[:n_patches], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(ours.position_ids.numpy(), ref_positions[:n_patches])
     assert ours.pixel_values.dtype == torch.float32 and ours.position_ids.dtype == torch.int64
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "LA"])
+def test_image_modes_convert_as_reference(mode: str) -> None:
+    source = _picture(90, 130, seed=5).convert(mode)
+    if mode == "P":  # palette transparency: composited onto white by both
+        source.info["transparency"] = 0
+    data = _encode(source, "PNG")
+    ours = image_features(decode_image(data, where="img", max_pixels=MAX_PIXELS), 70)
+    reference = Gemma4ImageProcessorPil(max_soft_tokens=70)(Image.open(io.BytesIO(data)), return_tensors="np")
+    n_patches = ours.pixel_values.shape[0]
+    np.testing.assert_allclose(ours.pixel_values.numpy(), reference["pixel_values"][0][:n_patches], rtol=0, atol=1e-6)
 
 
 def test_image_hash_depends_on_content_and_grid() -> None:
