@@ -372,10 +372,44 @@ class Gemma4VisionConfig:
     standardize: bool = False
     default_output_length: int = 280
     rms_norm_eps: float = 1e-6
+    rope_theta: float = 100.0
+    hidden_activation: str = "gelu_pytorch_tanh"
+
+    def __post_init__(self) -> None:
+        if self.hidden_activation not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(
+                f"vision hidden_activation {self.hidden_activation!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})"
+            )
+        if self.rope_theta <= 0:
+            raise ConfigError(f"vision rope_theta must be > 0, got {self.rope_theta}")
+        if self.head_dim % 4:
+            raise ConfigError(f"vision head_dim must be a multiple of 4 for 2-D RoPE, got {self.head_dim}")
 
     @classmethod
     def from_hf_dict(cls, raw: Mapping[str, Any], *, source: str) -> "Gemma4VisionConfig":
-        return _known_fields(cls, raw)
+        """Known fields of a `gemma4_vision` config; the RoPE base comes from `rope_parameters` (axial only)."""
+        rope = raw.get("rope_parameters") or {}
+        if not isinstance(rope, Mapping):
+            raise ConfigError(f"{source}: rope_parameters must be an object")
+        if rope.get("rope_type", "axial") != "axial":
+            raise ConfigError(f"{source}: the vision tower supports only axial RoPE, got {rope.get('rope_type')!r}")
+        fields_only = {k: v for k, v in raw.items() if k != "rope_theta"}
+        if "rope_theta" in rope:
+            fields_only["rope_theta"] = _get(rope, "rope_theta", 100.0, float, source)
+        try:
+            return _known_fields(cls, fields_only)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """What transformers' `Gemma4VisionConfig` accepts (`default_output_length` is ours only)."""
+        out: dict[str, Any] = {"model_type": "gemma4_vision"}
+        for f in fields(self):
+            if f.name not in ("rope_theta", "default_output_length"):
+                out[f.name] = getattr(self, f.name)
+        out["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.rope_theta}
+        return out
 
 
 @dataclass(frozen=True)
