@@ -15,7 +15,7 @@ from transformers.models.gemma4 import configuration_gemma4 as hf_cfg
 from transformers.models.gemma4 import modeling_gemma4 as hf_mod
 
 from gemma4.audio import Gemma4AudioModel
-from gemma4.config import Gemma4AudioConfig, variant_config
+from gemma4.config import ConfigError, Gemma4AudioConfig, variant_config
 from gemma4.tower_layers import MultimodalEmbedder
 
 KEYS = Path(__file__).parent / "data" / "checkpoint-keys"
@@ -86,11 +86,11 @@ def models():
         features, mask = _inputs(gen)
         for name, (amax_in, amax_out) in _observed_ranges(hf, features, mask).items():
             module = hf.audio_tower.get_submodule(name)
-            lo, hi = torch.rand(4, generator=gen) * 0.3 + 0.6, None
-            module.input_min.fill_(-lo[0].item() * amax_in)
-            module.input_max.fill_(lo[1].item() * amax_in)
-            module.output_min.fill_(-lo[2].item() * amax_out)
-            module.output_max.fill_(lo[3].item() * amax_out)
+            fractions = (torch.rand(4, generator=gen) * 0.3 + 0.6).tolist()
+            module.input_min.fill_(-fractions[0] * amax_in)
+            module.input_max.fill_(fractions[1] * amax_in)
+            module.output_min.fill_(-fractions[2] * amax_out)
+            module.output_max.fill_(fractions[3] * amax_out)
 
     config = Gemma4AudioConfig.from_hf_dict(hf.config.audio_config.to_dict(), source="test")
     ours = Gemma4AudioModel(config).eval()
@@ -179,3 +179,10 @@ def test_names_and_shapes_equal_the_checkpoint(variant: str) -> None:
     with torch.device("meta"):
         tower = Gemma4AudioModel(variant_config(variant).audio)
     assert {k: tuple(v.shape) for k, v in tower.state_dict().items()} == expected
+
+
+def test_unsupported_attention_geometry_is_refused() -> None:
+    """Only geometries where transformers' relative shift means "distance d uses table row d" are accepted."""
+    with pytest.raises(ConfigError, match="attention geometry"):
+        Gemma4AudioModel(Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           attention_chunk_size=4))

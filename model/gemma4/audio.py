@@ -97,8 +97,8 @@ class _LocalSelfAttention(nn.Module):
 
     Queries go in chunks of `attention_chunk_size`; each chunk scores a key context of its own frames plus
     `attention_context_left - 1` before and `attention_context_right` after. A key counts when it is valid and
-    its distance d = query - key satisfies 0 <= d < left - 1 or 0 < -d < right; other context slots (outside the clip too)
-    get `attention_invalid_logits_value` after the softcap. The relative term for distance d is
+    its distance d = query - key satisfies 0 <= d < left - 1 or 0 < -d < right; other context slots (outside
+    the clip too) get `attention_invalid_logits_value` after the softcap. The relative term for distance d is
     q . relative_k_proj(sinusoid(d)) for 0 <= d <= left - 1, else 0 (what transformers' relative shift gives
     for the released geometry, the only one accepted).
     """
@@ -133,7 +133,8 @@ class _LocalSelfAttention(nn.Module):
         return torch.cat([torch.sin(distance), torch.cos(distance)], dim=-1).to(dtype)
 
     def _context(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
-        """[B, T, ...] -> [B, blocks, window, ...]: for block n the frames n*chunk - past ... n*chunk + chunk + future - 1."""
+        """[B, T, ...] -> [B, blocks, window, ...]: block n holds frames n*chunk - past .. (n+1)*chunk + future - 1,
+        zeros outside the clip."""
         window = self.chunk + self.past + self.future
         pad_right = blocks * self.chunk - x.shape[1] + self.future
         x = F.pad(x, (0, 0) * (x.dim() - 2) + (self.past, pad_right))
