@@ -7,6 +7,7 @@ redrawn at unit-gain scale so every term moves the output.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,15 @@ def test_unsupported_attention_geometry_is_refused() -> None:
     with pytest.raises(ConfigError, match="attention geometry"):
         Gemma4AudioModel(Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                            attention_chunk_size=4))
+
+
+def test_bf16_tower_matches_cast_transformers_tower(models) -> None:
+    """In bf16 too (both towers cast with `.to`): the relative-position table is computed in the tower's dtype."""
+    hf, ours, _, features, mask = models
+    hf_bf16 = copy.deepcopy(hf.audio_tower).to(torch.bfloat16)
+    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = hf_bf16(features, mask, return_dict=True).last_hidden_state
+        hidden, _ = ours_bf16(features, mask)
+    assert hidden.dtype == ref.dtype == torch.bfloat16
+    assert _max_diff(hidden.float(), ref.float()) < 1e-2

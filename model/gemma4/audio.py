@@ -46,7 +46,8 @@ class _SubsampleLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x * mask[:, None, :, None].to(x.dtype)
         x = self.conv(x.to(self.conv.weight.dtype))
-        x = F.relu(self.norm(x.movedim(1, -1))).movedim(-1, 1)
+        # contiguous: a channels-last tensor would send the next conv down a differently-rounding kernel
+        x = F.relu(self.norm(x.movedim(1, -1))).movedim(-1, 1).contiguous()
         return x, mask[:, ::2]
 
 
@@ -126,11 +127,15 @@ class _LocalSelfAttention(nn.Module):
         self.per_dim_scale = nn.Parameter(torch.zeros(self.head_dim))
 
     def _sinusoids(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """`[sin | cos]` of distances past..0 (row m is distance past - m), timescales 1..1e4."""
+        """`[sin | cos]` of distances past..0 (row m is distance past - m), timescales 1..1e4.
+
+        The timescales are rounded to the tower's dtype and the angles computed in it, as transformers' table
+        buffer is once the tower is cast (a bf16 tower gets bf16 angles)."""
         half = self.config.hidden_size // 2
-        inv_timescales = torch.exp(torch.arange(half, device=device) * (-math.log(1e4) / max(half - 1, 1)))
-        distance = torch.arange(self.past, -1, -1, device=device)[:, None] * inv_timescales
-        return torch.cat([torch.sin(distance), torch.cos(distance)], dim=-1).to(dtype)
+        steps = torch.arange(half, dtype=torch.float32, device=device)
+        inv_timescales = torch.exp(steps * (-math.log(1e4) / max(half - 1, 1))).to(dtype)
+        angle = torch.arange(self.past, -1, -1, device=device)[:, None] * inv_timescales
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
 
     def _context(self, x: torch.Tensor, blocks: int) -> torch.Tensor:
         """[B, T, ...] -> [B, blocks, window, ...]: block n holds frames n*chunk - past .. (n+1)*chunk + future - 1,
@@ -146,7 +151,8 @@ class _LocalSelfAttention(nn.Module):
         q = self.q_proj(x).float().view(shape)
         k = self.k_proj(x).float().view(shape)
         v = self.v_proj(x).float().view(shape)
-        q = q * ((self.head_dim**-0.5) / math.log(2)) * F.softplus(self.per_dim_scale.float())
+        # softplus in the weight dtype, as transformers does
+        q = q * ((self.head_dim**-0.5) / math.log(2)) * F.softplus(self.per_dim_scale)
         k = k * (math.log(1 + math.e) / math.log(2))
 
         blocks = -(-frames // self.chunk)
