@@ -414,13 +414,26 @@ class Gemma4VisionConfig:
 
 @dataclass(frozen=True)
 class Gemma4AudioConfig:
-    """The audio tower's size (E2B/E4B only)."""
+    """The audio tower (E2B/E4B only): size, and the conformer's constants under transformers' field names.
+
+    Attention is local: each frame sees itself and the `attention_context_left - 1` frames before it
+    (`attention_context_right` after), processed in chunks of `attention_chunk_size` queries.
+    `gradient_clipping` is the bound of the tower's activation clamps (bounded again by the dtype's max).
+    """
 
     hidden_size: int = 1024
     num_hidden_layers: int = 12
     num_attention_heads: int = 8
+    hidden_act: str = "silu"
     conv_kernel_size: int = 5
     subsampling_conv_channels: tuple[int, ...] = (128, 32)
+    residual_weight: float = 0.5
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13
+    attention_context_right: int = 0
+    attention_logit_cap: float = 50.0
+    attention_invalid_logits_value: float = -1.0e9
+    gradient_clipping: float = 1e10
     output_proj_dims: int = 1536
     use_clipped_linears: bool = True
     rms_norm_eps: float = 1e-6
@@ -428,6 +441,14 @@ class Gemma4AudioConfig:
     @classmethod
     def from_hf_dict(cls, raw: Mapping[str, Any], *, source: str) -> "Gemma4AudioConfig":
         return _known_fields(cls, raw)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The fields as transformers' `Gemma4AudioConfig` takes them (tuples as lists)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
 
 @dataclass(frozen=True)
