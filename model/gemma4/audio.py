@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma4.config import ConfigError, Gemma4AudioConfig
-from gemma4.modeling import RMSNorm
+from gemma4.norm import RMSNorm
 from gemma4.tower_layers import ClippableLinear
 
 # transformers builds these norms with Gemma4RMSNorm's default eps, not config.rms_norm_eps.

@@ -38,16 +38,20 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _TEXT_PREFIX = {CAUSAL_LM_ARCHITECTURE: "model."}
 _MULTIMODAL_TEXT_PREFIX = "model.language_model."
+TOWERS_PREFIX = "towers."  # our name of the vision/audio towers (`gemma4.towers`)
 
 
 def checkpoint_name(config: Gemma4Config, model_name: str) -> str:
     """The checkpoint tensor name of one of our parameter/buffer names.
 
     The text decoder lives under `model.language_model.` in `Gemma4ForConditionalGeneration`
-    checkpoints (the official ones) and under `model.` in `Gemma4ForCausalLM` checkpoints.
+    checkpoints (the official ones) and under `model.` in `Gemma4ForCausalLM` checkpoints; our
+    `towers.X` (the media towers) are the checkpoint's `model.X`.
     """
     if model_name.startswith("model."):
         return _TEXT_PREFIX.get(config.architecture, _MULTIMODAL_TEXT_PREFIX) + model_name.removeprefix("model.")
+    if model_name.startswith(TOWERS_PREFIX):  # the media towers sit beside the text model
+        return "model." + model_name.removeprefix(TOWERS_PREFIX)
     return model_name
 
 

@@ -9,8 +9,9 @@ is half-loaded.
 
 Names: the text decoder lives under `model.language_model.` in `Gemma4ForConditionalGeneration`
 checkpoints (the official ones) and under `model.` in `Gemma4ForCausalLM` checkpoints. Tensors of
-the vision/audio towers the config declares are left for their encoders; the K/V projections that
-E2B/E4B checkpoints still carry for their KV-sharing layers are the only text tensors ignored.
+the vision/audio towers (`model.vision_tower.`, `model.embed_vision.`, audio alike) load with it,
+replicated on every rank; the K/V projections that E2B/E4B checkpoints still carry for their
+KV-sharing layers are the only tensors ignored.
 """
 
 from __future__ import annotations
@@ -28,15 +29,13 @@ from gemma4.checkpoint import (
     index_checkpoint,
     read_tensors,
 )
-from gemma4.config import CAUSAL_LM_ARCHITECTURE, Gemma4Config, load_config
+from gemma4.config import Gemma4Config, load_config
 from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.parallel.comm import SINGLE, Collectives
 from gemma4.parallel.layout import ParallelLayout
 from gemma4.parallel.placement import ExpertPlacement
 from gemma4.parallel.sharding import rank_shards
 
-_VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.")
-_AUDIO_PREFIXES = ("model.audio_tower.", "model.embed_audio.")
 _SHARED_LAYER_UNUSED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
 
 
@@ -53,19 +52,12 @@ def ignored_tensor_names(config: Gemma4Config) -> set[str]:
     return names
 
 
-def _other_tower_prefixes(config: Gemma4Config) -> tuple[str, ...]:
-    if config.architecture == CAUSAL_LM_ARCHITECTURE:
-        return ()
-    return (_VISION_PREFIXES if config.vision else ()) + (_AUDIO_PREFIXES if config.audio else ())
-
-
 def plan_load(
     model: Gemma4ForCausalLM, config: Gemma4Config, entries: dict[str, TensorEntry]
 ) -> dict[str, TensorEntry]:
     """Match every persistent model tensor to a checkpoint entry, or raise listing all problems."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     ignored = ignored_tensor_names(config)
-    other_towers = _other_tower_prefixes(config)
     plan: dict[str, TensorEntry] = {}
     problems: list[str] = []
     wanted = {checkpoint_name(config, name): name for name in expected}
@@ -84,7 +76,7 @@ def plan_load(
             )
         plan[model_name] = entry
     for name, entry in entries.items():
-        if name in wanted or name in ignored or name.startswith(other_towers):
+        if name in wanted or name in ignored:
             continue
         problems.append(f"unexpected tensor {entry.describe()}")
     if problems:

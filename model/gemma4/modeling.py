@@ -31,12 +31,16 @@ from torch import nn
 from gemma4.backends import Ops, reference_ops
 from gemma4.checkpoint import CheckpointError, checkpoint_name, index_checkpoint, read_tensors
 from gemma4.config import FULL, SLIDING, Gemma4Config, Gemma4TextConfig, LayerSpec, RopeConfig
+from gemma4.media.inputs import MediaFeatures
 from gemma4.memory import check_layout
+from gemma4.norm import RMSNorm
 from gemma4.ops.rope import rope_at
 from gemma4.parallel.comm import SINGLE, Collectives
 from gemma4.parallel.layout import ParallelLayout
 from gemma4.parallel.placement import ExpertPlacement, balanced_placement
 from gemma4.parallel.sharding import EXPERT_TENSORS, Shard, expert_shard
+from gemma4.towers import build_towers, encode_item
+from gemma4.vision import VisionEncoder
 
 # The dtypes a model's weights may take; the embedding scale is rounded to each once, at construction.
 WEIGHT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -45,22 +49,6 @@ WEIGHT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 def rounded_scale(value: float, dtype: torch.dtype) -> float:
     """`value` rounded to `dtype`, as the reference does for the embedding scale (bf16: sqrt(5376) -> 73.5)."""
     return float(torch.tensor(value, dtype=torch.float32, device="cpu").to(dtype))
-
-
-class RMSNorm(nn.Module):
-    """`x * rsqrt(mean(x^2) + eps) * w`, computed in fp32 (Gemma 4 uses `w`, not Gemma 3's `1 + w`).
-
-    `with_scale=False` is the weightless norm of attention values and the MoE router input.
-    """
-
-    def __init__(self, dim: int, eps: float, with_scale: bool = True) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
-        self.ops = reference_ops()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -553,6 +541,7 @@ class Gemma4ForCausalLM(nn.Module):
         self.layout = layout
         self.comm = comm
         self.model = Gemma4TextModel(text, layout, comm, self._placements(placements or {}))
+        self.towers = build_towers(config)
         if not text.tie_word_embeddings:
             self.lm_head = nn.Linear(text.hidden_size, layout.split(text.vocab_size)[1], bias=False)
         self.ops = reference_ops()
@@ -574,8 +563,9 @@ class Gemma4ForCausalLM(nn.Module):
         return {i: given.get(i, balanced) for i in moe_layers}
 
     def use_ops(self, ops: Ops) -> None:
-        """Run the hot path through `ops` (every module that computes holds the set it calls)."""
-        for module in self.modules():
+        """Run the text decoder's hot path through `ops` (every module that computes holds the set it calls;
+        the media towers keep the reference ops: the kernels are tuned for the decoder's shapes)."""
+        for module in (self, *self.model.modules()):
             if hasattr(module, "ops"):
                 module.ops = ops
 
@@ -588,6 +578,8 @@ class Gemma4ForCausalLM(nn.Module):
                 module.expert_tokens = torch.zeros_like(module.expert_tokens)
             elif isinstance(module, Experts):
                 module.write_tables()
+            elif isinstance(module, VisionEncoder):
+                module.reset_buffers()
         self.placeholder_ids = torch.tensor(
             self.config.multimodal_placeholder_ids, dtype=torch.long, device=self.placeholder_ids.device
         )
@@ -642,6 +634,11 @@ class Gemma4ForCausalLM(nn.Module):
         assert text.num_experts is not None and text.moe_intermediate_size is not None
         e, h, i = text.num_experts, text.hidden_size, text.moe_intermediate_size
         return (e, 2 * i, h) if suffix.endswith("gate_up_proj") else (e, h, i)
+
+    def encode_media(self, item: MediaFeatures) -> torch.Tensor:
+        """The soft tokens `[item.num_tokens, H]` of one image, video frame or audio clip (ValueError when
+        this checkpoint has no tower for it)."""
+        return encode_item(self.towers, item)
 
     def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """True at multimodal placeholder ids (None for a checkpoint without media tokens)."""

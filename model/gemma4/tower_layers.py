@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gemma4.modeling import RMSNorm
+from gemma4.norm import RMSNorm
 
 
 class ClippableLinear(nn.Module):

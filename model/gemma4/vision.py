@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gemma4.config import Gemma4VisionConfig
-from gemma4.modeling import RMSNorm
+from gemma4.norm import RMSNorm
 from gemma4.tower_layers import ClippableLinear
 
 
@@ -124,9 +124,17 @@ class VisionEncoder(nn.Module):
     def __init__(self, config: Gemma4VisionConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
-        half = config.head_dim // 2
-        exponents = torch.arange(0, half, 2, dtype=torch.float32) / half
-        self.register_buffer("inv_freq", 1.0 / (config.rope_theta**exponents), persistent=False)
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        half = self.head_dim // 2
+        exponents = torch.arange(0, half, 2, dtype=torch.float32, device=device) / half
+        return 1.0 / (self.rope_theta**exponents)
+
+    def reset_buffers(self) -> None:
+        """Recompute `inv_freq` after the module was materialised from the meta device."""
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         angles = position_ids[..., None].float() * self.inv_freq.to(x.device)  # [B, P, 2, hd/4]

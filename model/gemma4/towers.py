@@ -1,0 +1,53 @@
+"""The media towers a multimodal checkpoint declares, and one media item through its tower and embedder.
+
+They sit beside the text decoder as `towers.{vision_tower, embed_vision, audio_tower, embed_audio}`,
+whose names below `towers.` are the checkpoint's below `model.` (`gemma4.checkpoint.checkpoint_name`).
+On a rank of a multi-device replica they are replicated (small next to the decoder): every rank
+encodes the same items and scatters the same soft tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gemma4.audio import Gemma4AudioModel
+from gemma4.config import CAUSAL_LM_ARCHITECTURE, Gemma4Config
+from gemma4.media.inputs import MediaFeatures
+from gemma4.tower_layers import MultimodalEmbedder
+from gemma4.vision import Gemma4VisionModel
+
+
+def build_towers(config: Gemma4Config) -> nn.ModuleDict:
+    """The towers and embedders of `config` (none for a text-only `Gemma4ForCausalLM` checkpoint)."""
+    towers = nn.ModuleDict()
+    if config.architecture == CAUSAL_LM_ARCHITECTURE:
+        return towers
+    hidden = config.text.hidden_size
+    if config.vision is not None:
+        towers["vision_tower"] = Gemma4VisionModel(config.vision)
+        towers["embed_vision"] = MultimodalEmbedder(config.vision.hidden_size, hidden, config.vision.rms_norm_eps)
+    if config.audio is not None:
+        towers["audio_tower"] = Gemma4AudioModel(config.audio)
+        towers["embed_audio"] = MultimodalEmbedder(config.audio.output_proj_dims, hidden, config.audio.rms_norm_eps)
+    return towers
+
+
+def encode_item(towers: nn.ModuleDict, item: MediaFeatures) -> torch.Tensor:
+    """The soft tokens `[item.num_tokens, H_text]` of one image, video frame or audio clip."""
+    kind = "audio" if item.modality == "audio" else "vision"
+    if f"{kind}_tower" not in towers:
+        raise ValueError(f"this checkpoint has no {kind} tower for {item.modality} input")
+    tower, embedder = towers[f"{kind}_tower"], towers[f"embed_{kind}"]
+    weight = embedder.embedding_projection.weight
+    if kind == "vision":
+        assert item.pixel_values is not None and item.position_ids is not None
+        tokens = tower.encode(item.pixel_values.to(weight.device), item.position_ids.to(weight.device))
+    else:
+        assert item.input_features is not None and item.input_features_mask is not None
+        tokens = tower.encode(
+            item.input_features.to(weight.device, weight.dtype), item.input_features_mask.to(weight.device)
+        )
+    if tokens.shape[0] != item.num_tokens:
+        raise ValueError(f"the {item.modality} encoder gave {tokens.shape[0]} tokens for an item of {item.num_tokens}")
+    return embedder(tokens.to(weight.dtype))
