@@ -16,15 +16,17 @@ KEYS = Path(__file__).parent / "data" / "checkpoint-keys"
 PUBLISHED_BILLIONS = {"E2B": 4.63, "E4B": 7.46, "26B-A4B": 25.23, "31B": 30.70}
 
 
-def reference_text_keys(variant: str) -> dict[str, tuple[int, ...]]:
-    """Text tensor names/shapes of the real checkpoint, as transformers builds it from the real config."""
+def reference_keys(variant: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names/shapes of the real checkpoint (text decoder, towers and projectors), as transformers
+    builds it from the real config (the tied LM head is not a tensor of its own)."""
     out = {}
-    for line in (KEYS / f"{variant}.txt").read_text().splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name, shape = line.split("\t")
-        if name.startswith("model.language_model."):
-            out[name] = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
+    for file in (f"{variant}.txt", f"{variant}.towers.txt"):
+        for line in (KEYS / file).read_text().splitlines():
+            if line.startswith("#") or not line.strip():
+                continue
+            name, shape = line.split("\t")
+            if name.startswith("model."):
+                out[name] = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
     return out
 
 
@@ -34,7 +36,7 @@ def test_meta_model_matches_real_checkpoint_layout(variant: str) -> None:
     with torch.device("meta"):
         model = Gemma4ForCausalLM(config)
     ours = {checkpoint_name(config, name): tuple(t.shape) for name, t in model.state_dict().items()}
-    assert ours == reference_text_keys(variant)
+    assert ours == reference_keys(variant)
 
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.model.parameters())
     assert round(params / 1e9, 2) == PUBLISHED_BILLIONS[variant]
