@@ -146,7 +146,9 @@ def test_malformed_media_is_refused_before_anything_runs(checkpoints) -> None:
         "no encoder for audio": MultimodalPrompt(
             good.token_ids, (MediaPlaceholder(placed.offset, audio_features(tone(0.5, 200.0))),)
         ),
-        "must hold the image placeholder": MultimodalPrompt(good.token_ids, (MediaPlaceholder(placed.offset - 1, image),)),
+        "must hold the image placeholder": MultimodalPrompt(
+            good.token_ids, (MediaPlaceholder(placed.offset - 1, image),)
+        ),
         "outside every media item": MultimodalPrompt(good.token_ids, ()),
         "its features give": MultimodalPrompt(
             good.token_ids,

@@ -83,7 +83,8 @@ def check_media_item(config: Gemma4Config, item: MediaFeatures, where: str) -> N
         if not rows or rows % k or cols % k or rows * cols != pixels.shape[0] or not torch.equal(positions, grid):
             raise ValueError(f"{where}: patches must form a row-major grid whose sides are multiples of {k}")
         if max(rows, cols) > vision.position_embedding_size:
-            raise ValueError(f"{where}: {rows}x{cols} patches exceed the position table ({vision.position_embedding_size})")
+            table = vision.position_embedding_size
+            raise ValueError(f"{where}: {rows}x{cols} patches exceed the position table ({table})")
         expected = rows * cols // k**2
     if item.num_tokens != expected:
         raise ValueError(f"{where}: the item declares {item.num_tokens} soft tokens; its features give {expected}")

@@ -71,7 +71,10 @@ class EngineArgs:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "max_num_encoder_tokens", "encoder_cache_tokens"):
+        optional = (
+            "max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "max_num_encoder_tokens", "encoder_cache_tokens"
+        )
+        for name in optional:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")

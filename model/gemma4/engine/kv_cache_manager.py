@@ -8,9 +8,9 @@ prefix hit is valid only if every group still holds what the next query needs: a
 for full-attention groups, the window's blocks for sliding ones. A request's `cache_salt` seeds its
 hash chain (`block_hashes`), so prefix hits happen only between requests with the same salt
 (`None`: the shared namespace), and every block that holds part of a media item also mixes in that
-item's content hash, so two different images of the same size never share KV. Block ids run from 1 to the pool's size; table entries a sequence
-does not hold (released, or before a prefix hit's window) are `NULL_BLOCK`, the reserved zero row of
-every pool tensor.
+item's content hash, so two different images of the same size never share KV. Block ids run from 1
+to the pool's size; table entries a sequence does not hold (released, or before a prefix hit's
+window) are `NULL_BLOCK`, the reserved zero row of every pool tensor.
 """
 
 from __future__ import annotations

@@ -256,15 +256,18 @@ class LLMEngine:
                 raise ValueError(f"{where}: expected a MediaPlaceholder, got {type(item).__name__}")
             check_media_item(self.config, item.features, where)
             if item.offset < covered or item.end > len(token_ids):
-                raise ValueError(f"{where}: tokens [{item.offset}, {item.end}) overlap another item or pass the prompt's end")
+                raise ValueError(f"{where}: tokens [{item.offset}, {item.end}) overlap another item or pass the end")
             marker = MediaTokenIds.of(self.config).marker(item.features.modality)
             if any(t != marker for t in token_ids[item.offset : item.end]):
-                raise ValueError(f"{where}: its {item.length} positions must hold the {item.features.modality} placeholder id {marker}")
+                raise ValueError(
+                    f"{where}: its {item.length} positions must hold the {item.features.modality} placeholder "
+                    f"id {marker}"
+                )
             if item.length > limit:
                 raise ValueError(
-                    f"{where}: a {item.features.modality} item of {item.length} soft tokens exceeds what one step can "
-                    f"encode and compute ({limit}: max_num_encoder_tokens, and max_num_batched_tokens less one token for "
-                    "each other running sequence); raise max_num_batched_tokens or send a smaller item"
+                    f"{where}: a {item.features.modality} item of {item.length} soft tokens exceeds what one step "
+                    f"can encode and compute ({limit}: max_num_encoder_tokens, and max_num_batched_tokens less "
+                    "one token for each other running sequence); raise max_num_batched_tokens or send a smaller item"
                 )
             covered = item.end
         if self.placeholder_ids:
@@ -273,7 +276,9 @@ class LLMEngine:
                 inside.update(range(item.offset, item.end))
             stray = next((p for p, t in enumerate(token_ids) if t in self.placeholder_ids and p not in inside), None)
             if stray is not None:
-                raise ValueError(f"prompt token {stray} is a media placeholder id ({token_ids[stray]}) outside every media item")
+                raise ValueError(
+                    f"prompt token {stray} is a media placeholder id ({token_ids[stray]}) outside every media item"
+                )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown)."""

@@ -127,7 +127,9 @@ class ModelRunner:
         longest = max(r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens))
         return bucket(-(-longest // self.block_size), self.max_cols)
 
-    def stage(self, batch: ScheduledBatch, kv: BlockTables, spans: list[tuple[int, int]] | None = None) -> StagedStep:
+    def stage(
+        self, batch: ScheduledBatch, kv: BlockTables, spans: list[tuple[int, int]] | None = None
+    ) -> StagedStep:
         tables = [kv.block_tables(r.request_id) for r in batch.requests]
         if debug_checks_enabled():
             check_block_tables(self.cache, _slices(batch, tables))

@@ -80,7 +80,14 @@ class StepBuffers:
     _SEQ_SECTIONS = ("query_start", "query_len", "context_len", "sample_rows")
 
     def __init__(
-        self, max_tokens: int, max_seqs: int, max_cols: int, num_groups: int, device: torch.device, *, spans: bool = False
+        self,
+        max_tokens: int,
+        max_seqs: int,
+        max_cols: int,
+        num_groups: int,
+        device: torch.device,
+        *,
+        spans: bool = False,
     ) -> None:
         """`spans`: stage a span id per token (-1 outside spans) for the bidirectional blocks of a step."""
         self.max_tokens, self.max_seqs, self.max_cols = max_tokens, max_seqs, max_cols

@@ -1,11 +1,12 @@
 """What the engine core sends its workers each step: plain picklable data, as small as the step allows.
 
-A worker keeps a mirror of every request it has been sent (prompt, sampling parameters, the tokens so
-far, block tables), so a step carries only what changed: the data of requests scheduled for the first
-time, then per scheduled request its computed count, the tokens it computes this step and its block
-tables' new entries, and the tokens sampled since it was last sent; the ids of requests that
-ended since the last step; and the encoder cache's work: which media items to encode (each sent
-once, with its request) and which cached soft tokens to drop. `StepDeltas` is the core's side of the mirror: what every worker holds.
+A worker keeps a mirror of every request it has been sent (prompt, media, sampling parameters, the
+tokens so far, block tables), so a step carries only what changed: the data of requests scheduled for
+the first time, then per scheduled request its computed count, the tokens it computes this step and
+its block tables' new entries, and the tokens sampled since it was last sent; the ids of requests
+that ended since the last step; and the encoder cache's work: which media items to encode (each sent
+once, with its request) and which cached soft tokens to drop. `StepDeltas` is the core's side of the
+mirror: what every worker holds.
 """
 
 from __future__ import annotations
