@@ -61,19 +61,33 @@ def _prompt(items: list[MediaFeatures], seed: int) -> MultimodalPrompt:
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
-@pytest.mark.parametrize("variant", list(BATCHES))
-def test_greedy_outputs_of_a_mixed_batch_equal_transformers(checkpoints, variant: str) -> None:
-    ref, path = checkpoints[variant]
+def _mixed_batch(variant: str) -> list[MultimodalPrompt]:
     batch = BATCHES[variant](_images(), audio_features(tone(1.37, 440.0)))
-    prompts = [_prompt(items, seed=10 + i) for i, items in enumerate(batch)]
-    llm = LLM(path, dtype=torch.float32, **ENGINE)
-    outputs = llm.generate(prompts, GREEDY)
+    return [_prompt(items, seed=10 + i) for i, items in enumerate(batch)]
+
+
+# (variant, kernels, tensor-parallel ranks): the Triton attention kernel's spans (through the
+# interpreter), and towers replicated on the ranks of a two-rank replica over gloo.
+RUNS = {"e2b": ("e2b", "torch", 1), "31b": ("31b", "torch", 1), "31b-triton": ("31b", "triton", 1),
+        "e2b-tp2": ("e2b", "torch", 2)}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_greedy_outputs_of_a_mixed_batch_equal_transformers(checkpoints, run: str) -> None:
+    variant, kernels, ranks = RUNS[run]
+    ref, path = checkpoints[variant]
+    prompts = _mixed_batch(variant)
+    llm = LLM(path, dtype=torch.float32, kernels=kernels, tensor_parallel_size=ranks, **ENGINE)
+    try:
+        outputs = llm.generate(prompts, GREEDY)
+        stats = llm.engine.stats()
+    finally:
+        llm.shutdown()
     assert [o.token_ids for o in outputs] == [_reference_greedy(ref, p) for p in prompts]
     usage = outputs[-1].usage
     assert usage.image_tokens == sum(p.length for p in prompts[-1].media if p.features.modality == "image") > 0
     assert usage.audio_tokens == sum(p.length for p in prompts[-1].media if p.features.modality == "audio")
-    stats = llm.engine.stats()
-    assert stats.media_requests_total == len(batch) - 1
+    assert stats.media_requests_total == len(prompts) - 1
     assert stats.encoder_seconds_total > 0
 
 
