@@ -141,6 +141,13 @@ class CoreStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     expert_placement_changes: int = 0
+    media_requests_total: int = 0
+    media_items_total: dict[str, int] = field(default_factory=dict)
+    encoder_items_total: dict[str, int] = field(default_factory=dict)
+    encoder_cache_queries_total: int = 0
+    encoder_cache_hits_total: int = 0
+    encoder_seconds_total: float = 0.0
+    encoder_cache_usage: float = 0.0
 
 
 @dataclass(frozen=True)
