@@ -370,8 +370,9 @@ def checkpoint_bytes(variant: str | Gemma4Config, dtype: str) -> int:
 # ---------------------------------------------------------------------------- layout and weights
 
 
-def _modalities(config: Gemma4Config, requested: tuple[str, ...] | str) -> tuple[str, ...]:
-    """Normalise requested modalities ('all' = what the checkpoint supports); text is always on."""
+def served_modalities(config: Gemma4Config, requested: tuple[str, ...] | str) -> tuple[str, ...]:
+    """The modalities a deployment serves, in MODALITIES order ('all' = what the checkpoint takes; text is
+    always on); ValueError for an unknown one or one the checkpoint has no tower for."""
     if requested == "all":
         return config.modalities
     mods = (requested,) if isinstance(requested, str) else tuple(requested)
@@ -443,7 +444,7 @@ def weight_bytes_per_gpu(
     """
     fmt = _weight_format(weight_dtype)
     check_layout(config.text, tensor_parallel, expert_parallel, redundant_experts)
-    loaded = _device_components(config, ple_on_device=ple_on_device, modalities=_modalities(config, modalities))
+    loaded = _device_components(config, ple_on_device=ple_on_device, modalities=served_modalities(config, modalities))
     out = dict.fromkeys(sorted(loaded), 0)
     for tensor in _tensors(config):
         if tensor.component in loaded:
@@ -584,7 +585,7 @@ def encoder_cache_bytes(
     however many prefill chunks it spans: `encoder_cache_tokens` soft tokens (None: the engine's
     default, ENCODER_CACHE_STEPS x max_num_batched_tokens), each one text-hidden vector in the model
     dtype, on every TP rank (the towers are replicated). 0 when only text is served: no cache then."""
-    if _modalities(config, modalities) == ("text",):
+    if served_modalities(config, modalities) == ("text",):
         return 0
     tokens = ENCODER_CACHE_STEPS * max_num_batched_tokens if encoder_cache_tokens is None else encoder_cache_tokens
     return tokens * config.text.hidden_size * activation_width
@@ -672,7 +673,7 @@ def _fixed_costs(
     encoder_cache_tokens: int | None = None,
 ) -> _Fixed:
     """The one place the non-KV memory of a GPU is computed (plan and engine both use it)."""
-    mods = _modalities(config, modalities)
+    mods = served_modalities(config, modalities)
     weights = weight_bytes_per_gpu(
         config, weight_dtype=weight_dtype, tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
         ple_on_device=ple_on_device, modalities=mods, redundant_experts=redundant_experts,
@@ -798,7 +799,7 @@ class ServingSpec:
                 f"max_model_len {self.max_model_len} exceeds the model's context "
                 f"({config.text.max_position_embeddings} tokens)"
             )
-        _modalities(config, self.modalities)
+        served_modalities(config, self.modalities)
 
 
 @dataclass(frozen=True)
@@ -1031,7 +1032,7 @@ def longest_context(spec: ServingSpec) -> int:
 def _host_memory(config: Gemma4Config, spec: ServingSpec, gpus: int) -> int:
     """Pod memory: the replica process, and per GPU worker its runtime, the largest tensor it stages
     to the device (bf16 read + cast copy) and, unless on the device, its own copy of the PLE table."""
-    mods = _modalities(config, spec.modalities)
+    mods = served_modalities(config, spec.modalities)
     loaded = _device_components(config, ple_on_device=spec.ple_on_device, modalities=mods)
     largest = max(t.numel for t in _tensors(config) if t.component in loaded) * 2
     ple_host = 0 if spec.ple_on_device else ple_table_bytes(config.text)
