@@ -23,6 +23,7 @@ VariantName = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]
 AcceleratorName = Literal[tuple(ACCELERATORS)]  # type: ignore[valid-type]
 ModalityName = Literal[("all", *MODALITIES)]  # type: ignore[valid-type]
 CHECKPOINT_URI_PATTERN = r"^(gs|s3|hf)://\S+$"
+ALL_ALONE = "'all' stands alone: give [all] or a list of modalities"
 QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][0-9]+)?$"
 
 
@@ -153,7 +154,7 @@ class Resources(_Spec):
 
 
 def _modality_rules() -> dict[str, Any]:
-    rule = _cel("!('all' in self) || size(self) == 1", "modalities: 'all' stands alone")
+    rule = _cel("!('all' in self) || size(self) == 1", ALL_ALONE)
     return {**rule, "x-kubernetes-list-type": "set"}  # items unique, as a structural schema says it
 
 
@@ -179,9 +180,9 @@ class Gemma4ServiceSpec(_Spec):
     @classmethod
     def _modalities(cls, value: list[str]) -> list[str]:
         if "all" in value and len(value) > 1:
-            raise ValueError("modalities: 'all' stands alone")
+            raise ValueError(ALL_ALONE)
         if len(set(value)) < len(value):
-            raise ValueError("modalities: each modality at most once")
+            raise ValueError("each modality at most once")
         return value
 
     @property
