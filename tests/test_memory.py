@@ -522,10 +522,11 @@ def test_engine_budget_on_cpu_is_the_fixed_default_and_explicit_budgets_are_kept
 
 
 class _FakeCudaModel:
-    """Just what `resolve_kv_cache_bytes` reads: a config and a parameter on a CUDA device."""
+    """Just what `resolve_kv_cache_bytes` reads: a config, its loaded towers and a parameter on a CUDA device."""
 
-    def __init__(self, variant: str) -> None:
+    def __init__(self, variant: str, *, towers: bool = True) -> None:
         self.config = variant_config(variant)
+        self.towers = {"vision_tower": None, "audio_tower": None} if towers else {}
 
     def parameters(self):
         yield SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
@@ -536,15 +537,22 @@ def test_engine_budget_on_cuda_comes_from_the_memory_model(monkeypatch: pytest.M
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total))
     args = EngineArgs(max_num_seqs=16, gpu_memory_utilization=0.9)
     budget = resolve_kv_cache_bytes(_FakeCudaModel("e4b"), args)  # type: ignore[arg-type]
+    media = dict(modalities=("text", "image", "video", "audio"), encoder_cache_tokens=2 * 2048)
     assert budget == kv_cache_budget_bytes(
         variant_config("e4b"), weight_dtype="bf16", device_memory_bytes=total, usable_fraction=0.9,
-        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=True,
+        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=True, **media,
     )
     # Without CUDA graphs the engine does not reserve their memory.
     eager = resolve_kv_cache_bytes(_FakeCudaModel("e4b"), EngineArgs(max_num_seqs=16, cuda_graphs=False))  # type: ignore[arg-type]
     assert eager == kv_cache_budget_bytes(
         variant_config("e4b"), weight_dtype="bf16", device_memory_bytes=total, usable_fraction=0.9,
-        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=False,
+        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=False, **media,
+    ) > budget
+    # A model loaded without towers reserves nothing for them, their activations or an encoder cache.
+    text_only = resolve_kv_cache_bytes(_FakeCudaModel("e4b", towers=False), args)  # type: ignore[arg-type]
+    assert text_only == kv_cache_budget_bytes(
+        variant_config("e4b"), weight_dtype="bf16", device_memory_bytes=total, usable_fraction=0.9,
+        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=True,
     ) > budget
     # The engine keeps the PLE table on the GPU: ~14.9 GB of E4B weights come off the 0.9 x 80 GiB.
     assert 50 * GiB < budget < int(0.9 * total) - 14 * GiB

@@ -152,6 +152,7 @@ def engine_settings(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
         "expert_parallel_size": plan.expert_parallel,
         "redundant_experts": plan.spec.redundant_experts,
         "expert_rebalance_interval": spec.parallelism.expert_rebalance_interval,
+        "encoder_cache_tokens": plan.spec.encoder_cache_tokens,
     }
 
 

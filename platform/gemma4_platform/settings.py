@@ -77,6 +77,12 @@ class EngineSettings(_Strict):
     expert_rebalance_interval: int = Field(
         0, ge=0, description="engine steps between load-aware expert placement recomputations; 0 = never"
     )
+    max_num_encoder_tokens: int | None = Field(
+        None, ge=1, description="media soft tokens encoded per step at most; None = max_num_batched_tokens"
+    )
+    encoder_cache_tokens: int | None = Field(
+        None, ge=1, description="soft tokens of encoded media kept on the device; None = 2 x max_num_batched_tokens"
+    )
 
     @model_validator(mode="after")
     def _parallel(self) -> "EngineSettings":
