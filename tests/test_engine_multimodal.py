@@ -179,3 +179,23 @@ def test_malformed_media_is_refused_before_anything_runs(checkpoints) -> None:
     with pytest.raises(ValueError, match=r"prompt.media\[0\].*exceeds what one step"):
         tight.generate([good], GREEDY)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_prefix_hit_that_ends_inside_an_image_computes_the_rest_of_it_exactly(checkpoints) -> None:
+    """The cached blocks of an image's first part were computed with the whole image in one step; the rest
+    is computed in one chunk from the cached soft tokens' slice, its block still bidirectional."""
+    ref, path = checkpoints["31b"]
+    llm = LLM(path, dtype=torch.float32, **ENGINE)
+    engine = llm.engine
+    prompt = _prompt([_images()[0]], seed=6)
+    (first,) = llm.generate([prompt], GREEDY)
+    item = prompt.media[0]
+    inside = (item.offset // 4 + 3) * 4  # a block boundary well inside the image
+    assert item.offset < inside < item.end
+    cached = engine.kv.find_cached_prefix
+    engine.kv.find_cached_prefix = lambda tokens, salt=None, media=(): min(cached(tokens, salt, media), inside)
+    hits = engine.stats().encoder_cache_hits_total
+    (again,) = llm.generate([prompt], GREEDY)
+    assert again.usage.cached_prompt_tokens == inside
+    assert again.token_ids == first.token_ids == _reference_greedy(ref, prompt)
+    assert engine.stats().encoder_cache_hits_total == hits + 1
