@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import transformers
@@ -91,4 +93,15 @@ def reference_inputs(prompt_ids: list[int], items: list[MediaFeatures]) -> dict[
         (clip,) = clips
         out |= {"input_features": clip.input_features[None], "input_features_mask": clip.input_features_mask[None]}
     out["mm_token_type_ids"] = torch.where(ids == IDS.image, 1, torch.where(ids == IDS.audio, 3, 0))
+    return out
+
+
+def saved_references(directory: Path) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """Per variant (e2b: vision + audio, PLE; 31b: bidirectional vision): the reference and its
+    `save_pretrained` checkpoint under `directory`."""
+    out = {}
+    for seed, variant in enumerate(("e2b", "31b")):
+        ref = multimodal_reference(variant, seed)
+        ref.save_pretrained(directory / variant)
+        out[variant] = (ref, directory / variant)
     return out

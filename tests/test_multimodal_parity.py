@@ -15,18 +15,12 @@ from gemma4.media.audio import audio_features
 from gemma4.media.image import image_features
 from gemma4.media.prompt import expand_prompt
 from gemma4.modeling import SoftTokens
-from multimodal_reference import IDS, marker_prompt, multimodal_reference, random_image, reference_inputs, tone
+from multimodal_reference import IDS, marker_prompt, random_image, reference_inputs, saved_references, tone
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.nn.Module, Path]]:
-    out = {}
-    for seed, variant in enumerate(("e2b", "31b")):
-        ref = multimodal_reference(variant, seed)
-        path = tmp_path_factory.mktemp(f"{variant}-mm")
-        ref.save_pretrained(path)
-        out[variant] = (ref, path)
-    return out
+    return saved_references(tmp_path_factory.mktemp("references"))
 
 
 CASES = {
