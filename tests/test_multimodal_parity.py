@@ -1,7 +1,7 @@
-"""Images and audio end to end through the model, exact to `Gemma4ForConditionalGeneration`: a checkpoint
-written by transformers' `save_pretrained` loads with its towers, our preprocessing feeds both models, and
-the logits agree with the soft tokens placed by our prompt expansion (bidirectional image blocks on the
-vision-bidirectional shape)."""
+"""Images, video and audio end to end through the model, exact to `Gemma4ForConditionalGeneration`: a
+checkpoint written by transformers' `save_pretrained` loads with its towers, our preprocessing feeds both
+models (video frames as `pixel_values_videos`), and the logits agree with the soft tokens placed by our
+prompt expansion (bidirectional image and video-frame blocks on the vision-bidirectional shape)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from PIL import Image
 import gemma4
 from gemma4.media.audio import audio_features
 from gemma4.media.image import image_features
-from gemma4.media.inputs import MediaFeatures
+from gemma4.media.inputs import MediaFeatures, VideoFeatures
 from gemma4.media.prompt import MediaTokenIds, expand_prompt
+from gemma4.media.video import video_features
 from gemma4.modeling import SoftTokens
 from reference_models import MM_TOKEN_IDS, randomise_small_tensors, text_config
 
@@ -72,34 +73,60 @@ def _tone(seconds: float, hz: float) -> np.ndarray:
     return (0.4 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
 
 
-def _prompt(items: list[MediaFeatures], seed: int) -> list[int]:
-    """Random text with one marker per item, as a chat template writes them."""
+def _video(frames: int, height: int, width: int, seed: int) -> VideoFeatures:
+    rng = np.random.default_rng(seed)
+    pixels = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(frames)]
+    return video_features(pixels, [i * 0.5 for i in range(frames)])
+
+
+def _frames(items: list[MediaFeatures | VideoFeatures]) -> list[MediaFeatures]:
+    return [f for item in items for f in (item.frames if isinstance(item, VideoFeatures) else (item,))]
+
+
+def _prompt(items: list[MediaFeatures | VideoFeatures], seed: int) -> list[int]:
+    """Random text with one marker per image or audio item, as a chat template writes them, and each video
+    frame as the reference's text expansion tokenizes (timestamp ids, then its delimited placeholders)."""
     gen = torch.Generator().manual_seed(seed)
     ids: list[int] = torch.randint(3, 400, (4,), generator=gen).tolist()
     for item in items:
-        ids.append(IDS.marker(item.modality))
+        if isinstance(item, VideoFeatures):
+            for frame in item.frames:
+                ids += [*torch.randint(3, 400, (2,), generator=gen).tolist(), IDS.image_start]
+                ids += [IDS.video] * frame.num_tokens + [IDS.image_end]
+        else:
+            ids.append(IDS.marker(item.modality))
         ids += torch.randint(3, 400, (3,), generator=gen).tolist()
     return ids
 
 
-def _reference_inputs(prompt_ids: list[int], items: list[MediaFeatures]) -> dict[str, torch.Tensor]:
+def _padded(items: list[MediaFeatures]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patches and positions of images or frames padded to the longest, as the reference processors batch them."""
+    longest = max(i.pixel_values.shape[0] for i in items)
+    pixels = torch.zeros(len(items), longest, items[0].pixel_values.shape[1])
+    positions = torch.full((len(items), longest, 2), -1, dtype=torch.long)
+    for n, item in enumerate(items):
+        pixels[n, : item.pixel_values.shape[0]] = item.pixel_values
+        positions[n, : item.position_ids.shape[0]] = item.position_ids
+    return pixels, positions
+
+
+def _reference_inputs(prompt_ids: list[int], items: list[MediaFeatures | VideoFeatures]) -> dict[str, torch.Tensor]:
     """What the reference processor hands the model: padded pixel batches, audio features, token types."""
     ids = torch.tensor([prompt_ids])
     out: dict[str, torch.Tensor] = {"input_ids": ids}
-    images = [i for i in items if i.modality == "image"]
+    images = [i for i in items if isinstance(i, MediaFeatures) and i.modality == "image"]
     if images:
-        longest = max(i.pixel_values.shape[0] for i in images)
-        pixels = torch.zeros(len(images), longest, images[0].pixel_values.shape[1])
-        positions = torch.full((len(images), longest, 2), -1, dtype=torch.long)
-        for n, item in enumerate(images):
-            pixels[n, : item.pixel_values.shape[0]] = item.pixel_values
-            positions[n, : item.position_ids.shape[0]] = item.position_ids
-        out |= {"pixel_values": pixels, "image_position_ids": positions}
-    clips = [i for i in items if i.modality == "audio"]
+        out["pixel_values"], out["image_position_ids"] = _padded(images)
+    videos = [i for i in items if isinstance(i, VideoFeatures)]
+    if videos:
+        out["pixel_values_videos"], out["video_position_ids"] = _padded(_frames(videos))
+        out["num_frames_per_video"] = torch.tensor([len(v.frames) for v in videos])
+    clips = [i for i in items if isinstance(i, MediaFeatures) and i.modality == "audio"]
     if clips:
         (clip,) = clips
         out |= {"input_features": clip.input_features[None], "input_features_mask": clip.input_features_mask[None]}
-    out["mm_token_type_ids"] = torch.where(ids == IDS.image, 1, torch.where(ids == IDS.audio, 3, 0))
+    types = torch.where(ids == IDS.image, 1, torch.where(ids == IDS.video, 2, torch.where(ids == IDS.audio, 3, 0)))
+    out["mm_token_type_ids"] = types
     return out
 
 
@@ -120,30 +147,36 @@ CASES = {
                     image_features(_image(300, 120, 1), 140)],
     # Bidirectional image blocks on the sliding layers.
     "31b": lambda: [image_features(_image(150, 150, 2), 70), image_features(_image(64, 300, 3), 70)],
+    # Video frames (causal), between an image and a clip.
+    "e2b-video": lambda: [image_features(_image(80, 80, 4), 70), _video(3, 90, 160, 5),
+                          audio_features(_tone(0.5, 300.0))],
+    # Each video frame its own bidirectional block, next to an image's.
+    "31b-video": lambda: [_video(4, 120, 90, 6), image_features(_image(100, 140, 7), 70)],
 }
 
 
-@pytest.mark.parametrize("variant", list(CASES))
-def test_media_logits_match_transformers(checkpoints, variant: str) -> None:
+@pytest.mark.parametrize("case", list(CASES))
+def test_media_logits_match_transformers(checkpoints, case: str) -> None:
+    variant = case.split("-")[0]
     ref, path = checkpoints[variant]
     model = gemma4.load_model(path, dtype=torch.float32)
     assert sorted(model.towers) == (
         ["audio_tower", "embed_audio", "embed_vision", "vision_tower"] if variant == "e2b" else ["embed_vision", "vision_tower"]
     )
-    items = CASES[variant]()
-    prompt = expand_prompt(_prompt(items, seed=5), items, IDS)
+    items = CASES[case]()
+    prompt = expand_prompt(_prompt(items, seed=5), _frames(items), IDS)
     with torch.no_grad():
         expected = ref(**_reference_inputs(prompt.token_ids, items)).logits[0]
         embeds = [model.encode_media(p.features) for p in prompt.media]
         rows = torch.cat([torch.arange(p.offset, p.end) for p in prompt.media])
         span_ids = torch.full((1, len(prompt.token_ids)), -1)
         for n, placed in enumerate(prompt.media):
-            if placed.features.modality == "image":
+            if placed.features.modality in ("image", "video"):
                 span_ids[0, placed.offset : placed.end] = n
         ids = torch.tensor([prompt.token_ids])
         actual = model(ids, soft_tokens=SoftTokens(rows, torch.cat(embeds)), span_ids=span_ids)[0]
         text_only = model(ids)[0]
-    assert [e.shape[0] for e in embeds] == [i.num_tokens for i in items]
+    assert [e.shape[0] for e in embeds] == [i.num_tokens for i in _frames(items)]
     assert expected.std() > 0.1
     assert (actual - expected).abs().max().item() <= 3e-4
     assert (text_only - expected).abs().max().item() > 1e-2  # the media reach the logits
