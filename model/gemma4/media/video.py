@@ -50,6 +50,8 @@ def decode_video(
     MediaError for another container, corrupt data, no video stream, frames over `max_pixels`, fewer
     than `num_frames` frames, or a video needing more than `max_decoded_frames` decoded frames.
     """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
     demuxer = _demuxer(data, where)
     try:
         with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
@@ -71,7 +73,8 @@ def decode_video(
         wanted = set(indices.tolist())
         frames: list[np.ndarray] = []
         with av.open(io.BytesIO(data), mode="r", format=demuxer) as container:
-            for index, frame in enumerate(itertools.islice(_frames(container, where, max_pixels), int(indices[-1]) + 1)):
+            decoded = itertools.islice(_frames(container, where, max_pixels), int(indices[-1]) + 1)
+            for index, frame in enumerate(decoded):
                 if index in wanted:
                     frames.append(frame.to_ndarray(format="rgb24"))
     except MediaError:
