@@ -2,6 +2,7 @@
 reference processor writes (with the HF `tokenizers` tokenizer of the tiny checkpoint)."""
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -144,7 +145,16 @@ def _reference_text(tokenizer: Gemma4Tokenizer, messages: list, items: list) -> 
     return "".join(out)
 
 
-def test_a_multimodal_chat_tokenizes_as_the_reference_expanded_text(tokenizer: Gemma4Tokenizer) -> None:
+DATA = Path(__file__).parent / "data"
+TEMPLATES = {"built-in": ("e2b", None), "large": ("31b", "gemma4-large-interleaved.jinja"),
+             "small": ("e4b", "gemma4-small-original.jinja")}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_a_multimodal_chat_tokenizes_as_the_reference_expanded_text(template: str) -> None:
+    variant, file = TEMPLATES[template]
+    chat_template = None if file is None else (DATA / file).read_text(encoding="utf-8")
+    tokenizer = Gemma4Tokenizer(build_tiny_tokenizer(), variant=variant, chat_template=chat_template)
     items = [_item("image", 4), _video(3, [0.0, 0.5, 1.0, 75.25]), _item("audio", 2), _video(2, [0.0, 2.0])]
     prompt = encode_multimodal_chat(tokenizer, CHAT, items, _ids(tokenizer))
     reference = _reference_text(tokenizer, CHAT, items)
