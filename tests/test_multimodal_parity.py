@@ -7,134 +7,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import transformers
-from PIL import Image
 
 import gemma4
 from gemma4.media.audio import audio_features
 from gemma4.media.image import image_features
-from gemma4.media.inputs import MediaFeatures, VideoFeatures
-from gemma4.media.prompt import MediaTokenIds, expand_prompt
-from gemma4.media.video import video_features
+from gemma4.media.prompt import expand_prompt
 from gemma4.modeling import SoftTokens
-from reference_models import MM_TOKEN_IDS, randomise_small_tensors, text_config
-
-VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-    head_dim=16, patch_size=16, pooling_kernel_size=3, position_embedding_size=64,
-    rope_parameters={"rope_type": "axial", "rope_theta": 100.0}, use_clipped_linears=True, standardize=True,
+from multimodal_reference import (
+    IDS,
+    marker_prompt,
+    media_items,
+    multimodal_reference,
+    random_image,
+    random_video,
+    reference_inputs,
+    tone,
 )
-AUDIO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, output_proj_dims=48,
-             subsampling_conv_channels=[128, 8])
-IDS = MediaTokenIds(
-    MM_TOKEN_IDS["image_token_id"], MM_TOKEN_IDS["audio_token_id"], MM_TOKEN_IDS["video_token_id"],
-    MM_TOKEN_IDS["boi_token_id"], MM_TOKEN_IDS["eoi_token_id"], MM_TOKEN_IDS["boa_token_id"],
-    MM_TOKEN_IDS["eoa_token_index"],
-)
-
-
-def _reference(variant: str, seed: int) -> torch.nn.Module:
-    """A tiny multimodal reference with every constant `_init_weights` sets randomised (clip bounds finite)."""
-    torch.manual_seed(seed)
-    config = transformers.Gemma4Config(
-        text_config=text_config(variant),
-        vision_config=transformers.Gemma4VisionConfig(**VISION, attn_implementation="eager"),
-        audio_config=transformers.Gemma4AudioConfig(**AUDIO, attn_implementation="eager") if variant == "e2b" else None,
-        **MM_TOKEN_IDS,
-    )
-    model = transformers.Gemma4ForConditionalGeneration(config).eval()
-    randomise_small_tensors(model, seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.named_buffers():
-            if name.endswith(("input_min", "output_min")):
-                tensor.fill_(-2.0 - torch.rand((), generator=gen).item())
-            elif name.endswith(("input_max", "output_max")):
-                tensor.fill_(2.0 + torch.rand((), generator=gen).item())
-            elif name.endswith("std_bias"):
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
-            elif name.endswith("std_scale"):
-                tensor.copy_(torch.rand(tensor.shape, generator=gen) * 0.3 + 0.1)
-        table = model.model.vision_tower.patch_embedder.position_embedding_table
-        table.copy_(torch.randn(table.shape, generator=gen) * 0.1)
-    return model
-
-
-def _image(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _tone(seconds: float, hz: float) -> np.ndarray:
-    t = np.arange(int(16_000 * seconds)) / 16_000
-    return (0.4 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
-
-
-def _video(frames: int, height: int, width: int, seed: int) -> VideoFeatures:
-    rng = np.random.default_rng(seed)
-    pixels = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(frames)]
-    return video_features(pixels, [i * 0.5 for i in range(frames)])
-
-
-def _frames(items: list[MediaFeatures | VideoFeatures]) -> list[MediaFeatures]:
-    return [f for item in items for f in (item.frames if isinstance(item, VideoFeatures) else (item,))]
-
-
-def _prompt(items: list[MediaFeatures | VideoFeatures], seed: int) -> list[int]:
-    """Random text with one marker per image or audio item, as a chat template writes them, and each video
-    frame as the reference's text expansion tokenizes (timestamp ids, then its delimited placeholders)."""
-    gen = torch.Generator().manual_seed(seed)
-    ids: list[int] = torch.randint(3, 400, (4,), generator=gen).tolist()
-    for item in items:
-        if isinstance(item, VideoFeatures):
-            for frame in item.frames:
-                ids += [*torch.randint(3, 400, (2,), generator=gen).tolist(), IDS.image_start]
-                ids += [IDS.video] * frame.num_tokens + [IDS.image_end]
-        else:
-            ids.append(IDS.marker(item.modality))
-        ids += torch.randint(3, 400, (3,), generator=gen).tolist()
-    return ids
-
-
-def _padded(items: list[MediaFeatures]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patches and positions of images or frames padded to the longest, as the reference processors batch them."""
-    longest = max(i.pixel_values.shape[0] for i in items)
-    pixels = torch.zeros(len(items), longest, items[0].pixel_values.shape[1])
-    positions = torch.full((len(items), longest, 2), -1, dtype=torch.long)
-    for n, item in enumerate(items):
-        pixels[n, : item.pixel_values.shape[0]] = item.pixel_values
-        positions[n, : item.position_ids.shape[0]] = item.position_ids
-    return pixels, positions
-
-
-def _reference_inputs(prompt_ids: list[int], items: list[MediaFeatures | VideoFeatures]) -> dict[str, torch.Tensor]:
-    """What the reference processor hands the model: padded pixel batches, audio features, token types."""
-    ids = torch.tensor([prompt_ids])
-    out: dict[str, torch.Tensor] = {"input_ids": ids}
-    images = [i for i in items if isinstance(i, MediaFeatures) and i.modality == "image"]
-    if images:
-        out["pixel_values"], out["image_position_ids"] = _padded(images)
-    videos = [i for i in items if isinstance(i, VideoFeatures)]
-    if videos:
-        out["pixel_values_videos"], out["video_position_ids"] = _padded(_frames(videos))
-        out["num_frames_per_video"] = torch.tensor([len(v.frames) for v in videos])
-    clips = [i for i in items if isinstance(i, MediaFeatures) and i.modality == "audio"]
-    if clips:
-        (clip,) = clips
-        out |= {"input_features": clip.input_features[None], "input_features_mask": clip.input_features_mask[None]}
-    types = torch.where(ids == IDS.image, 1, torch.where(ids == IDS.video, 2, torch.where(ids == IDS.audio, 3, 0)))
-    out["mm_token_type_ids"] = types
-    return out
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.nn.Module, Path]]:
     out = {}
     for seed, variant in enumerate(("e2b", "31b")):
-        ref = _reference(variant, seed)
+        ref = multimodal_reference(variant, seed)
         path = tmp_path_factory.mktemp(f"{variant}-mm")
         ref.save_pretrained(path)
         out[variant] = (ref, path)
@@ -143,15 +40,15 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[tor
 
 CASES = {
     # PLE + audio: images of two aspect ratios and budgets, and a 1.37 s clip.
-    "e2b": lambda: [image_features(_image(96, 200, 0), 70), audio_features(_tone(1.37, 440.0)),
-                    image_features(_image(300, 120, 1), 140)],
+    "e2b": lambda: [image_features(random_image(96, 200, 0), 70), audio_features(tone(1.37, 440.0)),
+                    image_features(random_image(300, 120, 1), 140)],
     # Bidirectional image blocks on the sliding layers.
-    "31b": lambda: [image_features(_image(150, 150, 2), 70), image_features(_image(64, 300, 3), 70)],
+    "31b": lambda: [image_features(random_image(150, 150, 2), 70), image_features(random_image(64, 300, 3), 70)],
     # Video frames (causal), between an image and a clip.
-    "e2b-video": lambda: [image_features(_image(80, 80, 4), 70), _video(3, 90, 160, 5),
-                          audio_features(_tone(0.5, 300.0))],
+    "e2b-video": lambda: [image_features(random_image(80, 80, 4), 70), random_video(3, 90, 160, 5),
+                          audio_features(tone(0.5, 300.0))],
     # Each video frame its own bidirectional block, next to an image's.
-    "31b-video": lambda: [_video(4, 120, 90, 6), image_features(_image(100, 140, 7), 70)],
+    "31b-video": lambda: [random_video(4, 120, 90, 6), image_features(random_image(100, 140, 7), 70)],
 }
 
 
@@ -164,9 +61,9 @@ def test_media_logits_match_transformers(checkpoints, case: str) -> None:
         ["audio_tower", "embed_audio", "embed_vision", "vision_tower"] if variant == "e2b" else ["embed_vision", "vision_tower"]
     )
     items = CASES[case]()
-    prompt = expand_prompt(_prompt(items, seed=5), _frames(items), IDS)
+    prompt = expand_prompt(marker_prompt(items, seed=5), media_items(items), IDS)
     with torch.no_grad():
-        expected = ref(**_reference_inputs(prompt.token_ids, items)).logits[0]
+        expected = ref(**reference_inputs(prompt.token_ids, items)).logits[0]
         embeds = [model.encode_media(p.features) for p in prompt.media]
         rows = torch.cat([torch.arange(p.offset, p.end) for p in prompt.media])
         span_ids = torch.full((1, len(prompt.token_ids)), -1)
@@ -176,7 +73,7 @@ def test_media_logits_match_transformers(checkpoints, case: str) -> None:
         ids = torch.tensor([prompt.token_ids])
         actual = model(ids, soft_tokens=SoftTokens(rows, torch.cat(embeds)), span_ids=span_ids)[0]
         text_only = model(ids)[0]
-    assert [e.shape[0] for e in embeds] == [i.num_tokens for i in _frames(items)]
+    assert [e.shape[0] for e in embeds] == [i.num_tokens for i in media_items(items)]
     assert expected.std() > 0.1
     assert (actual - expected).abs().max().item() <= 3e-4
     assert (text_only - expected).abs().max().item() > 1e-2  # the media reach the logits
@@ -186,4 +83,4 @@ def test_an_item_without_a_tower_is_refused(checkpoints) -> None:
     _, path = checkpoints["31b"]
     model = gemma4.load_model(path, dtype=torch.float32)
     with pytest.raises(ValueError, match="no audio tower"):
-        model.encode_media(audio_features(_tone(1.0, 300.0)))
+        model.encode_media(audio_features(tone(1.0, 300.0)))

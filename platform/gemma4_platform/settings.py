@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gemma4.parallel.layout import check_parallel_settings
 
@@ -35,6 +35,17 @@ class ModelSettings(_Strict):
     device: str = Field(
         "auto", description="'auto' = the first GPU (NVIDIA or AMD) when there is one, else cpu; or cuda, xla, cpu"
     )
+    modalities: Literal["all"] | tuple[Literal["text", "image", "video", "audio"], ...] = Field(
+        "all", description="inputs served: 'all' (whatever the checkpoint takes) or a list of text, image, video, "
+        "audio; text is always served"
+    )
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        if not isinstance(value, str) and (not value or len(set(value)) < len(value)):
+            raise ValueError("give 'all' or a non-empty list of distinct modalities")
+        return value
 
 
 class EngineSettings(_Strict):
