@@ -12,9 +12,18 @@ import torch
 from gemma4.engine import LLM, SamplingParams
 from gemma4.media.audio import audio_features
 from gemma4.media.image import image_features
-from gemma4.media.inputs import MediaFeatures, MediaPlaceholder, MultimodalPrompt
+from gemma4.media.inputs import MediaFeatures, MediaPlaceholder, MultimodalPrompt, VideoFeatures
 from gemma4.media.prompt import expand_prompt
-from multimodal_reference import IDS, marker_prompt, random_image, reference_inputs, saved_references, tone
+from multimodal_reference import (
+    IDS,
+    marker_prompt,
+    media_items,
+    random_image,
+    random_video,
+    reference_inputs,
+    saved_references,
+    tone,
+)
 
 NEW_TOKENS = 5
 ENGINE = dict(block_size=4, max_num_seqs=4, max_num_batched_tokens=96, max_model_len=512)
@@ -30,16 +39,16 @@ def _images() -> list[MediaFeatures]:
 
 
 BATCHES = {
-    # PLE and audio; an image and a clip in one prompt.
-    "e2b": lambda images, clip: [[], [images[0]], [clip], [images[1], clip]],
-    # Bidirectional image blocks on the sliding layers; two images need two prefill chunks.
-    "31b": lambda images, clip: [[], [images[0]], [images[0], images[1]]],
+    # PLE and audio; an image and a clip in one prompt; video frames.
+    "e2b": lambda images, clip, video: [[], [images[0]], [clip], [images[1], clip], [video]],
+    # Bidirectional image blocks (and one per video frame) on the sliding layers; two images need two chunks.
+    "31b": lambda images, clip, video: [[], [images[0]], [images[0], images[1]], [video, images[1]]],
 }
 
 
-def _reference_greedy(ref: torch.nn.Module, prompt: MultimodalPrompt) -> list[int]:
-    items = [p.features for p in prompt.media]
-    inputs = reference_inputs(prompt.token_ids, items)
+def _reference_greedy(ref: torch.nn.Module, prompt: MultimodalPrompt, items=None) -> list[int]:
+    """transformers' greedy continuation; `items` as given to `_prompt` (default: the prompt's own media)."""
+    inputs = reference_inputs(prompt.token_ids, items or [p.features for p in prompt.media])
     with torch.no_grad():
         out = ref.generate(
             **inputs, attention_mask=torch.ones_like(inputs["input_ids"]), max_new_tokens=NEW_TOKENS,
@@ -48,40 +57,45 @@ def _reference_greedy(ref: torch.nn.Module, prompt: MultimodalPrompt) -> list[in
     return out[0, len(prompt.token_ids):].tolist()
 
 
-def _prompt(items: list[MediaFeatures], seed: int) -> MultimodalPrompt:
-    return expand_prompt(marker_prompt(items, seed), items, IDS)
+def _prompt(items: list[MediaFeatures | VideoFeatures], seed: int) -> MultimodalPrompt:
+    return expand_prompt(marker_prompt(items, seed), media_items(items), IDS)
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
-def _mixed_batch(variant: str) -> list[MultimodalPrompt]:
-    batch = BATCHES[variant](_images(), audio_features(tone(1.37, 440.0)))
-    return [_prompt(items, seed=10 + i) for i, items in enumerate(batch)]
+def _mixed_batch(variant: str) -> list[list[MediaFeatures | VideoFeatures]]:
+    return BATCHES[variant](_images(), audio_features(tone(1.37, 440.0)), random_video(3, 90, 160, 5))
 
 
-# (variant, kernels, tensor-parallel ranks): the Triton attention kernel's spans (through the
-# interpreter), and towers replicated on the ranks of a two-rank replica over gloo.
-RUNS = {"e2b": ("e2b", "torch", 1), "31b": ("31b", "torch", 1), "31b-triton": ("31b", "triton", 1),
-        "e2b-tp2": ("e2b", "torch", 2)}
+# (variant, kernels, tensor-parallel ranks, which prompts of the batch): the Triton attention kernel's
+# spans (through the interpreter: one prompt of two images), and towers replicated on the ranks of a
+# two-rank replica over gloo.
+RUNS = {"e2b": ("e2b", "torch", 1, None), "31b": ("31b", "torch", 1, None), "31b-triton": ("31b", "triton", 1, [2]),
+        "e2b-tp2": ("e2b", "torch", 2, None)}
 
 
 @pytest.mark.parametrize("run", list(RUNS))
 def test_greedy_outputs_of_a_mixed_batch_equal_transformers(checkpoints, run: str) -> None:
-    variant, kernels, ranks = RUNS[run]
+    variant, kernels, ranks, chosen = RUNS[run]
     ref, path = checkpoints[variant]
-    prompts = _mixed_batch(variant)
+    batch = _mixed_batch(variant)
+    prompts = [_prompt(items, seed=10 + i) for i, items in enumerate(batch)]
+    if chosen is not None:
+        batch, prompts = [batch[i] for i in chosen], [prompts[i] for i in chosen]
     llm = LLM(path, dtype=torch.float32, kernels=kernels, tensor_parallel_size=ranks, **ENGINE)
     try:
         outputs = llm.generate(prompts, GREEDY)
         stats = llm.engine.stats()
     finally:
         llm.shutdown()
-    assert [o.token_ids for o in outputs] == [_reference_greedy(ref, p) for p in prompts]
-    usage = outputs[-1].usage
-    assert usage.image_tokens == sum(p.length for p in prompts[-1].media if p.features.modality == "image") > 0
-    assert usage.audio_tokens == sum(p.length for p in prompts[-1].media if p.features.modality == "audio")
-    assert stats.media_requests_total == len(prompts) - 1
+    assert [o.token_ids for o in outputs] == [_reference_greedy(ref, p, items) for p, items in zip(prompts, batch)]
+    for output, prompt in zip(outputs, prompts):
+        usage = output.usage
+        counts = {m: sum(p.length for p in prompt.media if p.features.modality == m) for m in ("image", "audio", "video")}
+        assert (usage.image_tokens, usage.audio_tokens, usage.video_tokens) == tuple(counts.values())
+    assert any(o.usage.video_tokens for o in outputs) or chosen is not None
+    assert stats.media_requests_total == sum(1 for p in prompts if p.media)
     assert stats.encoder_seconds_total > 0
 
 
