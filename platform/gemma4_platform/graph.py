@@ -223,7 +223,11 @@ class Replica:
 
 
 class RayReplicaBackend:
-    """The replica deployment as a `GenerationBackend`: streaming handle calls, errors mapped."""
+    """The replica deployment as a `GenerationBackend`: streaming handle calls, errors mapped.
+
+    The request (media tensors included) is an argument of one actor call per request: Ray ships it once,
+    through the object store when it is large (over Ray's inline-argument size), never per output.
+    """
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle.options(stream=True)
@@ -345,7 +349,7 @@ class Gateway:
         self.metrics = GatewayMetrics(self.settings.model.name)
         self.frontend = Frontend(
             load_tokenizer(checkpoint),
-            ModelDescription(self.settings.model.name, config.family, max_len, text.vocab_size),
+            ModelDescription(self.settings.model.name, config.family, max_len, text.vocab_size, config.modalities),
             RayReplicaBackend(replica),
             policy=GatewayPolicy(
                 limits=self.settings.limits,
@@ -353,6 +357,7 @@ class Gateway:
                 default_max_tokens=gateway.default_max_tokens,
                 cache_salt_per_key=gateway.cache_salt_per_key,
                 tokenizer_threads=gateway.tokenizer_threads,
+                media_threads=gateway.media_threads,
             ),
             metrics=self.metrics,
         )

@@ -39,6 +39,7 @@ from gemma4_platform.errors import (
     reported,
 )
 from gemma4_platform.frontend import Frontend
+from gemma4_platform.media_input import MediaOptions
 from gemma4_platform.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -108,6 +109,7 @@ def add_openai_routes(
             caller=caller,
             tools=body.prompt_tools,
             thinking=body.thinking_enabled,
+            media=MediaOptions(truncate_audio=body.truncate_audio),
             priority=body.priority,
             cache_salt=body.cache_salt,
         )
