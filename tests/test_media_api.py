@@ -393,3 +393,10 @@ def test_grpc_truncate_audio(servers: Servers) -> None:
     part = pb.Part(audio=pb.AudioInput(data=wav(31.0, rate=4000)))
     reply = servers.grpc.Chat(grpc_chat(part, truncate_audio=True), timeout=30)
     assert reply.text == "ok" and last_media(servers) == [("audio", 750)]
+
+
+def test_media_url_hosts_are_host_names() -> None:
+    assert LimitSettings(media_url_hosts=("Images.Example.com",)).media_url_hosts == ("images.example.com",)
+    for bad in ("https://images.example.com", "host:8080", "a/b", ""):
+        with pytest.raises(ValueError, match="not a host name"):
+            LimitSettings(media_url_hosts=(bad,))

@@ -189,7 +189,9 @@ class Frontend:
         except MediaError as exc:
             raise invalid_from_value_error(exc) from None
         check_prompt_bound(rendered_chars(messages), self.longest_token_chars, self.max_prompt_tokens, "messages")
-        items = await asyncio.gather(*(self._load_media(source, media) for source in sources))
+        if sources and self.media_ids is None:
+            raise InvalidArgument("this checkpoint's tokenizer has no media tokens", field=sources[0].where)
+        items = await self._load_all(sources, media)
 
         def encode() -> MultimodalPrompt:
             try:
@@ -204,13 +206,20 @@ class Frontend:
             self._refuse_long_media(prompt, sources, items)
         return prompt
 
-    async def _load_media(self, source: MediaSource, options: MediaOptions) -> MediaFeatures | VideoFeatures:
-        """One part fetched, decoded and preprocessed on the media pool."""
+    async def _load_all(
+        self, sources: Sequence[MediaSource], options: MediaOptions
+    ) -> list[MediaFeatures | VideoFeatures]:
+        """Every part fetched, decoded and preprocessed on the media pool; the first failing part (in prompt
+        order) is the error, once all are done (none is left running unobserved)."""
         loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._media_pool, load_media, source, self.limits, options)
-        except MediaError as exc:
-            raise invalid_from_value_error(exc) from None
+        jobs = [loop.run_in_executor(self._media_pool, load_media, s, self.limits, options) for s in sources]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for result in results:
+            if isinstance(result, MediaError):
+                raise invalid_from_value_error(result) from None
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
 
     def _encode_chat(
         self,
@@ -220,17 +229,15 @@ class Frontend:
         thinking: bool,
     ) -> MultimodalPrompt:
         """Render and tokenize; each marker the template wrote becomes its item's soft-token slots."""
-        if not items:
+        ids = self.media_ids
+        if not items or ids is None:  # (items without media ids were refused before loading)
             return MultimodalPrompt(self.tokenizer.encode_chat(messages, tools=tools, thinking=thinking))
-        if self.media_ids is None:
-            raise InvalidArgument("this checkpoint's tokenizer has no media tokens", field="messages")
         if any(isinstance(item, VideoFeatures) for item in items):
             from gemma4.media.prompt import encode_multimodal_chat  # the video branch of gemma4.media
 
-            ids = self.media_ids
             return encode_multimodal_chat(self.tokenizer, messages, items, ids, tools=tools, thinking=thinking)
         token_ids = self.tokenizer.encode_chat(messages, tools=tools, thinking=thinking)
-        return expand_prompt(token_ids, [i for i in items if isinstance(i, MediaFeatures)], self.media_ids)
+        return expand_prompt(token_ids, [i for i in items if isinstance(i, MediaFeatures)], ids)
 
     def _refuse_long_media(
         self, prompt: MultimodalPrompt, sources: Sequence[MediaSource], items: Sequence[MediaFeatures | VideoFeatures]
