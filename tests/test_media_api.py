@@ -7,6 +7,7 @@ The media are made here (Pillow PNG/JPEG, numpy WAV through `wave`); URLs are se
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import http.server
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import av
 import grpc
 import httpx
 import numpy as np
@@ -32,7 +34,7 @@ from gemma4.chat import ChatDelta
 from gemma4.engine import FinishReason, RequestOutput, Usage
 from gemma4.engine.outputs import RequestMetrics
 from gemma4.media.image import decode_image, image_features
-from gemma4.special_tokens import AUDIO, IMAGE
+from gemma4.special_tokens import AUDIO, IMAGE, VIDEO
 from gemma4.tiny_tokenizer import write_tiny_tokenizer
 from gemma4.tokenizer import load_tokenizer
 from gemma4_platform.api.v1 import serving_pb2 as pb
@@ -88,6 +90,19 @@ def wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
         writer.setsampwidth(2)
         writer.setframerate(rate)
         writer.writeframes(samples.tobytes())
+    return buffer.getvalue()
+
+
+def mp4(frames: int = 36, width: int = 64, height: int = 48) -> bytes:
+    """An MPEG-4 video whose frames darken one step each."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            pixels = np.full((height, width, 3), 250 - 5 * i, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
     return buffer.getvalue()
 
 
@@ -245,6 +260,23 @@ def test_audio_over_30_s_needs_truncate_audio(servers: Servers) -> None:
     assert last_media(servers) == [("audio", 750)]  # the first 30 s
 
 
+def test_a_video_becomes_its_sampled_frames(servers: Servers) -> None:
+    """32 frames, each its own placeholder; at this server's prompt limit they do not fit (naming the part),
+    with a larger one they do."""
+    video = {"type": "video_url", "video_url": {"url": data_url(mp4(), "video/mp4")}}
+    response = servers.chat(user(video))
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[0].content[1]"
+    assert "prompt limit" in response.json()["error"]["message"]
+    roomy = dataclasses.replace(servers.frontend.policy, limits=LIMITS.model_copy(update={"max_prompt_tokens": 4000}))
+    frontend = Frontend(servers.frontend.tokenizer, servers.frontend.model, servers.backend, policy=roomy)
+    prompt = asyncio.run(frontend.chat_prompt(user(video)))
+    assert [p.features.modality for p in prompt.media] == ["video"] * 32
+    video_id = servers.frontend.tokenizer.token_to_id(VIDEO.text)
+    for placed in prompt.media:
+        assert set(prompt.token_ids[placed.offset : placed.end]) == {video_id}
+    assert "00:04" in servers.frontend.tokenizer.decode(prompt.token_ids)  # frame times, mm:ss
+
+
 def test_an_allow_listed_url_is_fetched(servers: Servers) -> None:
     part = {"type": "image_url", "image_url": {"url": f"{servers.media}/img.png", "detail": "low"}}
     assert servers.chat(user(part)).status_code == 200
@@ -264,6 +296,7 @@ BAD_PARTS: dict[str, tuple[dict[str, Any], str, str]] = {
     "host not allowed": ({"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}, "", "not allowed"),
     "no url": ({"type": "image_url", "image_url": {"detail": "low"}}, "", "image_url.url"),
     "ftp url": ({"type": "video_url", "video_url": {"url": "ftp://127.0.0.1/a.mp4"}}, "", "http(s)"),
+    "not a video": ({"type": "video_url", "video_url": {"url": data_url(png(), "video/mp4")}}, "", ""),
     "redirect off the list": ({"type": "image_url", "image_url": {"url": "MEDIA/away"}}, "", "redirects"),
     "URL body over the byte limit": ({"type": "image_url", "image_url": {"url": "MEDIA/big"}}, "", "bytes"),
     "URL too slow": ({"type": "image_url", "image_url": {"url": "MEDIA/slow"}}, "", "longer than"),
