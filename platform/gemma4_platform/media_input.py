@@ -110,7 +110,7 @@ def _source(part: Mapping[str, Any], modality: Modality, where: str, limits: Lim
         return MediaSource(where, modality, data=data, mime_type=mime, budget=budget)
     if isinstance(value, Mapping) and isinstance(value.get("url"), str):
         return _from_url(value["url"], modality, where, budget, limits)
-    raise MediaError(where, f"a {kind} part needs {kind}.url (a data: or http(s) URL)")
+    raise MediaError(where, f"expected {kind}.url (a data: or http(s) URL)")
 
 
 def _budget(value: Any, where: str) -> int:
