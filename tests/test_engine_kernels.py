@@ -53,8 +53,8 @@ def test_step_logits_and_seeded_samples_equal_the_reference_ops(checkpoints, var
         logits: list[torch.Tensor] = []
         execute = llm.engine.runner.execute
 
-        def recording(batch, kv, execute=execute, logits=logits):
-            out, sampling = execute(batch, kv)
+        def recording(batch, kv, execute=execute, logits=logits, **kwargs):
+            out, sampling = execute(batch, kv, **kwargs)
             logits.append(out[: len(sampling)].clone())
             return out, sampling
 

@@ -25,8 +25,8 @@ def _run(engine: LLMEngine) -> tuple[list[torch.Tensor], list[int]]:
     computed: list[int] = []
     execute = engine.runner.execute
 
-    def recording(batch, kv):
-        out, sampling = execute(batch, kv)
+    def recording(batch, kv, **kwargs):
+        out, sampling = execute(batch, kv, **kwargs)
         logits.append(out[: len(sampling)].clone())
         computed.append(batch.total_tokens)
         return out, sampling
@@ -49,13 +49,13 @@ def test_step_forward_compiles_fullgraph_for_prefill_and_decode_and_matches_eage
     shapes = []
     execute = runner.execute
 
-    def both(batch, kv):
+    def both(batch, kv, **kwargs):
         step = runner.stage(batch, kv).tensors
         eager = runner.eager_forward(step)
         # The same step again, compiled: it writes the same keys/values to the same slots.
         torch.testing.assert_close(compiled(step), eager, atol=1e-5, rtol=1e-5)
         shapes.append(step.shape)
-        return execute(batch, kv)
+        return execute(batch, kv, **kwargs)
 
     runner.execute = both
     for prompt in PROMPTS:
@@ -91,8 +91,8 @@ def test_padded_rows_change_no_result_and_count_no_expert_load() -> None:
         alone = []
         execute = engine.runner.execute
 
-        def recording(batch, kv, execute=execute, alone=alone):
-            out, sampling = execute(batch, kv)
+        def recording(batch, kv, execute=execute, alone=alone, **kwargs):
+            out, sampling = execute(batch, kv, **kwargs)
             alone.append(out[: len(sampling)].clone())
             return out, sampling
 

@@ -186,12 +186,12 @@ def blocking_first_step(engine) -> tuple[threading.Event, threading.Event, threa
     entered, release, resumed = threading.Event(), threading.Event(), threading.Event()
     execute = engine.runner.execute
 
-    def execute_after_release(batch, kv):
+    def execute_after_release(batch, kv, **kwargs):
         if not entered.is_set():
             entered.set()
             release.wait(SAFETY_RELEASE_S)
             resumed.set()
-        return execute(batch, kv)
+        return execute(batch, kv, **kwargs)
 
     engine.runner.execute = execute_after_release
     return entered, release, resumed
@@ -239,8 +239,8 @@ def test_a_failed_step_ends_every_stream_and_shutdown_ends_the_rest(checkpoint) 
     entered, release, _ = blocking_first_step(engine)
     blocked = engine.runner.execute
 
-    def fail_once_released(batch, kv):
-        blocked(batch, kv)
+    def fail_once_released(batch, kv, **kwargs):
+        blocked(batch, kv, **kwargs)
         raise RuntimeError("device lost")
 
     engine.runner.execute = fail_once_released

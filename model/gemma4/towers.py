@@ -51,3 +51,40 @@ def encode_item(towers: nn.ModuleDict, item: MediaFeatures) -> torch.Tensor:
     if tokens.shape[0] != item.num_tokens:
         raise ValueError(f"the {item.modality} encoder gave {tokens.shape[0]} tokens for an item of {item.num_tokens}")
     return embedder(tokens.to(weight.dtype))
+
+
+def check_media_item(config: Gemma4Config, item: MediaFeatures, where: str) -> None:
+    """Raise ValueError (starting with `where`) unless `item` is what its tower can encode into exactly
+    `item.num_tokens` soft tokens: checked before a request is queued, so a malformed item never fails
+    a step that other requests share."""
+    vision, audio = config.vision, config.audio
+    has_tower = audio is not None if item.modality == "audio" else vision is not None
+    if config.architecture == CAUSAL_LM_ARCHITECTURE or not has_tower:
+        raise ValueError(f"{where}: this checkpoint has no encoder for {item.modality} input")
+    if item.modality == "audio":
+        features, mask = item.input_features, item.input_features_mask
+        if features is None or mask is None or features.dim() != 2 or features.shape[1] != 128:
+            raise ValueError(f"{where}: audio needs input_features [T, 128] and input_features_mask [T]")
+        if not features.is_floating_point() or mask.dtype != torch.bool or mask.shape != features.shape[:1]:
+            raise ValueError(f"{where}: audio features must be floating point with a boolean mask of T frames")
+        expected = int(mask[::2][::2].sum())
+    else:
+        assert vision is not None
+        pixels, positions, k = item.pixel_values, item.position_ids, vision.pooling_kernel_size
+        width = 3 * vision.patch_size**2
+        if pixels is None or positions is None or pixels.dim() != 2 or pixels.shape[1] != width:
+            raise ValueError(f"{where}: {item.modality} needs pixel_values [P, {width}] and position_ids [P, 2]")
+        if not pixels.is_floating_point() or positions.dtype != torch.int64 or positions.shape != (pixels.shape[0], 2):
+            raise ValueError(f"{where}: pixel_values must be floating point with int64 position_ids [P, 2]")
+        cols = int(positions[:, 0].max()) + 1 if positions.numel() else 0
+        rows = pixels.shape[0] // cols if cols > 0 else 0
+        index = torch.arange(rows * cols)
+        grid = torch.stack([index % max(cols, 1), index // max(cols, 1)], dim=-1)
+        if not rows or rows % k or cols % k or rows * cols != pixels.shape[0] or not torch.equal(positions, grid):
+            raise ValueError(f"{where}: patches must form a row-major grid whose sides are multiples of {k}")
+        if max(rows, cols) > vision.position_embedding_size:
+            table = vision.position_embedding_size
+            raise ValueError(f"{where}: {rows}x{cols} patches exceed the position table ({table})")
+        expected = rows * cols // k**2
+    if item.num_tokens != expected:
+        raise ValueError(f"{where}: the item declares {item.num_tokens} soft tokens; its features give {expected}")

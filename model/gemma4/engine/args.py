@@ -41,6 +41,10 @@ class EngineArgs:
     hold the MoE experts (`gemma4.parallel.layout`); `redundant_experts` extra expert slots per MoE
     layer hold copies of hot experts, and every `expert_rebalance_interval` steps (0: never) the
     engine re-places the experts by the load measured since the last placement.
+
+    Media (checkpoints with towers): at most `max_num_encoder_tokens` soft tokens are encoded per
+    step (None: `max_num_batched_tokens`), and the encoder cache keeps up to `encoder_cache_tokens` soft
+    tokens of encoded items on the device (None: twice `max_num_batched_tokens`).
     """
 
     block_size: int = 16
@@ -59,13 +63,18 @@ class EngineArgs:
     expert_parallel_size: int = 1
     redundant_experts: int = 0
     expert_rebalance_interval: int = 0
+    max_num_encoder_tokens: int | None = None
+    encoder_cache_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "expert_parallel_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes"):
+        optional = (
+            "max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "max_num_encoder_tokens", "encoder_cache_tokens"
+        )
+        for name in optional:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -84,6 +93,16 @@ class EngineArgs:
         check_parallel_settings(
             self.tensor_parallel_size, self.expert_parallel_size, self.redundant_experts, self.expert_rebalance_interval
         )
+
+    @property
+    def encoder_budget(self) -> int:
+        """Soft tokens encoded per step at most."""
+        return self.max_num_encoder_tokens or self.max_num_batched_tokens
+
+    @property
+    def encoder_cache_capacity(self) -> int:
+        """Soft tokens the encoder cache holds."""
+        return self.encoder_cache_tokens or 2 * self.max_num_batched_tokens
 
     @property
     def layout(self) -> ParallelLayout:

@@ -125,6 +125,10 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.media_requests_total = 0
+        self.media_items_total: dict[str, int] = {}
+        self.encoder_items_total: dict[str, int] = {}
+        self.encoder_seconds_total = 0.0
         self._deltas = StepDeltas()
         self._failure: WorkerFailure | None = None
 
@@ -134,6 +138,11 @@ class EngineCore:
         self.requests[request.request_id] = request
         self.scheduler.add(request)
         self.prompt_tokens_total += request.num_prompt_tokens
+        if request.media:
+            self.media_requests_total += 1
+            for item in request.media:
+                modality = item.features.modality
+                self.media_items_total[modality] = self.media_items_total.get(modality, 0) + 1
 
     def abort_request(self, request_id: str) -> CoreOutput | None:
         """End a request now and free its blocks; its final record (None if it is not here)."""
@@ -160,7 +169,12 @@ class EngineCore:
         if not batch.requests:
             return []
         step = self._deltas.build(batch, [self.kv.block_tables(r.request_id) for r in batch.requests])
-        results = self._on_workers(lambda: self.executor.execute(step))
+        output = self._on_workers(lambda: self.executor.execute(step))
+        self.encoder_seconds_total += output.encoder_seconds
+        for request, index in batch.encoder_inputs:
+            modality = request.media[index].features.modality
+            self.encoder_items_total[modality] = self.encoder_items_total.get(modality, 0) + 1
+        results = output.samples
         sampling = []
         for request, n in zip(batch.requests, batch.num_tokens):
             request.num_computed_tokens += n
@@ -225,6 +239,7 @@ class EngineCore:
         )
 
     def stats(self) -> CoreStats:
+        encoder = self.scheduler.encoder
         return CoreStats(
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
@@ -235,4 +250,11 @@ class EngineCore:
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             expert_placement_changes=self.rebalancer.num_changes if self.rebalancer is not None else 0,
+            media_requests_total=self.media_requests_total,
+            media_items_total=dict(self.media_items_total),
+            encoder_items_total=dict(self.encoder_items_total),
+            encoder_cache_queries_total=encoder.queries if encoder is not None else 0,
+            encoder_cache_hits_total=encoder.hits if encoder is not None else 0,
+            encoder_seconds_total=self.encoder_seconds_total,
+            encoder_cache_usage=encoder.usage if encoder is not None else 0.0,
         )

@@ -22,9 +22,8 @@ import torch
 
 from gemma4.backends import backend_of
 from gemma4.config import Gemma4Config, load_config
-from gemma4.engine.sampler import SampleResult
 from gemma4.engine.worker import Worker, WorkerConfig
-from gemma4.engine.worker_step import WorkerStep
+from gemma4.engine.worker_step import StepOutput, WorkerStep
 from gemma4.parallel.placement import ExpertPlacement
 from gemma4.parallel.procs import RankError, RankFailed, RankProcesses
 
@@ -57,8 +56,8 @@ class Executor(ABC):
     def init_cache(self, num_blocks: Mapping[str, int]) -> None:
         self.call_all("init_cache", dict(num_blocks))
 
-    def execute(self, step: WorkerStep) -> list[SampleResult]:
-        """Run a step on every rank; rank 0's sampled results."""
+    def execute(self, step: WorkerStep) -> StepOutput:
+        """Run a step on every rank; rank 0's output (its sampled results)."""
         return self.call_all("execute", step)[0]
 
     def expert_load(self) -> dict[int, list[int]]:

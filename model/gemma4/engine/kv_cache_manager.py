@@ -7,9 +7,10 @@ content chain for prefix caching; free blocks keep their hash until reused (LRU 
 prefix hit is valid only if every group still holds what the next query needs: all earlier blocks
 for full-attention groups, the window's blocks for sliding ones. A request's `cache_salt` seeds its
 hash chain (`block_hashes`), so prefix hits happen only between requests with the same salt
-(`None`: the shared namespace). Block ids run from 1 to the pool's size; table entries a sequence
-does not hold (released, or before a prefix hit's window) are `NULL_BLOCK`, the reserved zero row of
-every pool tensor.
+(`None`: the shared namespace), and every block that holds part of a media item also mixes in that
+item's content hash, so two different images of the same size never share KV. Block ids run from 1
+to the pool's size; table entries a sequence does not hold (released, or before a prefix hit's
+window) are `NULL_BLOCK`, the reserved zero row of every pool tensor.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from gemma4.kv_layout import NULL_BLOCK, CacheGroup, pool_rows
+from gemma4.media.inputs import MediaPlaceholder
 
 
 class BlockPool:
@@ -80,6 +82,7 @@ class BlockPool:
 class _Sequence:
     tables: list[list[int]]
     cache_salt: str | None
+    media: Sequence[MediaPlaceholder] = ()
     block_hashes: list[bytes] = field(default_factory=list)
     num_committed_blocks: int = 0
     released: list[int] = field(default_factory=list)  # per group: leading entries already released (NULL)
@@ -96,11 +99,13 @@ class GroupUsage:
         return self.used_blocks / self.num_blocks if self.num_blocks else 0.0
 
 
-def _chain_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+def _chain_hash(parent: bytes | None, tokens: Sequence[int], media: Sequence[MediaPlaceholder]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     if parent is not None:
         h.update(parent)
     h.update(b",".join(str(t).encode() for t in tokens))
+    for item in media:  # in prompt order: which content sits where is fixed by the (equal) tokens
+        h.update(b"|" + item.features.content_hash.encode())
     return h.digest()
 
 
@@ -116,10 +121,12 @@ def block_hashes(
     cache_salt: str | None = None,
     *,
     known: Sequence[bytes] = (),
+    media: Sequence[MediaPlaceholder] = (),
 ) -> list[bytes]:
     """Prefix-cache hashes of the first `num_blocks` full blocks of `token_ids`.
 
-    Each block's hash covers its tokens and its parent's hash, so equal hashes mean equal prefixes;
+    Each block's hash covers its tokens, the content hashes of the `media` items (in prompt order)
+    that overlap it, and its parent's hash, so equal hashes mean equal prefixes;
     the first block's parent is the salt's digest (none for `cache_salt=None`, the shared
     namespace), so different salts never share a block. `known` holds hashes already computed for
     leading blocks of the same tokens and salt; they are extended, not recomputed. The prefix-affinity
@@ -133,7 +140,9 @@ def block_hashes(
     else:
         parent = None if cache_salt is None else _salt_hash(cache_salt)
     for i in range(len(hashes), num_blocks):
-        parent = _chain_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
+        start, end = i * block_size, (i + 1) * block_size
+        inside = [item for item in media if item.offset < end and item.end > start]
+        parent = _chain_hash(parent, token_ids[start:end], inside)
         hashes.append(parent)
     return hashes
 
@@ -175,14 +184,18 @@ class KVCacheManager:
             return 0
         return max(0, first_query_pos - group.sliding_window + 1) // self.block_size
 
-    def find_cached_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> int:
-        """Tokens of `token_ids` whose KV every group still holds under `cache_salt` (whole blocks).
+    def find_cached_prefix(
+        self, token_ids: list[int], cache_salt: str | None = None, media: Sequence[MediaPlaceholder] = ()
+    ) -> int:
+        """Tokens of `token_ids` (with `media` placed in them) whose KV every group still holds under
+        `cache_salt` (whole blocks).
 
         At least one token is always left to compute, so the request produces logits.
         """
         if not self.enable_prefix_caching:
             return 0
-        hashes = block_hashes(token_ids, self.block_size, (len(token_ids) - 1) // self.block_size, cache_salt)
+        num_blocks = (len(token_ids) - 1) // self.block_size
+        hashes = block_hashes(token_ids, self.block_size, num_blocks, cache_salt, media=media)
         hit = len(hashes)
         for group, pool in zip(self.groups, self.pools):
             if group.sliding_window is None:
@@ -201,23 +214,31 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ allocation
     def allocate(
-        self, seq_id: str, token_ids: list[int], num_computed: int, num_new: int, cache_salt: str | None = None
+        self,
+        seq_id: str,
+        token_ids: list[int],
+        num_computed: int,
+        num_new: int,
+        cache_salt: str | None = None,
+        media: Sequence[MediaPlaceholder] = (),
     ) -> bool:
         """Make room for computing tokens [num_computed, num_computed + num_new).
 
         For a sequence not seen before, `num_computed` tokens are a prefix-cache hit (from
-        `find_cached_prefix` with the same `cache_salt`) and their blocks are shared; the salt stays
-        with the sequence (it is ignored for a known one). Returns False, changing nothing except
-        releasing sliding blocks no query needs any more, when a pool has too few free blocks.
+        `find_cached_prefix` with the same `cache_salt` and `media`) and their blocks are shared; the
+        salt and media stay with the sequence (they are ignored for a known one). Returns False,
+        changing nothing except releasing sliding blocks no query needs any more, when a pool has too
+        few free blocks.
         """
         bs = self.block_size
         seq = self._seqs.get(seq_id)
         new_seq = seq is None
         if new_seq:
-            hashes = block_hashes(token_ids, bs, num_computed // bs, cache_salt)
+            hashes = block_hashes(token_ids, bs, num_computed // bs, cache_salt, media=media)
             seq = _Sequence(
                 tables=[[] for _ in self.groups],
                 cache_salt=cache_salt,
+                media=media,
                 block_hashes=hashes,
                 num_committed_blocks=len(hashes),
                 released=[0] * len(self.groups),
@@ -269,7 +290,12 @@ class KVCacheManager:
         seq = self._seqs[seq_id]
         if self.enable_prefix_caching and num_computed // self.block_size > seq.num_committed_blocks:
             hashes = block_hashes(
-                token_ids, self.block_size, num_computed // self.block_size, seq.cache_salt, known=seq.block_hashes
+                token_ids,
+                self.block_size,
+                num_computed // self.block_size,
+                seq.cache_salt,
+                known=seq.block_hashes,
+                media=seq.media,
             )
             seq.block_hashes = hashes
             for pool, table in zip(self.pools, seq.tables):

@@ -17,6 +17,7 @@ from gemma4.engine.sampling_params import SamplingParams
 from gemma4.engine.worker import WorkerConfig
 from gemma4.loader import load_model
 from gemma4.modeling import Gemma4ForCausalLM
+from gemma4.media.inputs import MultimodalPrompt
 from gemma4.tokenizer import Gemma4Tokenizer, load_tokenizer
 
 
@@ -99,7 +100,10 @@ class LLM:
         engine = self.engine
         params = [p or SamplingParams() for p in params]
         checked = [engine.check_request(prompt, p) for prompt, p in zip(batch, params)]  # fail before queueing
-        ids = [engine.add_request(token_ids, p, parse_chat=chat) for (token_ids, chat), p in zip(checked, params)]
+        ids = [
+            engine.add_request(prompt if isinstance(prompt, MultimodalPrompt) else token_ids, p, parse_chat=chat)
+            for prompt, (token_ids, chat), p in zip(batch, checked, params)
+        ]
         final: dict[str, RequestOutput] = {}
         while engine.has_unfinished_requests():
             for output in engine.step():

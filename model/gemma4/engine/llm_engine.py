@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence, Union
 from gemma4.config import Gemma4Config
 from gemma4.engine.args import CPU_KV_CACHE_BYTES, EngineArgs, resolve_kv_cache_bytes  # noqa: F401 - re-exported
 from gemma4.engine.core import EngineCore, ExpertRebalancer
+from gemma4.engine.encoder_cache import EncoderCacheManager
 from gemma4.engine.executor import Executor, UniprocExecutor
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.model_runner import ModelRunner
@@ -27,8 +28,11 @@ from gemma4.engine.sampling_params import SamplingParams
 from gemma4.engine.scheduler import Scheduler, SchedulerConfig
 from gemma4.engine.worker import Worker
 from gemma4.kv_layout import cache_groups
+from gemma4.media.inputs import MediaPlaceholder, MultimodalPrompt
+from gemma4.media.prompt import MediaTokenIds
 from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.parallel.placement import ExpertPlacement
+from gemma4.towers import check_media_item
 from gemma4.tokenizer import Gemma4Tokenizer
 
 
@@ -44,7 +48,7 @@ class ChatPrompt:
     thinking: bool = False
 
 
-Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]], ChatPrompt]
+Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]], ChatPrompt, MultimodalPrompt]
 
 
 class LLMEngine:
@@ -79,9 +83,12 @@ class LLMEngine:
                         f"{args.max_num_batched_tokens}): raise the KV budget or lower max_num_batched_tokens"
                     )
         self.kv = KVCacheManager(groups, num_blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len), self.kv
+        self.placeholder_ids = frozenset(self.config.multimodal_placeholder_ids)
+        self.scheduler_config = SchedulerConfig(
+            args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len, args.encoder_budget
         )
+        encoder = EncoderCacheManager(args.encoder_cache_capacity) if self.placeholder_ids else None
+        self.scheduler = Scheduler(self.scheduler_config, self.kv, encoder)
         self.executor.init_cache(num_blocks)
         rebalancer = None
         if args.expert_rebalance_interval and text.enable_moe_block:
@@ -125,6 +132,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: Prompt) -> tuple[list[int], bool]:
         """Prompt token ids, and whether the output should be chat-parsed."""
+        if isinstance(prompt, MultimodalPrompt):
+            return list(prompt.token_ids), False
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, Mapping) for m in prompt):
             prompt = ChatPrompt(prompt)
         if isinstance(prompt, ChatPrompt):
@@ -180,6 +189,7 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         token_ids, chat = self.check_request(prompt, params, priority, cache_salt)
+        media = prompt.media if isinstance(prompt, MultimodalPrompt) else ()
         stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(self.eos_token_ids))
         request = Request(
             request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
@@ -188,6 +198,7 @@ class LLMEngine:
             stop_token_ids=frozenset(stop_ids),
             priority=priority,
             cache_salt=cache_salt,
+            media=tuple(media),
             arrival_order=next(self._arrivals),
         )
         return request, self.tokenizer is not None and (chat if parse_chat is None else parse_chat)
@@ -208,6 +219,7 @@ class LLMEngine:
         bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        self._check_media(token_ids, prompt.media if isinstance(prompt, MultimodalPrompt) else ())
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         bad = next((t for t in params.stop_token_ids or () if t >= self.vocab_size), None)
@@ -232,6 +244,41 @@ class LLMEngine:
                     f"which has {pool.num_blocks}"
                 )
         return token_ids, chat
+
+    def _check_media(self, token_ids: list[int], media: Sequence[MediaPlaceholder]) -> None:
+        """Every placeholder id of the prompt lies in exactly one media item of the right modality, which
+        its tower can encode and the scheduler can fit into one step (ValueError naming `prompt.media[i]`)."""
+        covered = 0
+        limit = self.scheduler_config.max_media_item_tokens
+        for index, item in enumerate(media):
+            where = f"prompt.media[{index}]"
+            if not isinstance(item, MediaPlaceholder):
+                raise ValueError(f"{where}: expected a MediaPlaceholder, got {type(item).__name__}")
+            check_media_item(self.config, item.features, where)
+            if item.offset < covered or item.end > len(token_ids):
+                raise ValueError(f"{where}: tokens [{item.offset}, {item.end}) overlap another item or pass the end")
+            marker = MediaTokenIds.of(self.config).marker(item.features.modality)
+            if any(t != marker for t in token_ids[item.offset : item.end]):
+                raise ValueError(
+                    f"{where}: its {item.length} positions must hold the {item.features.modality} placeholder "
+                    f"id {marker}"
+                )
+            if item.length > limit:
+                raise ValueError(
+                    f"{where}: a {item.features.modality} item of {item.length} soft tokens exceeds what one step "
+                    f"can encode and compute ({limit}: max_num_encoder_tokens, and max_num_batched_tokens less "
+                    "one token for each other running sequence); raise max_num_batched_tokens or send a smaller item"
+                )
+            covered = item.end
+        if self.placeholder_ids:
+            inside = set()
+            for item in media:
+                inside.update(range(item.offset, item.end))
+            stray = next((p for p, t in enumerate(token_ids) if t in self.placeholder_ids and p not in inside), None)
+            if stray is not None:
+                raise ValueError(
+                    f"prompt token {stray} is a media placeholder id ({token_ids[stray]}) outside every media item"
+                )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown)."""

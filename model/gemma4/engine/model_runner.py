@@ -2,7 +2,10 @@
 
 The step's tokens are flattened into one row, padded to bucketed shapes and staged through
 persistent buffers (`step_inputs`); logits are computed only for the last token of each request whose
-computed tokens reach its end (a finished prefill or a decode), since only those sample.
+computed tokens reach its end (a finished prefill or a decode), since only those sample. A step that
+computes media placeholders gets their soft tokens (`StepMedia`, from the worker's encoder cache),
+scattered into the embeddings, and on the vision models its image blocks as bidirectional spans;
+such a step always runs eagerly.
 
 Decode-only steps run at a batch-size bucket with one query per sequence and block tables of the
 full `max_model_len` width: on CUDA each bucket is a captured graph (`DecodeGraphs`) replayed over
@@ -22,12 +25,13 @@ import torch
 
 from gemma4.backends import KernelChoice, backend_of, select_ops
 from gemma4.config import FULL
+from gemma4.engine.encoder_cache import StepMedia
 from gemma4.engine.paged_attention import PagedAttention, PagedKVCache, SequenceSlice, check_block_tables, debug_checks_enabled
 from gemma4.engine.request import Request
 from gemma4.engine.scheduler import ScheduledBatch
 from gemma4.engine.step_inputs import StagedStep, StepBuffers, StepShape, StepTensors, bucket
 from gemma4.kv_layout import CacheGroup
-from gemma4.modeling import Gemma4ForCausalLM
+from gemma4.modeling import Gemma4ForCausalLM, SoftTokens
 
 
 class BlockTables(Protocol):
@@ -68,8 +72,12 @@ class ModelRunner:
         self.max_cols = -(-max_model_len // block_size)
         self.buckets = decode_buckets(max_num_seqs)
         max_tokens = bucket(max(max_num_batched_tokens, max_num_seqs))
+        # Image blocks attend bidirectionally on the sliding layers of the vision models.
+        self.spans = model.text_config.use_bidirectional_attention == "vision"
         # Two grids of up to a bucket each: decodes and prefill chunks.
-        self.buffers = StepBuffers(max_tokens, 2 * self.buckets[-1], self.max_cols, len(groups), self.device)
+        self.buffers = StepBuffers(
+            max_tokens, 2 * self.buckets[-1], self.max_cols, len(groups), self.device, spans=self.spans
+        )
         layers = model.model.layers
         self._k_norm = {
             spec.index: layers[spec.index].self_attn.k_norm.weight
@@ -87,10 +95,14 @@ class ModelRunner:
         decode steps when `torch_compile` is on; prefill and mixed steps, whose shapes vary most, run eagerly)."""
         return (self._decode_forward if step.shape.prefill_seqs == 0 else self.eager_forward)(step)
 
-    def eager_forward(self, step: StepTensors) -> torch.Tensor:
-        attention = PagedAttention(self.cache, step, self.ops, self._k_norm, self.model.model.rotary[FULL].inv_freq)
+    def eager_forward(self, step: StepTensors, soft_tokens: SoftTokens | None = None) -> torch.Tensor:
+        attention = PagedAttention(
+            self.cache, step, self.ops, self._k_norm, self.model.model.rotary[FULL].inv_freq, spans=self.spans
+        )
         token_mask = (step.layout.token_mask != 0)[None]
-        hidden = self.model.hidden_states(step.input_ids[None], step.positions[None], attention, token_mask=token_mask)
+        hidden = self.model.hidden_states(
+            step.input_ids[None], step.positions[None], attention, token_mask=token_mask, soft_tokens=soft_tokens
+        )
         return self.model.compute_logits(hidden[0, step.sample_rows])
 
     def step_shape(self, batch: ScheduledBatch) -> StepShape:
@@ -115,22 +127,30 @@ class ModelRunner:
         longest = max(r.num_computed_tokens + n for r, n in zip(batch.requests, batch.num_tokens))
         return bucket(-(-longest // self.block_size), self.max_cols)
 
-    def stage(self, batch: ScheduledBatch, kv: BlockTables) -> StagedStep:
+    def stage(
+        self, batch: ScheduledBatch, kv: BlockTables, spans: list[tuple[int, int]] | None = None
+    ) -> StagedStep:
         tables = [kv.block_tables(r.request_id) for r in batch.requests]
         if debug_checks_enabled():
             check_block_tables(self.cache, _slices(batch, tables))
-        return self.buffers.stage(self.step_shape(batch), batch.requests, batch.num_tokens, tables)
+        return self.buffers.stage(self.step_shape(batch), batch.requests, batch.num_tokens, tables, spans or ())
 
-    def execute(self, batch: ScheduledBatch, kv: BlockTables) -> tuple[torch.Tensor, list[Request]]:
+    def execute(
+        self, batch: ScheduledBatch, kv: BlockTables, *, media: StepMedia | None = None
+    ) -> tuple[torch.Tensor, list[Request]]:
         """Run the step; returns fp32 logits `[n, vocab]` for the requests that sample, in order (n >= the
         number of sampling requests: padded rows follow and are to be ignored)."""
         with backend_of(self.device).inference():
-            return self._execute(batch, kv)
+            return self._execute(batch, kv, media)
 
-    def _execute(self, batch: ScheduledBatch, kv: BlockTables) -> tuple[torch.Tensor, list[Request]]:
-        staged = self.stage(batch, kv)
+    def _execute(
+        self, batch: ScheduledBatch, kv: BlockTables, media: StepMedia | None
+    ) -> tuple[torch.Tensor, list[Request]]:
+        staged = self.stage(batch, kv, None if media is None else media.spans)
         step = staged.tensors
-        if self.graphs is not None and self.graphs.captured(step.shape):
+        if media is not None:
+            logits = self.eager_forward(step, media.soft_tokens)
+        elif self.graphs is not None and self.graphs.captured(step.shape):
             logits = self.graphs.replay(step.shape.decode_seqs)
         else:
             logits = self.forward(step)

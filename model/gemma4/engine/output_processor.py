@@ -32,6 +32,7 @@ class _RequestState:
     detokenizer: IncrementalDetokenizer | None
     chat_parser: StreamParser | None
     logprobs: list[TokenLogprobs] | None  # None unless the request asked for logprobs
+    media_tokens: dict[str, int] = field(default_factory=dict)  # the prompt's soft tokens per modality
     token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
 
@@ -61,6 +62,9 @@ class OutputProcessor:
             chat_parser=StreamParser() if text and parse_chat else None,
             logprobs=[] if params.logprobs is not None else None,
         )
+        for item in request.media:
+            tokens = self._states[request.request_id].media_tokens
+            tokens[item.features.modality] = tokens.get(item.features.modality, 0) + item.length
 
     def process(self, records: Iterable[CoreOutput]) -> ProcessedOutputs:
         """One output per record of a request still tracked here."""
@@ -134,7 +138,14 @@ class OutputProcessor:
             token_ids=state.token_ids,
             text=detokenizer.streamed_text if detokenizer is not None else "",
             logprobs=state.logprobs,
-            usage=Usage(len(state.prompt_token_ids), len(state.token_ids), record.num_cached_prompt_tokens),
+            usage=Usage(
+                len(state.prompt_token_ids),
+                len(state.token_ids),
+                record.num_cached_prompt_tokens,
+                image_tokens=state.media_tokens.get("image", 0),
+                audio_tokens=state.media_tokens.get("audio", 0),
+                video_tokens=state.media_tokens.get("video", 0),
+            ),
             metrics=RequestMetrics(
                 arrival_time=state.arrival_time,
                 first_token_time=times[0] if times else None,

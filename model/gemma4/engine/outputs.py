@@ -13,9 +13,15 @@ from gemma4.engine.sampler import TokenLogprobs
 
 @dataclass(frozen=True)
 class Usage:
+    """Token counts of a request; the media counts are the prompt's soft tokens per modality (also
+    counted in `prompt_tokens`)."""
+
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0
+    image_tokens: int = 0
+    audio_tokens: int = 0
+    video_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -130,6 +136,9 @@ class CoreStats:
     `generation_tokens_total` counts every token the model sampled, also one an asynchronously
     found stop string then cut (usage counts only the tokens a request kept).
     `expert_placement_changes` counts the MoE layers the load-aware placement moved experts of.
+    Media: requests added with media and their items per modality (a video counts its frames), the
+    items actually encoded (encoder-cache misses), encoder-cache lookups and hits, the encoders'
+    seconds, and the fraction of the encoder cache's capacity in use.
     """
 
     num_waiting: int
@@ -141,6 +150,13 @@ class CoreStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     expert_placement_changes: int = 0
+    media_requests_total: int = 0
+    media_items_total: dict[str, int] = field(default_factory=dict)
+    encoder_items_total: dict[str, int] = field(default_factory=dict)
+    encoder_cache_queries_total: int = 0
+    encoder_cache_hits_total: int = 0
+    encoder_seconds_total: float = 0.0
+    encoder_cache_usage: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -129,9 +129,12 @@ class PagedAttention:
         ops: Ops,
         key_scales: dict[int, torch.Tensor],
         key_inv_freq: torch.Tensor,
+        *,
+        spans: bool = False,
     ) -> None:
         """`key_scales`: each K-as-V producer layer's k_norm weight; `key_inv_freq`: the RoPE frequencies of
-        those (global) layers, with which their keys are rotated on read."""
+        those (global) layers, with which their keys are rotated on read. `spans`: the sliding layers
+        attend through the step's bidirectional spans (`SequenceLayout.span_ids`; the vision models)."""
         self.cache = cache
         self.ops = ops
         self.key_scales = key_scales
@@ -144,6 +147,7 @@ class PagedAttention:
                 block_size=cache.block_size,
                 sliding_window=group.sliding_window,
                 key_inv_freq=key_inv_freq if keys is None else None,
+                spans=spans and group.sliding_window is not None,
             )
             for group, table, keys in zip(cache.groups, step.block_tables, cache.keys)
         ]

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from gemma4.engine.sampling_params import SamplingParams
+from gemma4.media.inputs import MediaPlaceholder
 
 
 class RequestStatus(enum.Enum):
@@ -28,7 +29,8 @@ class Request:
 
     `token_ids` is prompt + output so far; `num_computed_tokens` of them have KV in the cache. A
     preempted request drops its cache and recomputes all its tokens later, outputs included.
-    `cache_salt` is its prefix-cache namespace (None: shared by every unsalted request).
+    `cache_salt` is its prefix-cache namespace (None: shared by every unsalted request). `media` are
+    the prompt's media items (in prompt order), whose soft tokens replace their placeholder positions.
     """
 
     request_id: str
@@ -37,6 +39,7 @@ class Request:
     stop_token_ids: frozenset[int]
     priority: int = 0
     cache_salt: str | None = None
+    media: tuple[MediaPlaceholder, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
     arrival_order: int = 0
     token_ids: list[int] = field(default_factory=list)

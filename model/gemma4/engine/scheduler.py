@@ -5,6 +5,12 @@ token; an unfinished prompt continues as a chunk), then waiting requests are adm
 budget, `max_num_seqs` and the KV pools allow, their prompts chunked to fit (chunked prefill mixed
 with decode). When a pool runs out, the lowest-priority running request is preempted: its blocks
 are freed and it goes back to the front of the queue to be recomputed later with the same output.
+
+Media items are never split across steps: a chunk ends before an item it cannot take whole (an
+image's bidirectional block must lie within one step; the item's soft tokens are then read in one
+step only). Items the workers do not hold yet in their encoder cache are encoded in the step that
+reads them, within `max_num_encoder_tokens` soft tokens per step; a chunk ends before an item past
+that budget.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from gemma4.engine.encoder_cache import EncoderCacheManager, overlapping_items
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.request import Request, RequestStatus
 
@@ -21,9 +28,16 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 8192
+    max_num_encoder_tokens: int = 2048
+
+    @property
+    def max_media_item_tokens(self) -> int:
+        """The longest media item the scheduler can always make progress with: one step's encoder budget,
+        and a chunk's tokens once the other running requests (at most `max_num_seqs - 1`) each decode."""
+        return min(self.max_num_encoder_tokens, self.max_num_batched_tokens - self.max_num_seqs + 1)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_num_encoder_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -36,6 +50,10 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Media items to encode before the forward (request, index into its media), and the content
+    # hashes of encoder-cache entries to drop (none of which this step reads).
+    encoder_inputs: list[tuple[Request, int]] = field(default_factory=list)
+    encoder_frees: list[str] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -47,9 +65,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, encoder: EncoderCacheManager | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.encoder = encoder  # None: a model without towers, whose requests carry no media
+        self._encoder_budget = config.max_num_encoder_tokens  # what is left of it in the step being built
         self.waiting: list[Request] = []  # sorted by Request.sort_key
         self.running: list[Request] = []  # sorted by Request.sort_key
         self.num_preemptions = 0
@@ -85,13 +105,16 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        self._encoder_budget = self.config.max_num_encoder_tokens
         preempted: set[int] = set()  # ids of requests preempted earlier in this loop
         for request in list(self.running):
             if budget == 0:
                 break
             if id(request) in preempted:
                 continue
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = self._fit_media(request, min(request.num_tokens - request.num_computed_tokens, budget))
+            if n == 0:
+                continue  # its next media item waits for a step with room for it
             while not self.kv.allocate(
                 request.request_id, request.token_ids, request.num_computed_tokens, n, request.cache_salt
             ):
@@ -102,20 +125,25 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                batch.add(request, n)
+                self._add(batch, request, n)
                 budget -= n
         if batch.preempted:
-            return batch  # no admissions while memory is short: the preempted go first next step
+            return self._with_evictions(batch)  # no admissions while memory is short: the preempted go first
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.num_computed_tokens == 0:
-                cached = self.kv.find_cached_prefix(request.token_ids, request.cache_salt)
+                cached = self.kv.find_cached_prefix(request.token_ids, request.cache_salt, request.media)
                 request.num_computed_tokens = cached
                 if request.num_output_tokens == 0:
                     request.num_cached_prompt_tokens = cached
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate(
-                request.request_id, request.token_ids, request.num_computed_tokens, n, request.cache_salt
+            n = self._fit_media(request, min(request.num_tokens - request.num_computed_tokens, budget))
+            if n == 0 or not self.kv.allocate(
+                request.request_id,
+                request.token_ids,
+                request.num_computed_tokens,
+                n,
+                request.cache_salt,
+                request.media,
             ):
                 request.num_computed_tokens = 0
                 break
@@ -124,6 +152,45 @@ class Scheduler:
             self.prefix_hit_tokens += request.num_computed_tokens
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=lambda r: r.sort_key)
-            batch.add(request, n)
+            self._add(batch, request, n)
             budget -= n
+        return self._with_evictions(batch)
+
+    def _fit_media(self, request: Request, n: int) -> int:
+        """`n`, or fewer tokens so that the chunk ends before a media item it cannot take whole: one that
+        does not fit the chunk, or whose encoding does not fit what is left of the step's encoder budget
+        (0 when the chunk starts inside such an item)."""
+        if not request.media:
+            return n
+        assert self.encoder is not None, "a request with media on an engine without an encoder cache"
+        start = request.num_computed_tokens
+        end, cost = start + n, 0
+        for _, item in overlapping_items(request, start, end):
+            if item.end > end:
+                return max(item.offset - start, 0)
+            if item.features.content_hash not in self.encoder:
+                cost += item.length
+                if cost > self._encoder_budget:
+                    return max(item.offset - start, 0)
+        return n
+
+    def _add(self, batch: ScheduledBatch, request: Request, n: int) -> None:
+        """Schedule `n` tokens of `request`, and the encoding of the media they read that is not cached."""
+        batch.add(request, n)
+        start = request.num_computed_tokens
+        for index, item in overlapping_items(request, start, start + n):
+            assert self.encoder is not None
+            if self.encoder.use(item.features):
+                batch.encoder_inputs.append((request, index))
+                self._encoder_budget -= item.length
+
+    def _with_evictions(self, batch: ScheduledBatch) -> ScheduledBatch:
+        """Drop encoder-cache entries over its capacity, keeping every item this step reads."""
+        if self.encoder is not None:
+            keep = {
+                item.features.content_hash
+                for request, n in zip(batch.requests, batch.num_tokens)
+                for _, item in overlapping_items(request, request.num_computed_tokens, request.num_computed_tokens + n)
+            }
+            batch.encoder_frees = self.encoder.evict(keep)
         return batch

@@ -2,7 +2,8 @@
 
 The scheduler's plain decision (which requests, how many tokens each) becomes a handful of integer
 arrays: token ids, positions, each token's sequence, per-sequence query start/length and context
-length, the rows that sample, and one block table per cache group. They are written into fixed
+length, the rows that sample, one block table per cache group, and (models with bidirectional image
+blocks) each token's span id. They are written into fixed
 sections of a pinned int64 buffer sized for the largest step, the used prefix is copied to a device
 buffer of the same layout with one non-blocking transfer, and the step's tensors are views of it.
 Shapes are padded to buckets (`StepShape`), so a decode step of a given bucket always reads the same
@@ -78,11 +79,23 @@ class StepBuffers:
     _SECTIONS = ("input_ids", "positions", "token_seq", "token_mask")
     _SEQ_SECTIONS = ("query_start", "query_len", "context_len", "sample_rows")
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_cols: int, num_groups: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        max_tokens: int,
+        max_seqs: int,
+        max_cols: int,
+        num_groups: int,
+        device: torch.device,
+        *,
+        spans: bool = False,
+    ) -> None:
+        """`spans`: stage a span id per token (-1 outside spans) for the bidirectional blocks of a step."""
         self.max_tokens, self.max_seqs, self.max_cols = max_tokens, max_seqs, max_cols
         self.num_groups = num_groups
         self.device = device
-        size = 4 * max_tokens + 4 * max_seqs + num_groups * max_seqs * max_cols
+        self.spans = spans
+        self._token_sections = self._SECTIONS + (("span_ids",) if spans else ())
+        size = len(self._token_sections) * max_tokens + 4 * max_seqs + num_groups * max_seqs * max_cols
         backend = backend_of(device)
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=backend.pinned_memory)
         self._host_np = self.host.numpy()
@@ -96,7 +109,7 @@ class StepBuffers:
         t, s = shape.num_tokens, shape.num_seqs
         sections: dict[str, tuple[int, int]] = {}
         offset = 0
-        for name in self._SECTIONS:
+        for name in self._token_sections:
             sections[name] = (offset, t)
             offset += t
         for name in self._SEQ_SECTIONS:
@@ -113,9 +126,11 @@ class StepBuffers:
         requests: Sequence[Request],
         num_tokens: Sequence[int],
         tables: Sequence[Sequence[Sequence[int]]],
+        spans: Sequence[tuple[int, int]] = (),
     ) -> StagedStep:
         """Write the step for `requests` (`num_tokens[i]` new tokens each, `tables[i]` its block tables
-        per group) padded to `shape`, copy it to the device, and return the views."""
+        per group, `spans` the step-row ranges of its bidirectional blocks) padded to `shape`, copy it to
+        the device, and return the views."""
         if shape.num_tokens > self.max_tokens or shape.num_seqs > self.max_seqs or shape.table_cols > self.max_cols:
             raise ValueError(f"step shape {shape} exceeds the step buffers' capacity")
         sections, used = self._offsets(shape)
@@ -148,6 +163,11 @@ class StepBuffers:
             seq[:total] = np.repeat(slots, lengths)
             pos[:total] = np.arange(total) - np.repeat(offsets - starts, lengths)
         mask[:total] = 1
+        if self.spans:
+            span = section("span_ids")
+            span[:] = -1
+            for index, (first, end) in enumerate(spans):
+                span[first:end] = index
         samples = np.flatnonzero(starts + lengths == np.fromiter((r.num_tokens for r in requests), np.int64, count))
         sample[: len(samples)] = offsets[samples] + lengths[samples] - 1
         sampling = [requests[i] for i in samples.tolist()]
@@ -176,6 +196,8 @@ class StepBuffers:
             token_seq=view("token_seq"),
             token_mask=view("token_mask"),
             grids=shape.grids,
+            # A single-query grid has no later key to see: decode steps (and their graphs) go without.
+            span_ids=view("span_ids") if self.spans and shape.prefill_seqs else None,
         )
         tables = tuple(view(f"table{g}").view(shape.num_seqs, shape.table_cols) for g in range(self.num_groups))
         return StepTensors(shape, view("input_ids"), view("positions"), layout, view("sample_rows"), tables)

@@ -1,8 +1,9 @@
 """One rank of a replica: its model shard, its share of the KV cache, and (rank 0) the sampler.
 
 A worker joins the replica's process group, loads its shard, sizes and allocates its KV pools and
-then runs `WorkerStep`s: it mirrors every request it has been sent (prompt, parameters, the tokens
-so far, block tables), stages the step through the runner's persistent buffers exactly as a
+then runs `WorkerStep`s: it mirrors every request it has been sent (prompt, media, parameters, the
+tokens so far, block tables), encodes the media items the step reads that its encoder cache lacks
+(every rank: the towers are replicated), stages the step through the runner's persistent buffers exactly as a
 single-device engine would, runs its shard (the collectives inside the model keep the ranks in
 step), and on rank 0 samples from the gathered logits. The engine core never sees tensors.
 `Worker.wrap` runs an already-built single-device model in the core's own process (the default).
@@ -21,11 +22,12 @@ import torch.distributed as dist
 from gemma4.backends import backend_of
 from gemma4.config import Gemma4Config
 from gemma4.engine.args import EngineArgs, resolve_kv_cache_bytes
+from gemma4.engine.encoder_cache import EncoderOutputs
 from gemma4.engine.model_runner import ModelRunner
 from gemma4.engine.request import Request
-from gemma4.engine.sampler import SampleResult, Sampler
+from gemma4.engine.sampler import Sampler
 from gemma4.engine.scheduler import ScheduledBatch
-from gemma4.engine.worker_step import NewRequestData, ScheduledSequence, WorkerStep
+from gemma4.engine.worker_step import NewRequestData, ScheduledSequence, StepOutput, WorkerStep
 from gemma4.kv_layout import split_kv_budget
 from gemma4.loader import load_model
 from gemma4.memory import rank_cache_groups
@@ -80,7 +82,7 @@ class MirrorRequests:
 
     def add(self, new: NewRequestData, num_groups: int) -> None:
         self.requests[new.request_id] = Request(
-            new.request_id, list(new.prompt_token_ids), new.sampling_params, new.stop_token_ids
+            new.request_id, list(new.prompt_token_ids), new.sampling_params, new.stop_token_ids, media=new.media
         )
         self.tables[new.request_id] = [[] for _ in range(num_groups)]
 
@@ -147,6 +149,8 @@ class Worker:
         self.max_model_len = args.model_len(text)
         self.groups = rank_cache_groups(text, layout.tensor_parallel)
         self.mirrors = MirrorRequests()
+        device = next(model.parameters()).device
+        self.encoder_outputs = EncoderOutputs(model.encode_media, lambda: backend_of(device).synchronize(device))
         self.runner: ModelRunner | None = None
         self.sampler: Sampler | None = None
 
@@ -188,8 +192,8 @@ class Worker:
             text = self.model.text_config
             self.sampler = Sampler(text.vocab_size, self.runner.device, args.seed, draw=self.runner.ops.sample_draw)
 
-    def execute(self, step: WorkerStep) -> list[SampleResult] | None:
-        """Run one step; rank 0 returns a result per request that sampled (in batch order), others None."""
+    def execute(self, step: WorkerStep) -> StepOutput | None:
+        """Run one step; rank 0 returns its output (a result per request that sampled), others None."""
         assert self.runner is not None, "init_cache first"
         for request_id in step.finished_request_ids:
             self.mirrors.remove(request_id)
@@ -197,13 +201,19 @@ class Worker:
                 self.sampler.remove(request_id)
         for new in step.new_requests:
             self.mirrors.add(new, len(self.groups))
+        self.encoder_outputs.free(step.encoder_frees)
+        with backend_of(self.runner.device).inference():
+            encoder_seconds = self.encoder_outputs.encode(
+                [self.mirrors.requests[request_id].media[index].features for request_id, index in step.encoder_inputs]
+            )
         batch = ScheduledBatch()
         for seq in step.sequences:
             batch.add(self.mirrors.update(seq), seq.num_tokens)
-        logits, sampling = self.runner.execute(batch, self.mirrors)
+        media = self.encoder_outputs.step_media(batch.requests, batch.num_tokens, spans=self.runner.spans)
+        logits, sampling = self.runner.execute(batch, self.mirrors, media=media)
         if self.sampler is None:
             return None
-        return self.sampler.sample(logits, sampling)
+        return StepOutput(self.sampler.sample(logits, sampling), encoder_seconds)
 
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert so far, per MoE layer (routing is replicated: every rank counts alike)."""

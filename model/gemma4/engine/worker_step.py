@@ -1,10 +1,12 @@
 """What the engine core sends its workers each step: plain picklable data, as small as the step allows.
 
-A worker keeps a mirror of every request it has been sent (prompt, sampling parameters, the tokens so
-far, block tables), so a step carries only what changed: the data of requests scheduled for the first
-time, then per scheduled request its computed count, the tokens it computes this step and its block
-tables' new entries, and the tokens sampled since it was last sent; and the ids of requests that
-ended since the last step. `StepDeltas` is the core's side of the mirror: what every worker holds.
+A worker keeps a mirror of every request it has been sent (prompt, media, sampling parameters, the
+tokens so far, block tables), so a step carries only what changed: the data of requests scheduled for
+the first time, then per scheduled request its computed count, the tokens it computes this step and
+its block tables' new entries, and the tokens sampled since it was last sent; the ids of requests
+that ended since the last step; and the encoder cache's work: which media items to encode (each sent
+once, with its request) and which cached soft tokens to drop. `StepDeltas` is the core's side of the
+mirror: what every worker holds.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gemma4.engine.request import Request
+from gemma4.engine.sampler import SampleResult
 from gemma4.engine.sampling_params import SamplingParams
 from gemma4.engine.scheduler import ScheduledBatch
+from gemma4.media.inputs import MediaPlaceholder
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class NewRequestData:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     stop_token_ids: frozenset[int]
+    media: tuple[MediaPlaceholder, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,24 @@ class ScheduledSequence:
 @dataclass(frozen=True)
 class WorkerStep:
     """One step for every worker; `finished_request_ids` are dropped before `new_requests` are added
-    (so an id that ended may come back as a new request in the same step)."""
+    (so an id that ended may come back as a new request in the same step). `encoder_frees` are dropped
+    from the encoder cache, then `encoder_inputs` (request id, index into its media) are encoded,
+    before the forward."""
 
     new_requests: list[NewRequestData] = field(default_factory=list)
     sequences: list[ScheduledSequence] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
+    encoder_inputs: list[tuple[str, int]] = field(default_factory=list)
+    encoder_frees: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What rank 0 returns for a step: a result per request that sampled (in batch order), and the
+    seconds its encoders ran before the forward (device time included)."""
+
+    samples: list[SampleResult]
+    encoder_seconds: float = 0.0
 
 
 class StepDeltas:
@@ -88,7 +106,8 @@ class StepDeltas:
             tokens = request.token_ids[sent.num_tokens :]
             sent.num_tokens = request.num_tokens
             sequences.append(ScheduledSequence(request.request_id, request.num_computed_tokens, n, tokens, updates))
-        step = WorkerStep(new, sequences, self._finished)
+        encode = [(request.request_id, index) for request, index in batch.encoder_inputs]
+        step = WorkerStep(new, sequences, self._finished, encode, list(batch.encoder_frees))
         self._finished = []
         return step
 
@@ -103,5 +122,6 @@ class _Sent:
 
 def _new_request(request: Request) -> NewRequestData:
     return NewRequestData(
-        request.request_id, list(request.prompt_token_ids), request.sampling_params, request.stop_token_ids
+        request.request_id, list(request.prompt_token_ids), request.sampling_params, request.stop_token_ids,
+        request.media,
     )
