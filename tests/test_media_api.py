@@ -19,7 +19,6 @@ import wave
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import av
@@ -337,13 +336,10 @@ def test_a_bad_request_leaves_a_concurrent_good_one_alone(servers: Servers) -> N
 
 
 def test_usage_reports_media_tokens_per_modality() -> None:
-    usage = SimpleNamespace(
-        prompt_tokens=400, completion_tokens=3, total_tokens=403, cached_prompt_tokens=16,
-        image_tokens=280, audio_tokens=25, video_tokens=0,
-    )
-    details = usage_body(usage)["prompt_tokens_details"]  # type: ignore[arg-type]
+    usage = Usage(400, 3, cached_prompt_tokens=16, image_tokens=280, audio_tokens=25, video_tokens=0)
+    details = usage_body(usage)["prompt_tokens_details"]
     assert details == {"cached_tokens": 16, "image_tokens": 280, "audio_tokens": 25, "video_tokens": 0}
-    proto = usage_to_proto(usage)  # type: ignore[arg-type]
+    proto = usage_to_proto(usage)
     assert (proto.image_tokens, proto.audio_tokens, proto.video_tokens, proto.prompt_tokens) == (280, 25, 0, 400)
 
 

@@ -44,13 +44,9 @@ class EngineRequest:
         return MultimodalPrompt(self.prompt_token_ids, self.media) if self.media else self.prompt_token_ids
 
 
-MEDIA_USAGE_FIELDS = ("image_tokens", "audio_tokens", "video_tokens")
-
-
 def media_tokens(usage: Usage) -> dict[str, int]:
-    """The prompt's soft tokens per modality, as the engine counts them (`MEDIA_USAGE_FIELDS`); a usage
-    from an engine build that does not count media has none."""
-    return {name: getattr(usage, name, 0) for name in MEDIA_USAGE_FIELDS}
+    """The prompt's soft tokens per modality, as the engine counts them (the usage fields' names)."""
+    return {"image_tokens": usage.image_tokens, "audio_tokens": usage.audio_tokens, "video_tokens": usage.video_tokens}
 
 
 class GenerationBackend(Protocol):

@@ -30,10 +30,7 @@ def prefix_keys(
 ) -> list[bytes]:
     """The engine's prefix-cache hashes of the first 1..max_blocks full blocks (shortest first) under
     `cache_salt`, with the content of the `media` whose soft tokens they hold mixed in."""
-    num_blocks = min(max_blocks, len(token_ids) // block_size)
-    if not media:  # text: the hashes of the engine's text-only prefix cache
-        return block_hashes(token_ids, block_size, num_blocks, cache_salt)
-    return block_hashes(token_ids, block_size, num_blocks, cache_salt, media=media)
+    return block_hashes(token_ids, block_size, min(max_blocks, len(token_ids) // block_size), cache_salt, media=media)
 
 
 class PrefixAffinityRouter(RequestRouter):
