@@ -71,7 +71,7 @@ def test_openai_chat_with_an_image_and_audio_counts_their_tokens(served: Served)
         model="tiny", messages=user(image_part(detail="low"), audio_part()), max_tokens=4, temperature=0
     )
     assert response.usage.completion_tokens >= 1
-    details = response.usage.prompt_tokens_details.model_extra
+    details = response.usage.prompt_tokens_details.model_dump()
     counts = (details["image_tokens"], details["audio_tokens"], details["video_tokens"])
     assert counts == (IMAGE_TOKENS, AUDIO_TOKENS, 0)
     assert response.usage.prompt_tokens > IMAGE_TOKENS + AUDIO_TOKENS
