@@ -61,19 +61,33 @@ def _prompt(items: list[MediaFeatures], seed: int) -> MultimodalPrompt:
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
-@pytest.mark.parametrize("variant", list(BATCHES))
-def test_greedy_outputs_of_a_mixed_batch_equal_transformers(checkpoints, variant: str) -> None:
-    ref, path = checkpoints[variant]
+def _mixed_batch(variant: str) -> list[MultimodalPrompt]:
     batch = BATCHES[variant](_images(), audio_features(tone(1.37, 440.0)))
-    prompts = [_prompt(items, seed=10 + i) for i, items in enumerate(batch)]
-    llm = LLM(path, dtype=torch.float32, **ENGINE)
-    outputs = llm.generate(prompts, GREEDY)
+    return [_prompt(items, seed=10 + i) for i, items in enumerate(batch)]
+
+
+# (variant, kernels, tensor-parallel ranks): the Triton attention kernel's spans (through the
+# interpreter), and towers replicated on the ranks of a two-rank replica over gloo.
+RUNS = {"e2b": ("e2b", "torch", 1), "31b": ("31b", "torch", 1), "31b-triton": ("31b", "triton", 1),
+        "e2b-tp2": ("e2b", "torch", 2)}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_greedy_outputs_of_a_mixed_batch_equal_transformers(checkpoints, run: str) -> None:
+    variant, kernels, ranks = RUNS[run]
+    ref, path = checkpoints[variant]
+    prompts = _mixed_batch(variant)
+    llm = LLM(path, dtype=torch.float32, kernels=kernels, tensor_parallel_size=ranks, **ENGINE)
+    try:
+        outputs = llm.generate(prompts, GREEDY)
+        stats = llm.engine.stats()
+    finally:
+        llm.shutdown()
     assert [o.token_ids for o in outputs] == [_reference_greedy(ref, p) for p in prompts]
     usage = outputs[-1].usage
     assert usage.image_tokens == sum(p.length for p in prompts[-1].media if p.features.modality == "image") > 0
     assert usage.audio_tokens == sum(p.length for p in prompts[-1].media if p.features.modality == "audio")
-    stats = llm.engine.stats()
-    assert stats.media_requests_total == len(batch) - 1
+    assert stats.media_requests_total == len(prompts) - 1
     assert stats.encoder_seconds_total > 0
 
 
@@ -165,3 +179,23 @@ def test_malformed_media_is_refused_before_anything_runs(checkpoints) -> None:
     with pytest.raises(ValueError, match=r"prompt.media\[0\].*exceeds what one step"):
         tight.generate([good], GREEDY)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_prefix_hit_that_ends_inside_an_image_computes_the_rest_of_it_exactly(checkpoints) -> None:
+    """The cached blocks of an image's first part were computed with the whole image in one step; the rest
+    is computed in one chunk from the cached soft tokens' slice, its block still bidirectional."""
+    ref, path = checkpoints["31b"]
+    llm = LLM(path, dtype=torch.float32, **ENGINE)
+    engine = llm.engine
+    prompt = _prompt([_images()[0]], seed=6)
+    (first,) = llm.generate([prompt], GREEDY)
+    item = prompt.media[0]
+    inside = (item.offset // 4 + 3) * 4  # a block boundary well inside the image
+    assert item.offset < inside < item.end
+    cached = engine.kv.find_cached_prefix
+    engine.kv.find_cached_prefix = lambda tokens, salt=None, media=(): min(cached(tokens, salt, media), inside)
+    hits = engine.stats().encoder_cache_hits_total
+    (again,) = llm.generate([prompt], GREEDY)
+    assert again.usage.cached_prompt_tokens == inside
+    assert again.token_ids == first.token_ids == _reference_greedy(ref, prompt)
+    assert engine.stats().encoder_cache_hits_total == hits + 1

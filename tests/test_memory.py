@@ -24,6 +24,7 @@ from gemma4.memory import (
     ServingSpec,
     activation_bytes,
     check_layout,
+    encoder_cache_bytes,
     checkpoint_bytes,
     kv_bytes_per_sequence,
     kv_bytes_per_token,
@@ -269,6 +270,49 @@ def test_sampler_transient_grows_with_the_sampled_rows() -> None:
     assert activation_bytes(config, tokens=4096, sampled_rows=16) > small
 
 
+def test_encoder_cache_is_soft_tokens_of_text_hidden_in_the_model_dtype() -> None:
+    config = variant_config("e4b")
+    hidden = config.text.hidden_size
+    image = ("text", "image")
+    assert encoder_cache_bytes(config, modalities=image, max_num_batched_tokens=2048) == 2 * 2048 * hidden * 2
+    assert encoder_cache_bytes(config, modalities="all", max_num_batched_tokens=512, encoder_cache_tokens=300,
+                               activation_width=4) == 300 * hidden * 4
+    # Text only: the engine builds no cache.
+    assert encoder_cache_bytes(config, modalities=("text",), max_num_batched_tokens=2048) == 0
+    assert encoder_cache_bytes(variant_config("31b"), modalities="all", max_num_batched_tokens=2048) > 0
+
+
+def test_plan_leaves_room_for_the_encoder_cache_when_media_is_served() -> None:
+    spec = ServingSpec("e4b", modalities=("image",), max_model_len=4096)
+    hidden = variant_config("e4b").text.hidden_size
+    default = plan(spec)
+    assert default.per_gpu.encoder_cache == 2 * spec.max_num_batched_tokens * hidden * 2
+    assert default.per_gpu.total <= default.per_gpu.capacity
+    larger = plan(dataclasses.replace(spec, encoder_cache_tokens=3 * spec.max_num_batched_tokens))
+    # Only the cache differs, and the KV budget shrinks by exactly its growth.
+    assert larger.per_gpu.encoder_cache - default.per_gpu.encoder_cache == spec.max_num_batched_tokens * hidden * 2
+    assert default.kv_cache_bytes_per_gpu - larger.kv_cache_bytes_per_gpu == spec.max_num_batched_tokens * hidden * 2
+    assert plan(dataclasses.replace(spec, modalities=("text",))).per_gpu.encoder_cache == 0
+    # fp32 weights compute (and cache) in fp32; quantised weights still in bf16.
+    fp32 = plan(dataclasses.replace(spec, weight_dtype="fp32"))
+    assert fp32.per_gpu.encoder_cache == 2 * default.per_gpu.encoder_cache
+    assert plan(dataclasses.replace(spec, weight_dtype="int8")).per_gpu.encoder_cache == default.per_gpu.encoder_cache
+    acc = get_accelerator(spec.accelerator)
+    assert default.kv_cache_bytes_per_gpu == kv_cache_budget_bytes(
+        variant_config("e4b"), weight_dtype="bf16", device_memory_bytes=acc.memory_bytes,
+        usable_fraction=acc.usable_fraction, max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=2048,
+        modalities=("image",),
+    )
+    with pytest.raises(ValueError, match="encoder_cache_tokens must be a positive integer or None"):
+        dataclasses.replace(spec, encoder_cache_tokens=0)
+
+
+def test_an_infeasible_media_plan_names_the_encoder_cache() -> None:
+    result = plan(ServingSpec("31b", modalities="all", accelerator="l4", gpus=1))
+    assert not result.feasible and "activations, the encoder cache, graphs" in result.reason
+    assert "encoder cache" not in plan(ServingSpec("31b", accelerator="l4", gpus=1)).reason
+
+
 # ---------------------------------------------------------------------------- plan
 
 
@@ -360,7 +404,8 @@ def test_plan_to_dict_is_json() -> None:
     data = json.loads(json.dumps(result.to_dict()))
     assert data["feasible"] is True and data["reason"] is None
     assert set(data["per_gpu"]) == {
-        "weights", "kv_cache", "activations", "cuda_graphs", "runtime_overhead", "headroom", "total", "capacity"
+        "weights", "kv_cache", "activations", "encoder_cache", "cuda_graphs", "runtime_overhead", "headroom", "total",
+        "capacity",
     }
     assert set(data["weights_per_gpu"]) == {"embedding", "decoder", "ple", "vision", "audio"}
     assert data["spec"]["variant"] == "e2b" and data["accelerator"] == "h100-80gb"
@@ -427,6 +472,15 @@ def test_plan_cli_exits_2_with_the_reason_when_it_does_not_fit() -> None:
     assert bad.returncode == 2 and "no audio input" in bad.stderr
 
 
+def test_plan_cli_prints_the_encoder_cache_of_a_media_plan() -> None:
+    out = run_cli("--variant", "e4b", "--modalities", "image,audio", "--encoder-cache-tokens", "8192")
+    assert out.returncode == 0, out.stderr
+    expected = plan(ServingSpec("e4b", modalities=("image", "audio"), encoder_cache_tokens=8192))
+    row = next(line for line in out.stdout.splitlines() if line.startswith("encoder cache "))
+    assert f"{expected.per_gpu.encoder_cache / GiB:.2f} GiB" in row
+    assert "encoder cache" not in run_cli("--variant", "e4b").stdout
+
+
 def test_plan_cli_json_is_the_plan() -> None:
     out = run_cli("--variant", "26b-a4b", "--max-model-len", "32768", "--max-num-seqs", "64", "--json")
     assert out.returncode == 0, out.stderr
@@ -468,10 +522,11 @@ def test_engine_budget_on_cpu_is_the_fixed_default_and_explicit_budgets_are_kept
 
 
 class _FakeCudaModel:
-    """Just what `resolve_kv_cache_bytes` reads: a config and a parameter on a CUDA device."""
+    """Just what `resolve_kv_cache_bytes` reads: a config, its loaded towers and a parameter on a CUDA device."""
 
-    def __init__(self, variant: str) -> None:
+    def __init__(self, variant: str, *, towers: bool = True) -> None:
         self.config = variant_config(variant)
+        self.towers = {"vision_tower": None, "audio_tower": None} if towers else {}
 
     def parameters(self):
         yield SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
@@ -482,15 +537,22 @@ def test_engine_budget_on_cuda_comes_from_the_memory_model(monkeypatch: pytest.M
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total))
     args = EngineArgs(max_num_seqs=16, gpu_memory_utilization=0.9)
     budget = resolve_kv_cache_bytes(_FakeCudaModel("e4b"), args)  # type: ignore[arg-type]
+    media = dict(modalities=("text", "image", "video", "audio"), encoder_cache_tokens=2 * 2048)
     assert budget == kv_cache_budget_bytes(
         variant_config("e4b"), weight_dtype="bf16", device_memory_bytes=total, usable_fraction=0.9,
-        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=True,
+        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=True, **media,
     )
     # Without CUDA graphs the engine does not reserve their memory.
     eager = resolve_kv_cache_bytes(_FakeCudaModel("e4b"), EngineArgs(max_num_seqs=16, cuda_graphs=False))  # type: ignore[arg-type]
     assert eager == kv_cache_budget_bytes(
         variant_config("e4b"), weight_dtype="bf16", device_memory_bytes=total, usable_fraction=0.9,
-        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=False,
+        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=False, **media,
+    ) > budget
+    # A model loaded without towers reserves nothing for them, their activations or an encoder cache.
+    text_only = resolve_kv_cache_bytes(_FakeCudaModel("e4b", towers=False), args)  # type: ignore[arg-type]
+    assert text_only == kv_cache_budget_bytes(
+        variant_config("e4b"), weight_dtype="bf16", device_memory_bytes=total, usable_fraction=0.9,
+        max_num_seqs=16, max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=True,
     ) > budget
     # The engine keeps the PLE table on the GPU: ~14.9 GB of E4B weights come off the 0.9 x 80 GiB.
     assert 50 * GiB < budget < int(0.9 * total) - 14 * GiB

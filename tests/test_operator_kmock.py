@@ -184,7 +184,7 @@ async def test_lifecycle_create_update_restart_ready_delete(cluster: KubernetesE
         "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
                  "names": {"kind": "ServiceMonitor", "plural": "servicemonitors"},
                  "versions": [{"name": "v1", "served": True, "storage": True}]}}
-    expected = plan(ServingSpec("e4b", accelerator="h100-80gb"))
+    expected = plan(ServingSpec("e4b", accelerator="h100-80gb", modalities="all"))  # the CRD's default: [all]
     name = "chat"
     async with operator():
         await create(cluster, gemma4_service(name))
@@ -205,6 +205,7 @@ async def test_lifecycle_create_update_restart_ready_delete(cluster: KubernetesE
         assert args["engine"]["tensor_parallel_size"] == expected.tensor_parallel
         assert args["engine"]["kv_cache_memory_bytes"] == expected.kv_cache_bytes_per_gpu
         assert args["model"]["path"] == "/models/gemma-4-e4b-it"
+        assert args["model"]["modalities"] == ["text", "image", "video", "audio"]
         status = live(cluster, GEMMA, name)["status"]
         assert status["plan"]["gpusPerReplica"] == expected.gpus_per_replica
         assert status["plan"]["kvBlocks"] == expected.kv_blocks
@@ -302,6 +303,10 @@ async def test_infeasible_spec_creates_nothing(cluster: KubernetesEmulator) -> N
         # A layout the memory model fits but the engine cannot run: E4B over 4 TPU chips (no XLA collectives).
         await create(cluster, gemma4_service("tpu-slice", accelerator={"type": "tpu-v5e"}))
         unsupported = await eventually(lambda: condition(cluster, "tpu-slice", "Planned"))
+        # A modality the variant has no tower for: 31B takes no audio.
+        model_31b = {**gemma4_service("x")["spec"]["model"], "variant": "31b"}
+        await create(cluster, gemma4_service("no-ears", model=model_31b, modalities=["text", "audio"]))
+        deaf = await eventually(lambda: condition(cluster, "no-ears", "Planned"))
         # A feasible neighbour in the same run: it gets its objects, and no ServiceMonitor without the CRD.
         await create(cluster, gemma4_service("fits"))
         await eventually(lambda: condition(cluster, "fits", "Deployed"))
@@ -309,6 +314,9 @@ async def test_infeasible_spec_creates_nothing(cluster: KubernetesEmulator) -> N
     assert "runs at most 1 x tpu-v5e per replica" in unsupported["message"]
     assert "use spec.accelerator.type tpu-v6e (fits on 1 x tpu-v6e)" in unsupported["message"]
     assert owned(cluster, "tpu-slice") == {}
+    assert (deaf["status"], deaf["reason"]) == ("False", "UnsupportedModality")
+    assert deaf["message"].startswith("spec.modalities: 31b has no audio input (it takes text, image, video)")
+    assert owned(cluster, "no-ears") == {}
     assert (invalid["status"], invalid["reason"]) == ("False", "InvalidSpec")
     assert invalid["message"] == "spec.autoscaling: Value error, minReplicas must not exceed maxReplicas"
     assert owned(cluster, "upside-down") == {}

@@ -187,6 +187,9 @@ def test_sample_validates_against_the_crd_and_server_defaults_equal_the_operator
     sample(model={"variant": "e4b", "checkpoint": PVC, "dtype": "fp4"}),
     sample(resources={"worker": {"memory": "lots"}}),
     sample(autoscaling={"targetOngoingRequests": 0}),
+    sample(modalities=["text", "smell"]),                                    # unknown modality
+    sample(modalities=[]),
+    sample(modalities="all"),                                                # a list, even for all
     {"serving": {"maxModelLen": 4096}},                                      # no model
 ])
 def test_invalid_specs_are_rejected_by_the_crd_schema_and_the_operator(spec: dict[str, Any]) -> None:
@@ -200,6 +203,7 @@ def test_invalid_specs_are_rejected_by_the_crd_schema_and_the_operator(spec: dic
     (sample(autoscaling={"minReplicas": 3, "maxReplicas": 2}), "minReplicas must not exceed maxReplicas"),
     (sample(model={"variant": "e4b", "checkpoint": {**PVC, "uri": "gs://b/m"}}), "exactly one of"),
     (sample(parallelism={"mode": "explicit"}), "explicit needs tensorParallel"),
+    (sample(modalities=["all", "audio"]), "'all' stands alone"),
 ])
 def test_cross_field_rules_are_checked_and_carried_into_the_crd_as_cel(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
@@ -471,9 +475,42 @@ def test_planner_passes_the_spec_to_the_memory_model() -> None:
         serving={"maxModelLen": 16384, "maxConcurrentSequences": 8}))
     assert planner.serving_spec(parsed) == ServingSpec(
         variant="26b-a4b", weight_dtype="fp8", kv_dtype="fp8", accelerator="h100-80gb", max_model_len=16384,
-        max_num_seqs=8, gpus=2, tensor_parallel=2, expert_parallel=2)
+        max_num_seqs=8, gpus=2, tensor_parallel=2, expert_parallel=2, modalities="all")
     auto = planner.serving_spec(Gemma4ServiceSpec.model_validate(sample(parallelism={"tensorParallel": 4})))
     assert auto.tensor_parallel is None  # auto mode ignores the degrees
+
+
+def test_modalities_default_to_all_the_variant_takes_and_reach_the_plan_and_the_settings() -> None:
+    default, default_plan, objects = build()
+    assert default.modalities == ["all"] and planner.serving_spec(default).modalities == "all"
+    assert serve_args(objects)["model"]["modalities"] == ["text", "image", "video", "audio"]
+    assert args_settings(objects).model.modalities == ("text", "image", "video", "audio")
+    assert status.plan_summary(default_plan)["modalities"] == ["text", "image", "video", "audio"]
+    assert default_plan.weights_per_gpu.keys() >= {"vision", "audio"} and default_plan.per_gpu.encoder_cache > 0
+
+    parsed, text_plan, objects = build(modalities=["text"])
+    assert planner.serving_spec(parsed).modalities == ("text",)
+    assert serve_args(objects)["model"]["modalities"] == ["text"]
+    assert not {"vision", "audio"} & text_plan.weights_per_gpu.keys() and text_plan.per_gpu.encoder_cache == 0
+    # No towers and no encoder cache: more room for the KV cache, and the engine is told so.
+    assert text_plan.kv_cache_bytes_per_gpu > default_plan.kv_cache_bytes_per_gpu
+    assert serve_args(objects)["engine"]["kv_cache_memory_bytes"] == text_plan.kv_cache_bytes_per_gpu
+
+    _, image_plan, objects = build(model={"variant": "31b", "checkpoint": PVC}, modalities=["image"],
+                                   accelerator={"type": "h200-141gb"})
+    assert serve_args(objects)["model"]["modalities"] == ["text", "image"]
+    assert "vision" in image_plan.weights_per_gpu and "audio" not in image_plan.weights_per_gpu
+
+
+def test_a_modality_the_variant_lacks_is_refused_before_planning() -> None:
+    assert planner.unsupported_modalities(Gemma4ServiceSpec.model_validate(sample(modalities=["audio"]))) is None
+    for variant in ("26b-a4b", "31b"):
+        parsed = Gemma4ServiceSpec.model_validate(sample(model={"variant": variant, "checkpoint": PVC},
+                                                         modalities=["text", "audio"]))
+        assert planner.unsupported_modalities(parsed) == (
+            f"spec.modalities: {variant} has no audio input (it takes text, image, video); leave audio out, or use "
+            "a variant that takes it: e2b, e4b")
+        assert planner.unsupported_modalities(parsed.model_copy(update={"modalities": ["all"]})) is None
 
 
 def test_infeasible_plan_message_and_plan_summary_fit_the_status_schema() -> None:

@@ -26,6 +26,9 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
     assert settings.engine.max_num_seqs == 8
     assert settings.replica.autoscaling.max_replicas == 3 and settings.replica.num_gpus == 1
     assert settings.model.path == "/models/x" and settings.model.name == "gemma-prod"
+    assert settings.model.modalities == "all"  # whatever the checkpoint takes
+    chosen = load_settings(None, ["model.modalities=[text, audio]"], None)
+    assert chosen.model.modalities == ("text", "audio")
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,10 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
             "replica.num_gpus \\(1\\) must equal engine.tensor_parallel_size \\(2\\)",
         ),
         (["engine.tensor_parallel_size=2", "model.device=xla"], "'xla' \\(xla\\) has no collectives"),
+        (["model.modalities=[text, smell]"], "model.modalities"),
+        (["model.modalities=[image, image]"], "model.modalities: Value error, give 'all' or a non-empty list"),
+        (["model.modalities=[]"], "model.modalities: Value error, give 'all' or a non-empty list"),
+        (["model.modalities=image"], "model.modalities"),
     ],
 )
 def test_invalid_settings_exit_with_the_field(overrides: list[str], message: str) -> None:

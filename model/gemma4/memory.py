@@ -20,6 +20,8 @@ Layout assumptions (what vLLM-style engines do):
 * Quantised formats quantise only the decoder's matmul weights (attention, MLP, experts, PLE
   projections). The token embedding / tied LM head stays in bf16 as public FP8-block checkpoints
   keep it (performance anchors s3.2), and so do the PLE table, norms, router and the towers.
+* A replica serving a media modality holds the engine's encoder-output cache (`encoder_cache_bytes`:
+  soft tokens x text hidden x the model dtype, on every rank) on top of one item's encoder activations.
 * The per-sequence KV reservation is the engine's (`split_kv_budget`): a sliding group reserves
   its window plus one prefill chunk per sequence, a full group the whole max_model_len; each pool
   also holds one null block.
@@ -132,6 +134,9 @@ AUDIO_MEL_BINS = 128
 AUDIO_MAX_TOKENS = 750
 AUDIO_FRAMES_PER_TOKEN = 4
 AUDIO_ATTENTION_KEYS = 24  # a chunk of 12 queries against 12 past + 12 chunk keys
+# The engine's default encoder-output cache holds this many steps' worth of soft tokens
+# (`EngineArgs.encoder_cache_tokens` None = 2 x max_num_batched_tokens).
+ENCODER_CACHE_STEPS = 2
 
 # ---------------------------------------------------------------------------- tensor inventory
 EMBEDDING, DECODER, EXPERTS, PLE, UNUSED_KV, VISION, AUDIO = (
@@ -365,8 +370,9 @@ def checkpoint_bytes(variant: str | Gemma4Config, dtype: str) -> int:
 # ---------------------------------------------------------------------------- layout and weights
 
 
-def _modalities(config: Gemma4Config, requested: tuple[str, ...] | str) -> tuple[str, ...]:
-    """Normalise requested modalities ('all' = what the checkpoint supports); text is always on."""
+def served_modalities(config: Gemma4Config, requested: tuple[str, ...] | str) -> tuple[str, ...]:
+    """The modalities a deployment serves, in MODALITIES order ('all' = what the checkpoint takes; text is
+    always on); ValueError for an unknown one or one the checkpoint has no tower for."""
     if requested == "all":
         return config.modalities
     mods = (requested,) if isinstance(requested, str) else tuple(requested)
@@ -438,7 +444,7 @@ def weight_bytes_per_gpu(
     """
     fmt = _weight_format(weight_dtype)
     check_layout(config.text, tensor_parallel, expert_parallel, redundant_experts)
-    loaded = _device_components(config, ple_on_device=ple_on_device, modalities=_modalities(config, modalities))
+    loaded = _device_components(config, ple_on_device=ple_on_device, modalities=served_modalities(config, modalities))
     out = dict.fromkeys(sorted(loaded), 0)
     for tensor in _tensors(config):
         if tensor.component in loaded:
@@ -567,6 +573,24 @@ def activation_bytes(
     return live + max(phases.values())
 
 
+def encoder_cache_bytes(
+    config: Gemma4Config,
+    *,
+    modalities: tuple[str, ...] | str,
+    max_num_batched_tokens: int,
+    encoder_cache_tokens: int | None = None,
+    activation_width: int = 2,
+) -> int:
+    """The engine's device-side cache of encoder outputs, so a media item is encoded once per request
+    however many prefill chunks it spans: `encoder_cache_tokens` soft tokens (None: the engine's
+    default, ENCODER_CACHE_STEPS x max_num_batched_tokens), each one text-hidden vector in the model
+    dtype, on every TP rank (the towers are replicated). 0 when only text is served: no cache then."""
+    if served_modalities(config, modalities) == ("text",):
+        return 0
+    tokens = ENCODER_CACHE_STEPS * max_num_batched_tokens if encoder_cache_tokens is None else encoder_cache_tokens
+    return tokens * config.text.hidden_size * activation_width
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """Decode batch sizes an engine captures graphs for (vLLM's default list, up to max_num_seqs)."""
     top = min(max_num_seqs, MAX_CAPTURED_BATCH)
@@ -596,6 +620,7 @@ class MemoryBreakdown:
     weights: int
     kv_cache: int
     activations: int
+    encoder_cache: int
     cuda_graphs: int
     runtime_overhead: int
     headroom: int
@@ -604,7 +629,8 @@ class MemoryBreakdown:
     @property
     def total(self) -> int:
         return (
-            self.weights + self.kv_cache + self.activations + self.cuda_graphs + self.runtime_overhead + self.headroom
+            self.weights + self.kv_cache + self.activations + self.encoder_cache + self.cuda_graphs
+            + self.runtime_overhead + self.headroom
         )
 
     def to_dict(self) -> dict[str, int]:
@@ -617,6 +643,7 @@ class _Fixed:
 
     weights: dict[str, int]
     activations: int
+    encoder_cache: int
     cuda_graphs: int
     runtime_overhead: int
     headroom: int
@@ -625,7 +652,8 @@ class _Fixed:
     @property
     def kv_budget(self) -> int:
         """What is left for the KV cache (negative when even the rest does not fit)."""
-        used = sum(self.weights.values()) + self.activations + self.cuda_graphs + self.runtime_overhead
+        used = sum(self.weights.values()) + self.activations + self.encoder_cache + self.cuda_graphs
+        used += self.runtime_overhead
         return self.capacity - used - self.headroom
 
 
@@ -642,9 +670,10 @@ def _fixed_costs(
     modalities: tuple[str, ...] | str,
     cuda_graphs: bool,
     redundant_experts: int = 0,
+    encoder_cache_tokens: int | None = None,
 ) -> _Fixed:
     """The one place the non-KV memory of a GPU is computed (plan and engine both use it)."""
-    mods = _modalities(config, modalities)
+    mods = served_modalities(config, modalities)
     weights = weight_bytes_per_gpu(
         config, weight_dtype=weight_dtype, tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
         ple_on_device=ple_on_device, modalities=mods, redundant_experts=redundant_experts,
@@ -663,6 +692,10 @@ def _fixed_costs(
     return _Fixed(
         weights=weights,
         activations=activations,
+        encoder_cache=encoder_cache_bytes(
+            config, modalities=mods, max_num_batched_tokens=max_num_batched_tokens,
+            encoder_cache_tokens=encoder_cache_tokens, activation_width=width,
+        ),
         cuda_graphs=graphs,
         runtime_overhead=overhead,
         headroom=math.ceil(HEADROOM_FRACTION * capacity_bytes),
@@ -684,14 +717,17 @@ def kv_cache_budget_bytes(
     modalities: tuple[str, ...] | str = ("text",),
     cuda_graphs: bool = True,
     redundant_experts: int = 0,
+    encoder_cache_tokens: int | None = None,
 ) -> int:
-    """Bytes of KV cache one GPU can hold: its usable memory minus weights, activations, graphs,
-    runtime overhead and headroom (0 when those alone do not fit). `plan` uses the same arithmetic."""
+    """Bytes of KV cache one GPU can hold: its usable memory minus weights, activations, the encoder
+    cache (media served), graphs, runtime overhead and headroom (0 when those alone do not fit).
+    `plan` uses the same arithmetic."""
     fixed = _fixed_costs(
         config, weight_dtype=weight_dtype, capacity_bytes=int(device_memory_bytes * usable_fraction),
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         tensor_parallel=tensor_parallel, expert_parallel=expert_parallel, ple_on_device=ple_on_device,
         modalities=modalities, cuda_graphs=cuda_graphs, redundant_experts=redundant_experts,
+        encoder_cache_tokens=encoder_cache_tokens,
     )
     return max(0, fixed.kv_budget)
 
@@ -708,6 +744,8 @@ class ServingSpec:
 
     `gpu_memory_utilization` None takes the accelerator's usable fraction. `modalities` is a tuple
     of 'text', 'image', 'video', 'audio', or 'all' (whatever the checkpoint takes).
+    `encoder_cache_tokens` sizes the engine's encoder-output cache (its `encoder_cache_tokens`; None:
+    its default), which a replica holds when it serves a media modality.
     """
 
     variant: str
@@ -725,6 +763,7 @@ class ServingSpec:
     ple_on_device: bool = True  # our engine keeps the PLE table on the device
     modalities: tuple[str, ...] | str = ("text",)
     gpu_memory_utilization: float | None = None
+    encoder_cache_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.modalities, str):
@@ -743,7 +782,7 @@ class ServingSpec:
             raise ValueError(f"redundant_experts must be a non-negative integer, got {self.redundant_experts!r}")
         if self.redundant_experts and not config.text.enable_moe_block:
             raise ValueError("redundant_experts applies to the MoE variant (26b-a4b) only")
-        for name in ("gpus", "tensor_parallel", "expert_parallel"):
+        for name in ("gpus", "tensor_parallel", "expert_parallel", "encoder_cache_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -760,7 +799,7 @@ class ServingSpec:
                 f"max_model_len {self.max_model_len} exceeds the model's context "
                 f"({config.text.max_position_embeddings} tokens)"
             )
-        _modalities(config, self.modalities)
+        served_modalities(config, self.modalities)
 
 
 @dataclass(frozen=True)
@@ -822,6 +861,7 @@ def _evaluate(config: Gemma4Config, spec: ServingSpec, layout: _Layout, max_num_
         max_num_batched_tokens=spec.max_num_batched_tokens, tensor_parallel=layout.gpus,
         expert_parallel=layout.ep, ple_on_device=spec.ple_on_device, modalities=spec.modalities,
         cuda_graphs=acc.captures_graphs, redundant_experts=spec.redundant_experts,
+        encoder_cache_tokens=spec.encoder_cache_tokens,
     )
     groups = rank_cache_groups(config.text, layout.gpus)
     kv_width = _kv_bytes(spec.kv_dtype)
@@ -903,16 +943,17 @@ def _reason(spec: ServingSpec, evaluation: _Evaluation, auto: bool) -> str:
     fixed, n = evaluation.fixed, evaluation.layout.gpus
     where = f"{n} x {acc.name}" + (" (the most per node)" if auto else "")
     weights = sum(fixed.weights.values())
+    rest = "activations, " + ("the encoder cache, " if fixed.encoder_cache else "") + "graphs, runtime and headroom"
     if fixed.kv_budget <= 0:
         return (
             f"{spec.variant} with {spec.weight_dtype} weights does not fit on {where}: weights "
-            f"({_gib(weights)}) plus activations, graphs, runtime and headroom "
+            f"({_gib(weights)}) plus {rest} "
             f"({_gib(fixed.capacity - fixed.kv_budget - weights)}) exceed the {_gib(fixed.capacity)} usable per GPU"
         )
     return (
         f"the KV cache for {spec.max_num_seqs} sequences x {spec.max_model_len} tokens needs "
         f"{_gib(evaluation.kv_needed)} per GPU on {where}, but only {_gib(fixed.kv_budget)} is left after "
-        f"weights ({_gib(weights)}), activations, graphs, runtime and headroom"
+        f"weights ({_gib(weights)}), {rest}"
     )
 
 
@@ -991,7 +1032,7 @@ def longest_context(spec: ServingSpec) -> int:
 def _host_memory(config: Gemma4Config, spec: ServingSpec, gpus: int) -> int:
     """Pod memory: the replica process, and per GPU worker its runtime, the largest tensor it stages
     to the device (bf16 read + cast copy) and, unless on the device, its own copy of the PLE table."""
-    mods = _modalities(config, spec.modalities)
+    mods = served_modalities(config, spec.modalities)
     loaded = _device_components(config, ple_on_device=spec.ple_on_device, modalities=mods)
     largest = max(t.numel for t in _tensors(config) if t.component in loaded) * 2
     ple_host = 0 if spec.ple_on_device else ple_table_bytes(config.text)
@@ -1018,6 +1059,7 @@ def plan(spec: ServingSpec) -> Plan:
             weights=sum(fixed.weights.values()),
             kv_cache=evaluation.kv_needed,
             activations=fixed.activations,
+            encoder_cache=fixed.encoder_cache,
             cuda_graphs=fixed.cuda_graphs,
             runtime_overhead=fixed.runtime_overhead,
             headroom=fixed.headroom,

@@ -93,6 +93,7 @@ def _status_schema() -> dict[str, Any]:
             "kvCacheBytesPerGpu": {"type": "integer"},
             "kvBlocks": {"type": "object", "additionalProperties": {"type": "integer"}},
             "hostMemoryBytes": {"type": "integer"},
+            "modalities": {"type": "array", "items": {"type": "string"}},
             "perGpuGiB": {"type": "object", "additionalProperties": {"type": "number"}},
         },
     }

@@ -5,7 +5,8 @@ parse the spec, plan it with the memory model, and if it fits apply the owned ob
 applied hash already matches are not written, so a restart sends no updates.
 
 An infeasible or invalid spec creates nothing and sets `Planned=False` with the planner's reason
-and suggestions; so does one this release's engine cannot run as planned (`Unsupported`: lighter
+and suggestions; so does one asking for a modality its variant has no tower for (`UnsupportedModality`:
+audio on 26B-A4B or 31B), one this release's engine cannot run as planned (`Unsupported`: lighter
 formats, or more devices per replica than the engine spans there, e.g. multi-chip TPU replicas,
 with changes that fit what it runs), and one without API keys that does not opt into serving anyone
 (`Unauthenticated`: the platform's gateway would refuse to start on the pods' addresses anyway).
@@ -74,6 +75,9 @@ def _plan(spec: kopf.Spec, owner: Owner, kube: Kube) -> _Planning:
         parsed = Gemma4ServiceSpec.model_validate(dict(spec))
         if not (parsed.gateway.api_key_secret_name or parsed.gateway.allow_unauthenticated):
             return _Planning(status.condition(status.PLANNED, "False", "Unauthenticated", status.UNAUTHENTICATED_MESSAGE))
+        modality_problem = planner.unsupported_modalities(parsed)
+        if modality_problem is not None:
+            return _Planning(status.condition(status.PLANNED, "False", "UnsupportedModality", modality_problem))
         plan = planner.plan_for(parsed)
         if not plan.feasible:
             return _Planning(status.condition(status.PLANNED, "False", "Infeasible", status.infeasible_message(plan)))

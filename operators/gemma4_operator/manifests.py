@@ -42,6 +42,7 @@ from gemma4.accelerators import Accelerator, GiB, get_accelerator
 from gemma4.memory import Plan
 
 from gemma4_operator.crd import API_VERSION, GROUP, KIND
+from gemma4_operator.planner import modalities_of
 from gemma4_operator.spec import Downloader, Gemma4ServiceSpec
 
 MANAGER = "gemma4-operator"
@@ -151,6 +152,7 @@ def engine_settings(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
         "expert_parallel_size": plan.expert_parallel,
         "redundant_experts": plan.spec.redundant_experts,
         "expert_rebalance_interval": spec.parallelism.expert_rebalance_interval,
+        "encoder_cache_tokens": plan.spec.encoder_cache_tokens,
     }
 
 
@@ -174,7 +176,7 @@ def platform_args(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
     scaling = spec.autoscaling
     return {
         "model": {"path": checkpoint_path(spec), "name": spec.served_model_name,
-                  "device": get_accelerator(plan.accelerator).runtime.device},
+                  "device": get_accelerator(plan.accelerator).runtime.device, "modalities": modalities_of(plan)},
         "engine": engine_settings(spec, plan),
         "replica": {
             "num_gpus": replica_num_gpus(plan),

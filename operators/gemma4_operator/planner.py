@@ -5,6 +5,8 @@ Kubernetes for is what a replica allocates. `auto` parallelism leaves the layout
 (the fewest devices that fit, or `accelerator.count` when given); `explicit` passes the degrees on.
 The memory model plans layouts and formats this release's engine does not run (fp8 / int weights,
 multi-chip TPU replicas); `unsupported_by_engine` refuses those, with changes that fit what it runs.
+`spec.modalities` ([all] by default: whatever the variant takes) decides which towers and encoder cache
+the plan prices; `unsupported_modalities` refuses one the variant has no tower for before planning.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 from gemma4.accelerators import ACCELERATORS, get_accelerator
-from gemma4.memory import Plan, ServingSpec, longest_context, plan
+from gemma4.config import VARIANTS, variant_config
+from gemma4.memory import Plan, ServingSpec, longest_context, plan, served_modalities
 
 from gemma4_operator.spec import Gemma4ServiceSpec
 
@@ -31,7 +34,25 @@ def serving_spec(spec: Gemma4ServiceSpec) -> ServingSpec:
         tensor_parallel=spec.parallelism.tensor_parallel if explicit else None,
         expert_parallel=spec.parallelism.expert_parallel if explicit else None,
         redundant_experts=spec.parallelism.redundant_experts,
+        modalities="all" if spec.modalities == ["all"] else tuple(spec.modalities),
     )
+
+
+def unsupported_modalities(spec: Gemma4ServiceSpec) -> str | None:
+    """Why `spec.model.variant` cannot serve `spec.modalities` (no tower for one of them), else None."""
+    takes = variant_config(spec.model.variant).modalities
+    missing = [m for m in spec.modalities if m != "all" and m not in takes]
+    if not missing:
+        return None
+    others = [v for v in VARIANTS if set(missing) <= set(variant_config(v).modalities)]
+    return (f"spec.modalities: {spec.model.variant} has no {' or '.join(missing)} input (it takes "
+            f"{', '.join(takes)}); leave {' and '.join(missing)} out, or use a variant that takes "
+            f"{'them' if len(missing) > 1 else 'it'}: {', '.join(others)}")
+
+
+def modalities_of(plan: Plan) -> list[str]:
+    """What a replica of `plan` serves, 'all' resolved against its variant (text always among them)."""
+    return list(served_modalities(variant_config(plan.spec.variant), plan.spec.modalities))
 
 
 def plan_for(spec: Gemma4ServiceSpec) -> Plan:

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from gemma4.accelerators import ACCELERATORS
 from gemma4.config import VARIANTS
+from gemma4.memory import MODALITIES
 
 # Literal types built from the catalogues, so a new variant or accelerator reaches the CRD enum.
 VariantName = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]
 AcceleratorName = Literal[tuple(ACCELERATORS)]  # type: ignore[valid-type]
+ModalityName = Literal[("all", *MODALITIES)]  # type: ignore[valid-type]
 CHECKPOINT_URI_PATTERN = r"^(gs|s3|hf)://\S+$"
+ALL_ALONE = "'all' stands alone: give [all] or a list of modalities"
 QUANTITY_PATTERN = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][0-9]+)?$"
 
 
@@ -150,8 +153,18 @@ class Resources(_Spec):
     worker: PodResources = Field(PodResources(), description="default: 8 CPUs and the plan's host memory")
 
 
+def _modality_rules() -> dict[str, Any]:
+    rule = _cel("!('all' in self) || size(self) == 1", ALL_ALONE)
+    return {**rule, "x-kubernetes-list-type": "set"}  # items unique, as a structural schema says it
+
+
 class Gemma4ServiceSpec(_Spec):
     model: ModelSpec
+    modalities: list[ModalityName] = Field(  # type: ignore[valid-type]
+        ["all"], min_length=1, json_schema_extra=_modality_rules(),
+        description="inputs to serve: text, image, video, audio, or [all] (the default: every one the variant "
+        "takes; E2B/E4B add audio to the others' text, image and video). Text is always served; each media "
+        "modality loads its tower and an encoder-output cache, priced in the plan")
     serving: Serving = Serving()
     accelerator: AcceleratorSpec = AcceleratorSpec()
     parallelism: Parallelism = Parallelism()
@@ -162,6 +175,15 @@ class Gemma4ServiceSpec(_Spec):
                               "ghcr.io/gemma4-platform/gemma4-platform:VERSION, its -rocm build on AMD)")
     resources: Resources = Resources()
     cloud: Literal["gke", "eks", "generic"] = Field("generic", description="which node labels select the accelerator")
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: list[str]) -> list[str]:
+        if "all" in value and len(value) > 1:
+            raise ValueError(ALL_ALONE)
+        if len(set(value)) < len(value):
+            raise ValueError("each modality at most once")
+        return value
 
     @property
     def served_model_name(self) -> str:

@@ -14,6 +14,8 @@ from typing import Any
 from gemma4.accelerators import GiB
 from gemma4.memory import Plan
 
+from gemma4_operator.planner import modalities_of
+
 PLANNED, DEPLOYED, READY = "Planned", "Deployed", "Ready"
 _ORDER = (PLANNED, DEPLOYED, READY)
 
@@ -53,6 +55,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "kvCacheBytesPerGpu": plan.kv_cache_bytes_per_gpu,
         "kvBlocks": dict(plan.kv_blocks),
         "hostMemoryBytes": plan.host_memory_bytes,
+        "modalities": modalities_of(plan),
         "perGpuGiB": {key: round(value / GiB, 2) for key, value in plan.per_gpu.to_dict().items()},
     }
 

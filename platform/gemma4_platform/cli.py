@@ -179,6 +179,7 @@ def format_plan(result: Plan) -> str:
     rows += [
         (f"KV cache ({spec.max_num_seqs} x {spec.max_model_len} tokens)", mem.kv_cache),
         ("activations", mem.activations),
+        *([("encoder cache", mem.encoder_cache)] if mem.encoder_cache else []),
         ("CUDA graphs", mem.cuda_graphs),
         ("runtime overhead", mem.runtime_overhead),
         ("headroom", mem.headroom),
@@ -221,6 +222,8 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--gpus", type=int, help="devices per replica (default: the fewest that fit)")
     p.add_argument("--modalities", default="text", help="comma-separated text,image,video,audio, or all")
+    p.add_argument("--encoder-cache-tokens", type=int,
+                   help="encoder-output cache in soft tokens, with media served (default: 2 x max-num-batched-tokens)")
     p.add_argument("--ple-on-host", action="store_true", help="plan the E2B/E4B PLE table in host memory, not on the GPU")
     p.add_argument("--gpu-memory-utilization", type=float, help="default: the accelerator's usable fraction")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -235,6 +238,7 @@ def run_plan(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, gpus=args.gpus, modalities=modalities,
             ple_on_device=not args.ple_on_host, gpu_memory_utilization=args.gpu_memory_utilization,
+            encoder_cache_tokens=args.encoder_cache_tokens,
         ))
     except ValueError as exc:
         print(f"gemma4-platform plan: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ from gemma4.parallel.placement import ExpertPlacement, balanced_placement, group
 LATENCY_BUCKETS = LATENCY_BUCKET_BOUNDS  # the engine's own latency histograms use the same bounds
 TOKEN_BUCKETS = (1, 8, 32, 128, 512, 2048, 8192, 32768, 131072)
 STALE_AFTER_S = 10.0  # a replica that stopped publishing this long ago is gone (killed, not stopped)
+MEDIA_MODALITIES = ("image", "audio", "video")  # exported from the start, so per-modality rates are defined
 
 
 class ReplicaMetrics:
@@ -49,7 +50,30 @@ class ReplicaMetrics:
         )
         self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", names, registry=r)
         self.preemptions = Counter("vllm:num_preemptions", "Requests preempted (recomputed later).", names, registry=r)
-        self._engine_totals = (0, 0, 0)  # last seen cumulative engine counts, to increment by the difference
+        # Multimodal requests, the encoder's work and its output cache (the engine's cumulative counts).
+        self.media_requests = Counter(
+            "gemma4_media_requests", "Requests added with at least one media item.", names, registry=r
+        )
+        self.media_items = Counter(
+            "gemma4_media_items", "Media items of added requests per modality (a video counts its frames).",
+            names + ["modality"], registry=r,
+        )
+        self.encoder_items = Counter(
+            "gemma4_encoder_items", "Media items the encoders ran on (encoder-cache misses) per modality.",
+            names + ["modality"], registry=r,
+        )
+        self.encoder_cache_queries = Counter(
+            "gemma4_encoder_cache_queries", "Media items looked up in the encoder-output cache.", names, registry=r
+        )
+        self.encoder_cache_hits = Counter(
+            "gemma4_encoder_cache_hits", "Media items served from the encoder-output cache.", names, registry=r
+        )
+        self.encoder_seconds = Counter("gemma4_encoder_seconds", "Encoder compute time.", names, registry=r)
+        self.encoder_cache_usage = Gauge(
+            "gemma4_encoder_cache_usage_ratio", "Encoder-output cache usage of its token capacity (0-1).", names,
+            registry=r,
+        )
+        self._seen: dict[tuple[Counter, str], float] = {}  # last seen cumulative engine counts, by counter and label
         # Per-expert load with bounded cardinality: layer totals and imbalance (one series per MoE layer) and
         # the `moe_top_experts` hottest (layer, expert) pairs; the full matrix is on /debug/moe/experts.
         self.moe_top_experts = moe_top_experts
@@ -143,12 +167,27 @@ class ReplicaMetrics:
             self.group_usage.labels(**lab, group=group.name).set(group.usage)
             self.group_blocks.labels(**lab, group=group.name, state="used").set(group.used_blocks)
             self.group_blocks.labels(**lab, group=group.name, state="total").set(group.num_blocks)
-        totals = (stats.prefix_query_tokens, stats.prefix_hit_tokens, stats.num_preemptions)
-        for counter, new, old in zip((self.prefix_queries, self.prefix_hits, self.preemptions), totals, self._engine_totals):
-            counter.labels(**lab).inc(max(0, new - old))
-        self._engine_totals = totals
+        self.encoder_cache_usage.labels(**lab).set(stats.encoder_cache_usage)
+        for counter, total in (
+            (self.prefix_queries, stats.prefix_query_tokens), (self.prefix_hits, stats.prefix_hit_tokens),
+            (self.preemptions, stats.num_preemptions), (self.media_requests, stats.media_requests_total),
+            (self.encoder_cache_queries, stats.encoder_cache_queries_total),
+            (self.encoder_cache_hits, stats.encoder_cache_hits_total), (self.encoder_seconds, stats.encoder_seconds_total),
+        ):
+            self._advance(counter, total)
+        for counter, per_modality in ((self.media_items, stats.media_items_total),
+                                      (self.encoder_items, stats.encoder_items_total)):
+            for modality in dict.fromkeys((*MEDIA_MODALITIES, *per_modality)):
+                self._advance(counter, per_modality.get(modality, 0), modality)
         self._update_experts(expert_load)
         self._update_ranks(expert_load, placements)
+
+    def _advance(self, counter: Counter, total: float, modality: str | None = None) -> None:
+        """Increment `counter` by what the engine's cumulative `total` grew since the last update."""
+        labels = {**self._labels, **({"modality": modality} if modality is not None else {})}
+        key = (counter, modality or "")
+        counter.labels(**labels).inc(max(0, total - self._seen.get(key, 0)))
+        self._seen[key] = total
 
     def _update_experts(self, expert_load: dict[int, list[int]]) -> None:
         lab = self._labels

@@ -35,6 +35,17 @@ class ModelSettings(_Strict):
     device: str = Field(
         "auto", description="'auto' = the first GPU (NVIDIA or AMD) when there is one, else cpu; or cuda, xla, cpu"
     )
+    modalities: Literal["all"] | tuple[Literal["text", "image", "video", "audio"], ...] = Field(
+        "all", description="inputs served: 'all' (whatever the checkpoint takes) or a list of text, image, video, "
+        "audio; text is always served"
+    )
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        if not isinstance(value, str) and (not value or len(set(value)) < len(value)):
+            raise ValueError("give 'all' or a non-empty list of distinct modalities")
+        return value
 
 
 class EngineSettings(_Strict):
@@ -65,6 +76,12 @@ class EngineSettings(_Strict):
     )
     expert_rebalance_interval: int = Field(
         0, ge=0, description="engine steps between load-aware expert placement recomputations; 0 = never"
+    )
+    max_num_encoder_tokens: int | None = Field(
+        None, ge=1, description="media soft tokens encoded per step at most; None = max_num_batched_tokens"
+    )
+    encoder_cache_tokens: int | None = Field(
+        None, ge=1, description="soft tokens of encoded media kept on the device; None = 2 x max_num_batched_tokens"
     )
 
     @model_validator(mode="after")

@@ -143,6 +143,9 @@ def resolve_kv_cache_bytes(model: Gemma4ForCausalLM, args: EngineArgs) -> int:
         expert_parallel=args.expert_parallel_size,
         redundant_experts=args.redundant_experts,
         ple_on_device=True,  # this model keeps the PLE table in its embedding on the device
+        # The towers this model loaded, their activations and the encoder cache come off the budget.
+        modalities=model.config.modalities if len(model.towers) else ("text",),
+        encoder_cache_tokens=args.encoder_cache_capacity,
         cuda_graphs=args.cuda_graphs,
     )
     if budget == 0:

@@ -1,0 +1,70 @@
+"""A replica's engine metrics rendered from `EngineStats`: the multimodal families (media requests and
+items, encoder work, the encoder-output cache) as Prometheus sees them."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gemma4.engine.outputs import CoreStats, EngineStats, FinishedStats
+from gemma4_platform.metrics import ReplicaMetrics
+
+LABELS = {"model_name": "tiny", "replica": "r1"}
+
+
+def engine_stats(**media) -> EngineStats:
+    return EngineStats.of(CoreStats(0, 0, [], 0, 0, 0, 0, 0, **media), FinishedStats.empty())
+
+
+def samples(metrics: ReplicaMetrics) -> dict[tuple[str, str], float]:
+    """(sample name, modality label or "") -> value, for this replica's samples."""
+    out = {}
+    for family in text_string_to_metric_families(metrics.render()):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            assert {k: sample.labels[k] for k in LABELS} == LABELS, sample
+            out[(sample.name, sample.labels.get("modality", ""))] = sample.value
+    return out
+
+
+def test_media_and_encoder_counters_follow_the_engine_totals() -> None:
+    metrics = ReplicaMetrics("tiny", "r1")
+    metrics.update_engine(engine_stats(), {})
+    idle = samples(metrics)
+    # Exported from the first update on, every modality at zero, so rates and ratios are defined.
+    for modality in ("image", "audio", "video"):
+        assert idle[("gemma4_media_items_total", modality)] == 0
+        assert idle[("gemma4_encoder_items_total", modality)] == 0
+    for name in ("gemma4_media_requests_total", "gemma4_encoder_cache_queries_total", "gemma4_encoder_cache_hits_total",
+                 "gemma4_encoder_seconds_total", "gemma4_encoder_cache_usage_ratio"):
+        assert idle[(name, "")] == 0, name
+
+    metrics.update_engine(engine_stats(
+        media_requests_total=3, media_items_total={"image": 4, "video": 32}, encoder_items_total={"image": 3},
+        encoder_cache_queries_total=36, encoder_cache_hits_total=1, encoder_seconds_total=0.75,
+        encoder_cache_usage=0.25,
+    ), {})
+    metrics.update_engine(engine_stats(
+        media_requests_total=5, media_items_total={"image": 6, "video": 32, "audio": 1},
+        encoder_items_total={"image": 4, "audio": 1}, encoder_cache_queries_total=39, encoder_cache_hits_total=2,
+        encoder_seconds_total=1.5, encoder_cache_usage=0.5,
+    ), {})
+    got = samples(metrics)
+    assert got[("gemma4_media_requests_total", "")] == 5
+    assert [got[("gemma4_media_items_total", m)] for m in ("image", "audio", "video")] == [6, 1, 32]
+    assert [got[("gemma4_encoder_items_total", m)] for m in ("image", "audio", "video")] == [4, 1, 0]
+    assert got[("gemma4_encoder_cache_queries_total", "")] == 39
+    assert got[("gemma4_encoder_cache_hits_total", "")] == 2
+    assert got[("gemma4_encoder_seconds_total", "")] == 1.5
+    assert got[("gemma4_encoder_cache_usage_ratio", "")] == 0.5  # a gauge: the latest value
+
+
+def test_a_restarted_engine_does_not_make_counters_go_back() -> None:
+    metrics = ReplicaMetrics("tiny", "r1")
+    metrics.update_engine(engine_stats(media_requests_total=4, media_items_total={"audio": 4}), {})
+    metrics.update_engine(engine_stats(media_requests_total=1, media_items_total={"audio": 2}), {})
+    metrics.update_engine(engine_stats(media_requests_total=3, media_items_total={"audio": 5}), {})
+    got = samples(metrics)
+    # 4, then nothing for the drop, then the 2 the new engine added since its last report.
+    assert got[("gemma4_media_requests_total", "")] == 6
+    assert got[("gemma4_media_items_total", "audio")] == 7
