@@ -40,6 +40,7 @@ from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.api.v1.serving_pb2_grpc import Gemma4ServingStub
 from gemma4_platform.backend import EngineRequest
 from gemma4_platform.frontend import Frontend, GatewayPolicy, ModelDescription
+from gemma4_platform.graph import served_modalities
 from gemma4_platform.grpc_convert import usage_to_proto
 from gemma4_platform.grpc_service import Gemma4ServingService
 from gemma4_platform.openai_api import build_openai_app
@@ -429,3 +430,10 @@ def test_media_url_hosts_are_host_names() -> None:
     for bad in ("https://images.example.com", "host:8080", "a/b", ""):
         with pytest.raises(ValueError, match="not a host name"):
             LimitSettings(media_url_hosts=(bad,))
+
+
+def test_served_modalities_follow_the_checkpoint_and_the_setting() -> None:
+    e2b = ("text", "image", "video", "audio")
+    assert served_modalities(e2b, "all") == e2b
+    assert served_modalities(e2b, ("image",)) == ("text", "image")
+    assert served_modalities(("text", "image", "video"), ("audio", "video")) == ("text", "video")

@@ -93,6 +93,14 @@ def replica_device(settings: PlatformSettings) -> str:
     return default_device()
 
 
+def served_modalities(checkpoint: tuple[str, ...], setting: str | tuple[str, ...]) -> tuple[str, ...]:
+    """What the gateway accepts: the checkpoint's modalities (`model.modalities: all`) or those of the
+    setting's list that the checkpoint has; text always."""
+    if setting == "all":
+        return checkpoint
+    return ("text", *(m for m in checkpoint if m != "text" and m in setting))
+
+
 def replica_resources(settings: PlatformSettings) -> dict[str, Any]:
     """The replica deployment's resource options.
 
@@ -349,7 +357,10 @@ class Gateway:
         self.metrics = GatewayMetrics(self.settings.model.name)
         self.frontend = Frontend(
             load_tokenizer(checkpoint),
-            ModelDescription(self.settings.model.name, config.family, max_len, text.vocab_size, config.modalities),
+            ModelDescription(
+                self.settings.model.name, config.family, max_len, text.vocab_size,
+                served_modalities(config.modalities, self.settings.model.modalities),
+            ),
             RayReplicaBackend(replica),
             policy=GatewayPolicy(
                 limits=self.settings.limits,
