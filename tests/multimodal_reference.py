@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import transformers
 from PIL import Image
 
-from gemma4.media.inputs import MediaFeatures
+from gemma4.media.inputs import MediaFeatures, VideoFeatures
 from gemma4.media.prompt import MediaTokenIds
+from gemma4.media.video import video_features
 from reference_models import MM_TOKEN_IDS, randomise_small_tensors, text_config
 
 VISION = dict(
@@ -63,32 +66,72 @@ def tone(seconds: float, hz: float) -> np.ndarray:
     return (0.4 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
 
 
-def marker_prompt(items: list[MediaFeatures], seed: int) -> list[int]:
-    """Random text with one marker per item, as a chat template writes them."""
+def random_video(frames: int, height: int, width: int, seed: int) -> VideoFeatures:
+    """Random frames half a second apart."""
+    rng = np.random.default_rng(seed)
+    pixels = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(frames)]
+    return video_features(pixels, [i * 0.5 for i in range(frames)])
+
+
+def media_items(items: list[MediaFeatures | VideoFeatures]) -> list[MediaFeatures]:
+    """The encoder items in prompt order: each video's frames in its place."""
+    return [f for item in items for f in (item.frames if isinstance(item, VideoFeatures) else (item,))]
+
+
+def marker_prompt(items: list[MediaFeatures | VideoFeatures], seed: int) -> list[int]:
+    """Random text with one marker per image or audio item, as a chat template writes them, and each video
+    frame as the reference's text expansion tokenizes (timestamp ids, then its delimited placeholders)."""
     gen = torch.Generator().manual_seed(seed)
     ids: list[int] = torch.randint(3, 400, (4,), generator=gen).tolist()
     for item in items:
-        ids.append(IDS.marker(item.modality))
+        if isinstance(item, VideoFeatures):
+            for frame in item.frames:
+                ids += [*torch.randint(3, 400, (2,), generator=gen).tolist(), IDS.image_start]
+                ids += [IDS.video] * frame.num_tokens + [IDS.image_end]
+        else:
+            ids.append(IDS.marker(item.modality))
         ids += torch.randint(3, 400, (3,), generator=gen).tolist()
     return ids
 
 
-def reference_inputs(prompt_ids: list[int], items: list[MediaFeatures]) -> dict[str, torch.Tensor]:
-    """What the reference processor hands the model: padded pixel batches, audio features, token types."""
+def _padded(items: list[MediaFeatures]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patches and positions of images or frames padded to the longest, as the reference processors batch them."""
+    longest = max(i.pixel_values.shape[0] for i in items)
+    pixels = torch.zeros(len(items), longest, items[0].pixel_values.shape[1])
+    positions = torch.full((len(items), longest, 2), -1, dtype=torch.long)
+    for n, item in enumerate(items):
+        pixels[n, : item.pixel_values.shape[0]] = item.pixel_values
+        positions[n, : item.position_ids.shape[0]] = item.position_ids
+    return pixels, positions
+
+
+def reference_inputs(prompt_ids: list[int], items: list[MediaFeatures | VideoFeatures]) -> dict[str, torch.Tensor]:
+    """What the reference processor hands the model: padded pixel batches (images, video frames), audio
+    features, token types."""
     ids = torch.tensor([prompt_ids])
     out: dict[str, torch.Tensor] = {"input_ids": ids}
-    images = [i for i in items if i.modality == "image"]
+    images = [i for i in items if isinstance(i, MediaFeatures) and i.modality == "image"]
     if images:
-        longest = max(i.pixel_values.shape[0] for i in images)
-        pixels = torch.zeros(len(images), longest, images[0].pixel_values.shape[1])
-        positions = torch.full((len(images), longest, 2), -1, dtype=torch.long)
-        for n, item in enumerate(images):
-            pixels[n, : item.pixel_values.shape[0]] = item.pixel_values
-            positions[n, : item.position_ids.shape[0]] = item.position_ids
-        out |= {"pixel_values": pixels, "image_position_ids": positions}
-    clips = [i for i in items if i.modality == "audio"]
+        out["pixel_values"], out["image_position_ids"] = _padded(images)
+    videos = [i for i in items if isinstance(i, VideoFeatures)]
+    if videos:
+        out["pixel_values_videos"], out["video_position_ids"] = _padded(media_items(videos))
+        out["num_frames_per_video"] = torch.tensor([len(v.frames) for v in videos])
+    clips = [i for i in items if isinstance(i, MediaFeatures) and i.modality == "audio"]
     if clips:
         (clip,) = clips
         out |= {"input_features": clip.input_features[None], "input_features_mask": clip.input_features_mask[None]}
-    out["mm_token_type_ids"] = torch.where(ids == IDS.image, 1, torch.where(ids == IDS.audio, 3, 0))
+    types = torch.where(ids == IDS.image, 1, torch.where(ids == IDS.video, 2, torch.where(ids == IDS.audio, 3, 0)))
+    out["mm_token_type_ids"] = types
+    return out
+
+
+def saved_references(directory: Path) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """Per variant (e2b: vision + audio, PLE; 31b: bidirectional vision): the reference and its
+    `save_pretrained` checkpoint under `directory`."""
+    out = {}
+    for seed, variant in enumerate(("e2b", "31b")):
+        ref = multimodal_reference(variant, seed)
+        ref.save_pretrained(directory / variant)
+        out[variant] = (ref, directory / variant)
     return out

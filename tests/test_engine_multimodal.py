@@ -14,7 +14,7 @@ from gemma4.media.audio import audio_features
 from gemma4.media.image import image_features
 from gemma4.media.inputs import MediaFeatures, MediaPlaceholder, MultimodalPrompt
 from gemma4.media.prompt import expand_prompt
-from multimodal_reference import IDS, marker_prompt, multimodal_reference, random_image, reference_inputs, tone
+from multimodal_reference import IDS, marker_prompt, random_image, reference_inputs, saved_references, tone
 
 NEW_TOKENS = 5
 ENGINE = dict(block_size=4, max_num_seqs=4, max_num_batched_tokens=96, max_model_len=512)
@@ -22,13 +22,7 @@ ENGINE = dict(block_size=4, max_num_seqs=4, max_num_batched_tokens=96, max_model
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.nn.Module, Path]]:
-    out = {}
-    for seed, variant in enumerate(("e2b", "31b")):
-        ref = multimodal_reference(variant, seed)
-        path = tmp_path_factory.mktemp(f"{variant}-mm-engine")
-        ref.save_pretrained(path)
-        out[variant] = (ref, path)
-    return out
+    return saved_references(tmp_path_factory.mktemp("references"))
 
 
 def _images() -> list[MediaFeatures]:

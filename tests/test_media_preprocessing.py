@@ -16,7 +16,7 @@ from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImagePr
 
 from gemma4.media.audio import MAX_SAMPLES, SAMPLE_RATE, audio_features, decode_audio
 from gemma4.media.image import decode_image, image_features, target_size
-from gemma4.media.inputs import MediaError
+from gemma4.media.inputs import MediaError, content_digest
 
 MAX_PIXELS = 10_000_000
 
@@ -250,3 +250,16 @@ def test_compressed_stereo_44k_decodes_to_16k_mono(fmt: str, codec: str) -> None
     decoded = decode_audio(buffer.getvalue(), where="audio")
     assert decoded.dtype == np.float32 and abs(decoded.shape[0] - 2 * SAMPLE_RATE) <= 1200  # codec delay/padding
     assert np.abs(decoded).max() < 0.01  # opposite channels average to silence: the mixdown is a mean
+
+
+def test_content_digest_tells_modality_dtype_shape_and_bytes_apart() -> None:
+    values = torch.arange(6, dtype=torch.float32)
+    base = content_digest("image", values)
+    assert content_digest("image", values.clone()) == base
+    assert content_digest("video", values) != base
+    assert content_digest("image", values.reshape(2, 3)) != base
+    assert content_digest("image", values.to(torch.int32)) != base
+    assert content_digest("image", values + torch.tensor([0, 0, 0, 0, 0, 1.0])) != base
+    assert content_digest("image", values[:3], values[3:]) != base
+    # Every dtype media carries hashes, bf16 and bool included (no numpy equivalent needed).
+    assert content_digest("audio", values.bfloat16(), values > 2) != content_digest("audio", values.bfloat16(), values > 3)

@@ -3,7 +3,9 @@
 `write_tiny_checkpoint(dir)` writes what an official checkpoint directory holds: a nested
 `config.json`, `model.safetensors` with the real tensor names, `generation_config.json` and a
 tokenizer with the real special tokens. Every feature of the chosen variant (PLE, KV sharing, MoE,
-K-as-V) is kept; only the sizes shrink, so the platform runs end to end on a laptop CPU.
+K-as-V) is kept; only the sizes shrink, so the platform runs end to end on a laptop CPU. The media
+towers the variant has (vision on all, audio on E2B/E4B) come tiny and random too, so images, video
+and audio work out of the box.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from gemma4.config import FULL, SLIDING, Gemma4Config, variant_config
 from gemma4.loader import checkpoint_name
-from gemma4.tiny_tokenizer import write_tiny_tokenizer
+from gemma4.special_tokens import AUDIO, AUDIO_END, AUDIO_START, IMAGE, IMAGE_END, IMAGE_START, VIDEO
+from gemma4.tiny_tokenizer import special_token_ids, write_tiny_tokenizer
 
 TINY_VOCAB = 512
 GENERATION_EOS = [1, 106, 50]  # <eos>, <turn|>, <|tool_response>, as the official generation_config
 
 
-def tiny_config(variant: str = "e2b", *, vocab_size: int = TINY_VOCAB, max_position_embeddings: int = 4096) -> Gemma4Config:
-    """The variant's architecture at hidden size 64-256 (12 layers, window 64), with no media towers."""
+def tiny_config(
+    variant: str = "e2b", *, vocab_size: int = TINY_VOCAB, max_position_embeddings: int = 4096, towers: bool = False
+) -> Gemma4Config:
+    """The variant's architecture at hidden size 64-256 (12 layers, window 64); with `towers`, its media towers
+    at hidden size 32 (2 layers) and the media token ids of the tiny tokenizer, else no towers."""
     real = variant_config(variant)
     t = real.text
     layers = ([SLIDING] * (4 if t.use_double_wide_mlp else 5) + [FULL]) * 2
@@ -51,16 +58,41 @@ def tiny_config(variant: str = "e2b", *, vocab_size: int = TINY_VOCAB, max_posit
         max_position_embeddings=max_position_embeddings,
         eos_token_ids=(1, 106),
     )
-    return dataclasses.replace(real, text=text, vision=None, audio=None)
+    if not towers:
+        return dataclasses.replace(real, text=text, vision=None, audio=None)
+    return dataclasses.replace(real, text=text, **_tiny_towers(real, vocab_size))
 
 
-def write_tiny_checkpoint(directory: str | Path, *, variant: str = "e2b", seed: int = 0) -> Path:
-    """Write a tiny random-weight checkpoint shaped like `variant` into `directory` (created if needed)."""
+def _tiny_towers(real: Gemma4Config, vocab_size: int) -> dict[str, Any]:
+    """The tiny vision/audio configs of the towers `real` has, and the tiny tokenizer's media token ids.
+
+    The vision position table keeps the variant's size: it bounds the patch grid's sides, and a smaller
+    one would refuse the large or very wide images the preprocessing allows.
+    """
+    vision = real.vision and dataclasses.replace(
+        real.vision, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=16, patch_size=16, pooling_kernel_size=3,
+    )
+    audio = real.audio and dataclasses.replace(
+        real.audio, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, output_proj_dims=48,
+        subsampling_conv_channels=(128, 8),
+    )
+    ids = special_token_ids(vocab_size)
+    return dict(
+        vision=vision, audio=audio, image_token_id=ids[IMAGE.text], audio_token_id=ids[AUDIO.text],
+        video_token_id=ids[VIDEO.text], boi_token_id=ids[IMAGE_START.text], eoi_token_id=ids[IMAGE_END.text],
+        boa_token_id=ids[AUDIO_START.text], eoa_token_id=ids[AUDIO_END.text],
+    )
+
+
+def write_tiny_checkpoint(directory: str | Path, *, variant: str = "e2b", seed: int = 0, towers: bool = True) -> Path:
+    """Write a tiny random-weight checkpoint shaped like `variant` into `directory` (created if needed), with
+    the variant's media towers unless `towers` is False."""
     from gemma4.engine.llm import random_weights_model  # the engine package imports this module's callers
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(variant)
+    config = tiny_config(variant, towers=towers)
     model = random_weights_model(config, dtype=torch.float32, device="cpu", seed=seed)
     tensors = {
         checkpoint_name(config, name): tensor.to(torch.bfloat16).contiguous()
@@ -71,8 +103,9 @@ def write_tiny_checkpoint(directory: str | Path, *, variant: str = "e2b", seed: 
         "architectures": ["Gemma4ForConditionalGeneration"],
         "model_type": "gemma4",
         "text_config": config.text.to_hf_dict(),
-        "vision_config": None,
-        "audio_config": None,
+        "vision_config": config.vision and config.vision.to_hf_dict(),
+        "audio_config": config.audio and {"model_type": "gemma4_audio", **config.audio.to_hf_dict()},
+        **_media_token_ids(config, towers),
         "eos_token_id": list(config.eos_token_ids),
         "tie_word_embeddings": True,
         "dtype": "bfloat16",
@@ -83,3 +116,15 @@ def write_tiny_checkpoint(directory: str | Path, *, variant: str = "e2b", seed: 
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     write_tiny_tokenizer(directory, vocab_size=config.text.vocab_size)
     return directory
+
+
+def _media_token_ids(config: Gemma4Config, towers: bool) -> dict[str, int | None]:
+    """config.json's media token ids (transformers' key names; none for a text-only checkpoint)."""
+    if not towers:
+        return {}
+    return {
+        "image_token_id": config.image_token_id, "audio_token_id": config.audio_token_id,
+        "video_token_id": config.video_token_id, "boi_token_id": config.boi_token_id,
+        "eoi_token_id": config.eoi_token_id, "boa_token_id": config.boa_token_id,
+        "eoa_token_index": config.eoa_token_id,
+    }

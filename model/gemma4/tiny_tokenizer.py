@@ -158,16 +158,25 @@ def _train(budget: int) -> tuple[list[str], list[tuple[str, str]]]:
     return sorted(vocab, key=vocab.__getitem__), [(left, right) for left, right in merges]
 
 
-def _layout(vocab_size: int, learned: list[str]) -> dict[str, int]:
-    """Token -> id for every id below ``vocab_size``: special tokens, "\\n", bytes, learned tokens, fillers."""
-    vocab = {token.text: token.id for token in ALL_SPECIAL_TOKENS if token.id < vocab_size}
-    vocab["\n"] = NEWLINE_ID
-    taken = set(vocab.values())
+def special_token_ids(vocab_size: int = 512) -> dict[str, int]:
+    """Text -> id of every special token and "\\n" in the tiny vocabulary of ``vocab_size`` (no training needed)."""
+    ids = {token.text: token.id for token in ALL_SPECIAL_TOKENS if token.id < vocab_size}
+    ids["\n"] = NEWLINE_ID
+    taken = set(ids.values())
     free = [token_id for token_id in range(vocab_size) if token_id not in taken]
     displaced = [token.text for token in ALL_SPECIAL_TOKENS if token.id >= vocab_size]
+    if len(displaced) > len(free):
+        raise ValueError(f"vocab_size {vocab_size} has no room for the special tokens")
     # Displaced special tokens go to the top of the vocabulary, in release order.
-    split = len(free) - len(displaced)
-    vocab.update(zip(displaced, free[split:], strict=True))
-    fillers = [f"<unused{n}>" for n in range(split - len(_BYTE_TOKENS) - len(learned))]
-    vocab.update(zip([*_BYTE_TOKENS, *learned, *fillers], free[:split], strict=True))
+    ids.update(zip(displaced, free[len(free) - len(displaced) :], strict=True))
+    return ids
+
+
+def _layout(vocab_size: int, learned: list[str]) -> dict[str, int]:
+    """Token -> id for every id below ``vocab_size``: special tokens, "\\n", bytes, learned tokens, fillers."""
+    vocab = special_token_ids(vocab_size)
+    taken = set(vocab.values())
+    free = [token_id for token_id in range(vocab_size) if token_id not in taken]
+    fillers = [f"<unused{n}>" for n in range(len(free) - len(_BYTE_TOKENS) - len(learned))]
+    vocab.update(zip([*_BYTE_TOKENS, *learned, *fillers], free, strict=True))
     return vocab

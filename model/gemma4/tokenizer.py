@@ -12,7 +12,7 @@ for trusted text such as raw ``Generate`` prompts; ``encode_plain`` is the stric
 """
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +141,14 @@ class Gemma4Tokenizer:
         tools: Sequence[Mapping[str, Any]] | None = None,
         thinking: bool = False,
         add_generation_prompt: bool = True,
+        rewrite: Callable[[str], str] | None = None,
     ) -> list[int]:
         """Prompt token ids (starting with ``<bos>``, which the chat format writes).
 
         Control tokens come only from the template: marker strings in client text (contents, names, schemas,
         arguments, responses, reasoning) are encoded as plain text. Without such text the ids equal
-        ``encode(apply_chat_template(...))``.
+        ``encode(apply_chat_template(...))``. ``rewrite`` edits the rendered text before encoding, with client
+        strings hidden from it; its own text is trusted (``gemma4.media.prompt`` expands video markers so).
         """
         return self._safe.encode_chat(
             messages,
@@ -155,6 +157,7 @@ class Gemma4Tokenizer:
             variant=self._variant,
             add_generation_prompt=add_generation_prompt,
             template=self._chat_template,
+            rewrite=rewrite,
         )
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from gemma4.audio import Gemma4AudioModel
 from gemma4.config import CAUSAL_LM_ARCHITECTURE, Gemma4Config
 from gemma4.media.inputs import MediaFeatures
-from gemma4.tower_layers import MultimodalEmbedder
+from gemma4.tower_layers import ClippableLinear, MultimodalEmbedder
 from gemma4.vision import Gemma4VisionModel
 
 
@@ -31,6 +31,24 @@ def build_towers(config: Gemma4Config) -> nn.ModuleDict:
         towers["audio_tower"] = Gemma4AudioModel(config.audio)
         towers["embed_audio"] = MultimodalEmbedder(config.audio.output_proj_dims, hidden, config.audio.rms_norm_eps)
     return towers
+
+
+def reset_tower_constants(towers: nn.ModuleDict) -> None:
+    """Give the buffers a checkpoint carries their as-built values: clip bounds +-inf, standardisation 0 / 1.
+
+    For towers materialised from the meta device with random weights (no checkpoint), whose buffers
+    hold whatever the weight filler wrote; a clamp to [1, 1] would make every soft token the same.
+    """
+    with torch.no_grad():
+        for module in towers.modules():
+            if isinstance(module, ClippableLinear) and module.clipped:
+                for name in ("input_min", "output_min"):
+                    getattr(module, name).fill_(float("-inf"))
+                for name in ("input_max", "output_max"):
+                    getattr(module, name).fill_(float("inf"))
+            elif isinstance(module, Gemma4VisionModel) and module.config.standardize:
+                module.std_bias.zero_()
+                module.std_scale.fill_(1.0)
 
 
 def encode_item(towers: nn.ModuleDict, item: MediaFeatures) -> torch.Tensor:

@@ -28,7 +28,7 @@ token, or BPE merges that rebuild it from its pieces); such a token is respelled
 A control id whose text is not its marker is ordinary (a model's ``<unk>`` for characters it cannot spell).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from tokenizers import Encoding, Tokenizer
@@ -69,8 +69,13 @@ class SafeEncoder:
         variant: str,
         add_generation_prompt: bool,
         template: str | None,
+        rewrite: Callable[[str], str] | None = None,
     ) -> list[int]:
-        """The ids of the prompt ``render`` writes, with control tokens only where the template puts them."""
+        """The ids of the prompt ``render`` writes, with control tokens only where the template puts them.
+
+        ``rewrite`` edits the rendered prompt before it is encoded, while client strings are still hidden:
+        what it writes is trusted like the template's text (media expansion puts control tokens there).
+        """
         check_variant(variant)
         placeholders = Placeholders(self._matcher)
         hidden_messages = [
@@ -86,6 +91,8 @@ class SafeEncoder:
             add_generation_prompt=add_generation_prompt,
             template=template,
         )
+        if rewrite is not None:
+            rendered = rewrite(rendered)
         return self._encode_rendered(rendered, placeholders)
 
     def _encode_rendered(self, text: str, placeholders: Placeholders) -> list[int]:

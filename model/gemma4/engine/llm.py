@@ -19,6 +19,7 @@ from gemma4.loader import load_model
 from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.media.inputs import MultimodalPrompt
 from gemma4.tokenizer import Gemma4Tokenizer, load_tokenizer
+from gemma4.towers import reset_tower_constants
 
 
 def random_weights_model(
@@ -38,6 +39,7 @@ def random_weights_model(
             else:
                 drawn = torch.empty(tensor.shape, dtype=tensor.dtype, device=draw_on).normal_(0.0, 0.02, generator=generator)
                 tensor.copy_(drawn)
+    reset_tower_constants(model.towers)
     model.reset_buffers()
     return model.eval().requires_grad_(False)
 

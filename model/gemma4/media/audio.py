@@ -8,7 +8,6 @@ the same resampler.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import wave
@@ -17,7 +16,7 @@ import av
 import numpy as np
 import torch
 
-from gemma4.media.inputs import MediaError, MediaFeatures
+from gemma4.media.inputs import MediaError, MediaFeatures, content_digest
 
 SAMPLE_RATE = 16000
 MAX_SAMPLES = 480000  # 30 s: the extractor's max_length
@@ -150,13 +149,10 @@ def audio_features(samples: np.ndarray) -> MediaFeatures:
     log_mel = log_mel * mask[:, None]
     features = torch.from_numpy(np.ascontiguousarray(log_mel.reshape(n_frames, _N_MEL)))
     mask_t = torch.from_numpy(mask)
-    digest = hashlib.blake2b(f"audio:{n_frames}x{_N_MEL}".encode())
-    digest.update(features.numpy().tobytes())
-    digest.update(mask.tobytes())
     return MediaFeatures(
         modality="audio",
         num_tokens=int(mask[::2][::2].sum()),
-        content_hash=digest.hexdigest(),
+        content_hash=content_digest("audio", features, mask_t),
         input_features=features,
         input_features_mask=mask_t,
     )

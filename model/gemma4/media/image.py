@@ -7,7 +7,6 @@ batches itself, so the prompt and the cache see only real patches.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import warnings
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gemma4.media.inputs import MediaError, MediaFeatures, Modality
+from gemma4.media.inputs import MediaError, MediaFeatures, Modality, content_digest
 
 ALLOWED_BUDGETS: tuple[int, ...] = (70, 140, 280, 560, 1120)
 DEFAULT_IMAGE_BUDGET = 280
@@ -114,12 +113,11 @@ def image_features(
     grid_y, grid_x = np.divmod(np.arange(rows * cols, dtype=np.int64), cols)
     positions = np.stack([grid_x, grid_y], axis=-1)
     pixel_values = torch.from_numpy(np.ascontiguousarray(patches))
-    digest = hashlib.blake2b(f"{modality}:{rows}x{cols}:{patch}".encode())
-    digest.update(pixel_values.numpy().tobytes())
+    position_ids = torch.from_numpy(positions)
     return MediaFeatures(
         modality=modality,
         num_tokens=rows * cols // kernel**2,
-        content_hash=digest.hexdigest(),
+        content_hash=content_digest(modality, pixel_values, position_ids),
         pixel_values=pixel_values,
-        position_ids=torch.from_numpy(positions),
+        position_ids=position_ids,
     )

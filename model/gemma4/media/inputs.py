@@ -8,6 +8,7 @@ its own item and its own bidirectional block, with the timestamps the prompt sho
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +24,16 @@ class MediaError(ValueError):
     def __init__(self, where: str, message: str) -> None:
         super().__init__(f"{where}: {message}")
         self.where = where
+
+
+def content_digest(modality: str, *tensors: torch.Tensor) -> str:
+    """Hex blake2b of the modality and each tensor's dtype, shape and bytes: a `MediaFeatures.content_hash`."""
+    digest = hashlib.blake2b(modality.encode() + b"\0")
+    for tensor in tensors:
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{flat.dtype}:{tuple(tensor.shape)}\0".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, eq=False)
