@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from gemma4.engine import RequestOutput, SamplingParams
 from gemma4.engine.llm_engine import MAX_CACHE_SALT_CHARS
 from gemma4.media.inputs import MediaError, MediaFeatures, MediaPlaceholder, MultimodalPrompt, VideoFeatures
-from gemma4.media.prompt import MediaTokenIds, expand_prompt
+from gemma4.media.prompt import MediaTokenIds, encode_multimodal_chat
 from gemma4.special_tokens import AUDIO, AUDIO_END, AUDIO_START, IMAGE, IMAGE_END, IMAGE_START, VIDEO
 from gemma4.tokenizer import Gemma4Tokenizer
 
@@ -232,12 +232,7 @@ class Frontend:
         ids = self.media_ids
         if not items or ids is None:  # (items without media ids were refused before loading)
             return MultimodalPrompt(self.tokenizer.encode_chat(messages, tools=tools, thinking=thinking))
-        if any(isinstance(item, VideoFeatures) for item in items):
-            from gemma4.media.prompt import encode_multimodal_chat  # the video branch of gemma4.media
-
-            return encode_multimodal_chat(self.tokenizer, messages, items, ids, tools=tools, thinking=thinking)
-        token_ids = self.tokenizer.encode_chat(messages, tools=tools, thinking=thinking)
-        return expand_prompt(token_ids, [i for i in items if isinstance(i, MediaFeatures)], ids)
+        return encode_multimodal_chat(self.tokenizer, messages, items, ids, tools=tools, thinking=thinking)
 
     def _refuse_long_media(
         self, prompt: MultimodalPrompt, sources: Sequence[MediaSource], items: Sequence[MediaFeatures | VideoFeatures]

@@ -26,6 +26,7 @@ from typing import Any
 from gemma4.media.audio import audio_features, decode_audio
 from gemma4.media.image import ALLOWED_BUDGETS, DEFAULT_IMAGE_BUDGET, decode_image, image_features
 from gemma4.media.inputs import MediaError, MediaFeatures, Modality, VideoFeatures
+from gemma4.media.video import decode_video, video_features
 
 from gemma4_platform.media_fetch import check_media_url, fetch_media_url
 from gemma4_platform.settings import LimitSettings
@@ -200,7 +201,5 @@ def load_media(source: MediaSource, limits: LimitSettings, options: MediaOptions
         return image_features(decode_image(data, where=source.where, max_pixels=limits.max_image_pixels), source.budget)
     if source.modality == "audio":
         return audio_features(decode_audio(data, where=source.where, truncate=options.truncate_audio))
-    from gemma4.media.video import decode_video, video_features  # the video branch of gemma4.media
-
     frames, timestamps = decode_video(data, where=source.where, max_pixels=limits.max_image_pixels)
     return video_features(frames, timestamps)
