@@ -54,6 +54,7 @@ from gemma4_platform.serve_logs import serve_logger
 
 logger = serve_logger(__name__)
 HUB_NAME = "gemma4-metrics-hub"
+TINY_FORMAT = 2  # in the tiny checkpoint's cache path: bump when write_tiny_checkpoint's output changes (2: towers)
 DRAIN_S = 30  # a stopping deployment finishes its in-flight streams for up to this long
 HEALTH_CHECK_TIMEOUT_S = 10
 RANK_PING_TIMEOUT_S = 5  # within the health check's timeout: a rank that does not answer fails the check
@@ -69,7 +70,7 @@ def resolve_checkpoint(settings: PlatformSettings) -> str:
     from gemma4.tiny import write_tiny_checkpoint
 
     variant, seed = settings.model.tiny_variant, settings.engine.seed
-    target = Path(tempfile.gettempdir()) / f"gemma4-tiny-{variant}-{seed}"
+    target = Path(tempfile.gettempdir()) / f"gemma4-tiny-{variant}-{seed}-v{TINY_FORMAT}"
     if not (target / "model.safetensors").is_file():
         staging = Path(tempfile.mkdtemp(prefix=f"gemma4-tiny-{variant}-", dir=tempfile.gettempdir()))
         write_tiny_checkpoint(staging, variant=variant, seed=seed)
