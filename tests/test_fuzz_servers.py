@@ -83,7 +83,7 @@ def sampling() -> st.SearchStrategy[pb.SamplingParams]:
 
 part = st.one_of(
     st.builds(pb.Part, text=text),
-    st.builds(pb.Part, image=st.binary(max_size=64)),
+    st.builds(pb.Part, image=st.builds(pb.ImageInput, data=st.binary(max_size=64))),
     st.builds(pb.Part),
 )
 message = st.builds(

@@ -300,7 +300,7 @@ def test_count_tokens_converts_a_tool_conversation(stub: Gemma4ServingStub, fron
     tools = [
         {"type": "function", "function": {"name": "weather", "description": "Current weather", "parameters": schema}}
     ]
-    expected = asyncio.run(frontend.chat_token_ids(messages, tools=tools, thinking=True))
+    expected = asyncio.run(frontend.chat_prompt(messages, tools=tools, thinking=True)).token_ids
     assert stub.CountTokens(request, timeout=10).prompt_tokens == len(expected)
 
 
@@ -427,7 +427,12 @@ def test_invalid_argument_names_the_field(stub: Gemma4ServingStub, case: str) ->
 
 
 @pytest.mark.parametrize(
-    "part", [pb.Part(image=b"\x89PNG"), pb.Part(audio=b"RIFF"), pb.Part(video=pb.VideoFrames(frames=[b"x"], fps=2))]
+    "part",
+    [
+        pb.Part(image=pb.ImageInput(data=b"\x89PNG")),
+        pb.Part(audio=pb.AudioInput(data=b"RIFF")),
+        pb.Part(video=pb.VideoInput(data=b"x")),
+    ],
 )
 def test_media_parts_are_unimplemented(stub: Gemma4ServingStub, part: pb.Part) -> None:
     """Named by their proto path, though the tool message before them expands into two chat messages."""

@@ -4,6 +4,7 @@ autoscaling, metrics and traces. One Ray instance and one application serve the 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import time
@@ -15,6 +16,7 @@ import openai
 import pytest
 import ray
 import torch
+from PIL import Image
 from ray import serve
 
 from gemma4 import LLM, SamplingParams
@@ -119,6 +121,18 @@ def test_openai_streamed_chat_completion(platform) -> None:
     )
     assert text == (full.choices[0].message.content or "")
     assert [m.id for m in client.models.list().data] == ["tiny-moe"]
+
+
+def test_grpc_chat_with_an_image_through_the_graph(platform) -> None:
+    """The image's pixels travel with the request to the replica (one actor call) and its engine encodes them."""
+    stub = platform["stub"]
+    assert "image" in stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30).modalities
+    image = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 90)).save(image, format="PNG")
+    part = pb.Part(image=pb.ImageInput(data=image.getvalue(), mime_type="image/png", max_soft_tokens=70))
+    message = pb.Message(role=pb.ROLE_USER, parts=[pb.Part(text="Describe."), part])
+    chunks = list(stub.ChatStream(pb.ChatRequest(messages=[message], sampling=greedy(4)), timeout=60))
+    assert chunks[-1].usage.completion_tokens == 4 and 0 < chunks[-1].usage.image_tokens <= 70
 
 
 def test_32_concurrent_streams_equal_offline_outputs(platform) -> None:

@@ -12,6 +12,7 @@ from ray.serve.request_router import RequestRouter
 from gemma4_platform.routing import PrefixAffinityRouter, prefix_keys
 from gemma4.engine.kv_cache_manager import KVCacheManager, block_hashes
 from gemma4.kv_layout import CacheGroup
+from gemma4.media.inputs import MediaFeatures, MediaPlaceholder
 
 BLOCK = 4
 
@@ -38,8 +39,8 @@ def make_router(queue: dict[str, int]) -> PrefixAffinityRouter:
     return router
 
 
-def request(tokens: list[int], cache_salt: str | None = None) -> FakePending:
-    return FakePending([EngineRequest("r", tokens, SamplingParams(), cache_salt=cache_salt)])
+def request(tokens: list[int], cache_salt: str | None = None, media: tuple = ()) -> FakePending:
+    return FakePending([EngineRequest("r", tokens, SamplingParams(), cache_salt=cache_salt, media=media)])
 
 
 def choose(router: PrefixAffinityRouter, replicas: list[FakeReplica], pending: FakePending) -> str:
@@ -67,6 +68,21 @@ def test_keys_are_the_engines_block_hashes() -> None:
         assert prefix_keys(tokens, BLOCK, 8, cache_salt=salt) == engine_block_hashes(tokens, salt)
     salted = [prefix_keys(tokens, BLOCK, 8, cache_salt=salt) for salt in (None, "tenant-a", "tenant-b")]
     assert len({key for keys in salted for key in keys}) == 6  # no key shared across salts
+
+
+def test_media_content_is_part_of_the_keys() -> None:
+    """Equal ids (the same soft-token slots) with different images are different prefixes."""
+    tokens = [5, 6] + [9] * 8 + [7, 8, 3, 4]
+    red, blue = (MediaPlaceholder(2, MediaFeatures("image", 8, digest)) for digest in ("aa" * 32, "bb" * 32))
+    keys = prefix_keys(tokens, BLOCK, 8, media=(red,))
+    assert keys == block_hashes(tokens, BLOCK, 3, media=(red,))
+    assert keys[0] != prefix_keys(tokens, BLOCK, 8, media=(blue,))[0] != prefix_keys(tokens, BLOCK, 8)[0]
+    queue = {"a": 0, "b": 1}
+    replicas = [FakeReplica(x) for x in queue]
+    router = make_router(queue)
+    router.on_request_routed(request(tokens, media=(red,)), "b", None)
+    assert choose(router, replicas, request(tokens + [1], media=(red,))) == "b"
+    assert choose(router, replicas, request(tokens + [1], media=(blue,))) == "a"
 
 
 def test_affinity_only_between_requests_with_the_same_cache_salt() -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
-from gemma4.engine import AsyncEngine, RequestOutput, SamplingParams
+from gemma4.engine import AsyncEngine, RequestOutput, SamplingParams, Usage
 from gemma4.engine.async_engine import EngineDeadError
+from gemma4.media.inputs import MediaPlaceholder, MultimodalPrompt
 
 from gemma4_platform.errors import Unavailable, invalid_from_value_error
 
@@ -23,6 +24,8 @@ class EngineRequest:
     `request_id` is the gateway's own unique id (what the engine tracks); `client_request_id` is what the
     client sent or was given, echoed in responses, so one client can never collide with another's ids.
     `cache_salt` is the prefix-cache namespace: KV is shared only between requests with the same salt.
+    `media` are the preprocessed images, audio clips and video frames placed in `prompt_token_ids`
+    (whose soft-token slots they fill); the request travels to a replica once, tensors included.
     """
 
     request_id: str
@@ -33,6 +36,17 @@ class EngineRequest:
     trace_context: dict[str, str] = field(default_factory=dict)
     client_request_id: str = ""
     cache_salt: str | None = None  # prefix-cache namespace (None: shared); the router keys on it too
+    media: tuple[MediaPlaceholder, ...] = ()
+
+    @property
+    def prompt(self) -> list[int] | MultimodalPrompt:
+        """What the engine takes: the ids, or the ids with their media."""
+        return MultimodalPrompt(self.prompt_token_ids, self.media) if self.media else self.prompt_token_ids
+
+
+def media_tokens(usage: Usage) -> dict[str, int]:
+    """The prompt's soft tokens per modality, as the engine counts them (the usage fields' names)."""
+    return {"image_tokens": usage.image_tokens, "audio_tokens": usage.audio_tokens, "video_tokens": usage.video_tokens}
 
 
 class GenerationBackend(Protocol):
@@ -45,7 +59,7 @@ async def stream_from_engine(engine: AsyncEngine, request: EngineRequest) -> Asy
     """Run one request on an in-process engine, turning engine errors into serving errors."""
     try:
         stream = await engine.add_request(
-            request.prompt_token_ids,
+            request.prompt,
             request.params,
             request_id=request.request_id,
             priority=request.priority,

@@ -11,6 +11,8 @@ import copy
 import logging
 import uuid
 
+from gemma4.media.inputs import MediaError
+
 # gRPC codes that report a problem with the request or the caller, not with the server: logged as one
 # line, never as a traceback.
 CLIENT_CODES = frozenset({
@@ -114,8 +116,11 @@ class Internal(ServingError):
 
 
 def invalid_from_value_error(exc: ValueError) -> InvalidArgument:
-    """Engine/config validation messages start with the offending field's name: keep it as `field`."""
+    """Engine/config validation messages start with the offending field's name: keep it as `field`
+    (a `MediaError` names its part, `messages[1].content[0]`, in `where`)."""
     message = str(exc)
+    if isinstance(exc, MediaError):
+        return InvalidArgument(message, field=exc.where)
     head = message.split(" ", 1)[0]
     field = head.split("[", 1)[0] if head.replace("_", "").replace("[", "").replace("]", "").isalnum() else None
     return InvalidArgument(message, field=field)

@@ -8,6 +8,11 @@ Untrusted input is bounded before any costly work: counts and sizes (`LimitSetti
 lower bound on the prompt's token count come first; rendering and tokenization of anything larger than
 a small inline budget then run on a thread pool (the tokenizer releases the GIL), so one huge request
 never stalls the event loop that every other stream is served from.
+
+Media parts (images, audio, video) are checked where they are found (counts, sizes, types, URL hosts:
+`gemma4_platform.media_input`), then fetched, decoded and preprocessed on a second bounded pool
+(`gateway.media_threads`); the template renders one marker per part, which becomes the item's
+delimited soft-token slots. The `EngineRequest` carries the items with their places in the prompt.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from typing import Any, TypeVar
 
 from gemma4.engine import RequestOutput, SamplingParams
 from gemma4.engine.llm_engine import MAX_CACHE_SALT_CHARS
+from gemma4.media.inputs import MediaError, MediaFeatures, MediaPlaceholder, MultimodalPrompt, VideoFeatures
+from gemma4.media.prompt import MediaTokenIds, encode_multimodal_chat
+from gemma4.special_tokens import AUDIO, AUDIO_END, AUDIO_START, IMAGE, IMAGE_END, IMAGE_START, VIDEO
 from gemma4.tokenizer import Gemma4Tokenizer
 
 from gemma4_platform import tracing
@@ -37,6 +45,7 @@ from gemma4_platform.errors import (
     Unimplemented,
     invalid_from_value_error,
 )
+from gemma4_platform.media_input import MediaOptions, MediaSource, find_media, load_media, part_modality
 from gemma4_platform.metrics import GatewayMetrics
 from gemma4_platform.request_limits import (
     check_chat,
@@ -47,7 +56,6 @@ from gemma4_platform.request_limits import (
 )
 from gemma4_platform.settings import LimitSettings
 
-MEDIA_PART_TYPES = {"image", "image_url", "audio", "input_audio", "video", "video_url"}
 INLINE_CHARS = 16_384  # text up to this size is rendered and tokenized on the event loop (well under 1 ms)
 T = TypeVar("T")
 
@@ -72,6 +80,7 @@ class GatewayPolicy:
     default_max_tokens: int = 1024
     cache_salt_per_key: bool = True
     tokenizer_threads: int = 2
+    media_threads: int = 2
 
 
 class Frontend:
@@ -95,6 +104,8 @@ class Frontend:
         self.admission = Admission()
         self.pending = 0
         self._pool = ThreadPoolExecutor(max_workers=policy.tokenizer_threads, thread_name_prefix="gemma4-tokenize")
+        self._media_pool = ThreadPoolExecutor(max_workers=policy.media_threads, thread_name_prefix="gemma4-media")
+        self.media_ids = media_token_ids(tokenizer)
 
     # ------------------------------------------------------------------ admission
     @contextlib.contextmanager
@@ -148,36 +159,98 @@ class Frontend:
         caller: KeyGrant,
         tools: Sequence[Mapping[str, Any]] | None = None,
         thinking: bool = False,
+        media: MediaOptions = MediaOptions(),
         request_id: str | None = None,
         priority: int | None = None,
         cache_salt: str | None = None,
     ) -> EngineRequest:
         """A conversation rendered with the checkpoint's chat template; the output is chat-parsed."""
         check_sampling(sampling, self.limits, self.model.max_model_len)
-        token_ids = await self.chat_token_ids(messages, tools=tools, thinking=thinking)
-        return self._request(token_ids, sampling, caller, request_id, priority, cache_salt, parse_chat=True)
+        prompt = await self.chat_prompt(messages, tools=tools, thinking=thinking, media=media)
+        return self._request(
+            prompt.token_ids, sampling, caller, request_id, priority, cache_salt, parse_chat=True, media=prompt.media
+        )
 
-    async def chat_token_ids(
+    async def chat_prompt(
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
         tools: Sequence[Mapping[str, Any]] | None = None,
         thinking: bool = False,
-    ) -> list[int]:
-        """The prompt ids of a conversation; client text never becomes special tokens."""
+        media: MediaOptions = MediaOptions(),
+    ) -> MultimodalPrompt:
+        """The prompt of a conversation with its media placed; client text never becomes special tokens."""
         if not messages:
             raise InvalidArgument("messages must not be empty", field="messages")
         messages, tools = check_chat(messages, tools, self.limits)
         self._reject_media(messages)
+        try:
+            messages, sources = find_media(messages, self.limits)
+        except MediaError as exc:
+            raise invalid_from_value_error(exc) from None
         check_prompt_bound(rendered_chars(messages), self.longest_token_chars, self.max_prompt_tokens, "messages")
+        if sources and self.media_ids is None:
+            raise InvalidArgument("this checkpoint's tokenizer has no media tokens", field=sources[0].where)
+        items = await self._load_all(sources, media)
 
-        def encode() -> list[int]:
+        def encode() -> MultimodalPrompt:
             try:
-                return self.tokenizer.encode_chat(messages, tools=tools, thinking=thinking)
+                return self._encode_chat(messages, items, tools, thinking)
+            except MediaError as exc:
+                raise invalid_from_value_error(exc) from None
             except ValueError as exc:
                 raise InvalidArgument(str(exc), field=_leading_field(str(exc), "messages")) from None
 
-        return await self._offload(encode, string_chars(messages) + string_chars(tools))
+        prompt = await self._offload(encode, string_chars(messages) + string_chars(tools))
+        if len(prompt.token_ids) > self.max_prompt_tokens and prompt.media:
+            self._refuse_long_media(prompt, sources, items)
+        return prompt
+
+    async def _load_all(
+        self, sources: Sequence[MediaSource], options: MediaOptions
+    ) -> list[MediaFeatures | VideoFeatures]:
+        """Every part fetched, decoded and preprocessed on the media pool; the first failing part (in prompt
+        order) is the error, once all are done (none is left running unobserved)."""
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self._media_pool, load_media, s, self.limits, options) for s in sources]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        for result in results:
+            if isinstance(result, MediaError):
+                raise invalid_from_value_error(result) from None
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]
+
+    def _encode_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        items: Sequence[MediaFeatures | VideoFeatures],
+        tools: Sequence[Mapping[str, Any]] | None,
+        thinking: bool,
+    ) -> MultimodalPrompt:
+        """Render and tokenize; each marker the template wrote becomes its item's soft-token slots."""
+        ids = self.media_ids
+        if not items or ids is None:  # (items without media ids were refused before loading)
+            return MultimodalPrompt(self.tokenizer.encode_chat(messages, tools=tools, thinking=thinking))
+        return encode_multimodal_chat(self.tokenizer, messages, items, ids, tools=tools, thinking=thinking)
+
+    def _refuse_long_media(
+        self, prompt: MultimodalPrompt, sources: Sequence[MediaSource], items: Sequence[MediaFeatures | VideoFeatures]
+    ) -> None:
+        """Name the first part whose soft tokens do not fit in the prompt limit (if the text alone is too
+        long, `_request` refuses the prompt as a whole)."""
+        owners = [
+            source.where
+            for source, item in zip(sources, items)
+            for _ in (item.frames if isinstance(item, VideoFeatures) else (item,))
+        ]
+        for where, placed in zip(owners, prompt.media):
+            if placed.end > self.max_prompt_tokens:
+                raise InvalidArgument(
+                    f"{where}: with this part's {placed.length} soft tokens the prompt has {len(prompt.token_ids)} "
+                    f"tokens, more than the prompt limit ({self.max_prompt_tokens} tokens)",
+                    field=where,
+                )
 
     async def tokenize(self, text: str) -> list[int]:
         """Token ids of a raw text (the Tokenize RPC), as a Generate text prompt would be tokenized."""
@@ -200,15 +273,16 @@ class Frontend:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _reject_media(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        """Parts of a modality this deployment does not serve (its checkpoint has no tower for them)."""
         for i, message in enumerate(messages):
             content = message.get("content") if isinstance(message, Mapping) else None
             if not isinstance(content, (list, tuple)):
                 continue
             for j, part in enumerate(content):
-                kind = part.get("type") if isinstance(part, Mapping) else None
-                if kind in MEDIA_PART_TYPES and kind.split("_")[0] not in self.model.modalities:
+                modality = part_modality(part)
+                if modality is not None and modality not in self.model.modalities:
                     raise Unimplemented(
-                        f"messages[{i}].content[{j}]: {kind} input is not supported by this deployment yet "
+                        f"messages[{i}].content[{j}]: {part['type']} input is not supported by this deployment "
                         f"(modalities: {', '.join(self.model.modalities)})",
                         field=f"messages[{i}].content[{j}]",
                     )
@@ -223,6 +297,7 @@ class Frontend:
         cache_salt: str | None,
         *,
         parse_chat: bool,
+        media: tuple[MediaPlaceholder, ...] = (),
     ) -> EngineRequest:
         if len(token_ids) > self.max_prompt_tokens:
             raise InvalidArgument(
@@ -254,6 +329,7 @@ class Frontend:
             priority=caller.priority(priority),
             parse_chat=parse_chat,
             cache_salt=self._cache_salt(caller, cache_salt),
+            media=media,
         )
 
     def _cache_salt(self, caller: KeyGrant, requested: str | None) -> str | None:
@@ -321,3 +397,11 @@ def _client_request_id(request_id: str | None) -> str:
 def _leading_field(message: str, default: str) -> str:
     head = message.split(" ", 1)[0].rstrip(":")
     return head if head.startswith(("messages", "tools")) else default
+
+
+def media_token_ids(tokenizer: Gemma4Tokenizer) -> MediaTokenIds | None:
+    """The media control tokens as this tokenizer spells them (what the template's markers encode to),
+    or None when its vocabulary lacks any of them."""
+    tokens = (IMAGE, AUDIO, VIDEO, IMAGE_START, IMAGE_END, AUDIO_START, AUDIO_END)
+    ids = [tokenizer.token_to_id(token.text) for token in tokens]
+    return None if None in ids else MediaTokenIds(*ids)  # type: ignore[arg-type]

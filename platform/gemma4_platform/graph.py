@@ -54,6 +54,7 @@ from gemma4_platform.serve_logs import serve_logger
 
 logger = serve_logger(__name__)
 HUB_NAME = "gemma4-metrics-hub"
+TINY_FORMAT = 2  # in the tiny checkpoint's cache path: bump when write_tiny_checkpoint's output changes (2: towers)
 DRAIN_S = 30  # a stopping deployment finishes its in-flight streams for up to this long
 HEALTH_CHECK_TIMEOUT_S = 10
 RANK_PING_TIMEOUT_S = 5  # within the health check's timeout: a rank that does not answer fails the check
@@ -69,7 +70,7 @@ def resolve_checkpoint(settings: PlatformSettings) -> str:
     from gemma4.tiny import write_tiny_checkpoint
 
     variant, seed = settings.model.tiny_variant, settings.engine.seed
-    target = Path(tempfile.gettempdir()) / f"gemma4-tiny-{variant}-{seed}"
+    target = Path(tempfile.gettempdir()) / f"gemma4-tiny-{variant}-{seed}-v{TINY_FORMAT}"
     if not (target / "model.safetensors").is_file():
         staging = Path(tempfile.mkdtemp(prefix=f"gemma4-tiny-{variant}-", dir=tempfile.gettempdir()))
         write_tiny_checkpoint(staging, variant=variant, seed=seed)
@@ -91,6 +92,14 @@ def replica_device(settings: PlatformSettings) -> str:
     from gemma4.backends import default_device
 
     return default_device()
+
+
+def served_modalities(checkpoint: tuple[str, ...], setting: str | tuple[str, ...]) -> tuple[str, ...]:
+    """What the gateway accepts: the checkpoint's modalities (`model.modalities: all`) or those of the
+    setting's list that the checkpoint has; text always."""
+    if setting == "all":
+        return checkpoint
+    return ("text", *(m for m in checkpoint if m != "text" and m in setting))
 
 
 def replica_resources(settings: PlatformSettings) -> dict[str, Any]:
@@ -223,7 +232,11 @@ class Replica:
 
 
 class RayReplicaBackend:
-    """The replica deployment as a `GenerationBackend`: streaming handle calls, errors mapped."""
+    """The replica deployment as a `GenerationBackend`: streaming handle calls, errors mapped.
+
+    The request (media tensors included) is an argument of one actor call per request: Ray ships it once,
+    through the object store when it is large (over Ray's inline-argument size), never per output.
+    """
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle.options(stream=True)
@@ -345,7 +358,10 @@ class Gateway:
         self.metrics = GatewayMetrics(self.settings.model.name)
         self.frontend = Frontend(
             load_tokenizer(checkpoint),
-            ModelDescription(self.settings.model.name, config.family, max_len, text.vocab_size),
+            ModelDescription(
+                self.settings.model.name, config.family, max_len, text.vocab_size,
+                served_modalities(config.modalities, self.settings.model.modalities),
+            ),
             RayReplicaBackend(replica),
             policy=GatewayPolicy(
                 limits=self.settings.limits,
@@ -353,6 +369,7 @@ class Gateway:
                 default_max_tokens=gateway.default_max_tokens,
                 cache_salt_per_key=gateway.cache_salt_per_key,
                 tokenizer_threads=gateway.tokenizer_threads,
+                media_threads=gateway.media_threads,
             ),
             metrics=self.metrics,
         )

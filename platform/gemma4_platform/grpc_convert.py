@@ -17,6 +17,7 @@ from gemma4.engine import FinishReason, RequestOutput, Usage
 from gemma4.engine.sampler import TokenLogprobs
 
 from gemma4_platform.api.v1 import serving_pb2 as pb
+from gemma4_platform.backend import media_tokens
 from gemma4_platform.errors import InvalidArgument, ServingError
 from gemma4_platform.request_limits import parse_client_json
 
@@ -104,13 +105,18 @@ def _message_from_proto(message: pb.Message, where: str) -> dict[str, Any]:
 
 
 def _part_from_proto(part: pb.Part, where: str) -> dict[str, Any]:
-    """Media parts keep their bytes; the Frontend decides whether this deployment accepts them."""
+    """Media parts keep their bytes (`gemma4_platform.media_input`'s inline shape); the Frontend decides
+    whether this deployment accepts them."""
     kind = part.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument(f"{where}: empty part (set text, image, audio or video)", field=where)
-    if kind == "video":
-        return {"type": "video", "video": {"frames": list(part.video.frames), "fps": part.video.fps}}
-    return {"type": kind, kind: getattr(part, kind)}
+    if kind == "text":
+        return {"type": "text", "text": part.text}
+    media = getattr(part, kind)
+    value: dict[str, Any] = {"data": media.data, "mime_type": media.mime_type or None}
+    if kind == "image" and media.HasField("max_soft_tokens"):
+        value["max_soft_tokens"] = media.max_soft_tokens
+    return {"type": kind, kind: value}
 
 
 def _tool_call_from_proto(call: pb.ToolCall, where: str) -> dict[str, Any]:
@@ -243,6 +249,7 @@ def usage_to_proto(usage: Usage, *, thinking_tokens: int = 0) -> pb.Usage:
         completion_tokens=usage.completion_tokens,
         cached_prompt_tokens=usage.cached_prompt_tokens,
         thinking_tokens=thinking_tokens,
+        **media_tokens(usage),
     )
 
 

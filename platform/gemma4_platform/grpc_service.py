@@ -30,6 +30,7 @@ from gemma4_platform.grpc_convert import (
     sampling_from_proto,
     with_proto_paths,
 )
+from gemma4_platform.media_input import MediaOptions
 from gemma4_platform.serve_logs import serve_logger
 
 
@@ -129,6 +130,7 @@ class Gemma4ServingService:
                     caller=caller,
                     tools=chat.tools,
                     thinking=request.thinking,
+                    media=MediaOptions(truncate_audio=request.truncate_audio),
                     request_id=request.request_id or None,
                     priority=request.priority if request.HasField("priority") else None,
                     cache_salt=request.cache_salt or None,
@@ -150,8 +152,13 @@ class Gemma4ServingService:
         with self.frontend.admit(caller):
             chat = chat_from_proto(request)
             with _proto_paths(chat.origins):
-                token_ids = await self.frontend.chat_token_ids(chat.messages, tools=chat.tools, thinking=request.thinking)
-        return pb.CountTokensResponse(prompt_tokens=len(token_ids))
+                prompt = await self.frontend.chat_prompt(
+                    chat.messages,
+                    tools=chat.tools,
+                    thinking=request.thinking,
+                    media=MediaOptions(truncate_audio=request.truncate_audio),
+                )
+        return pb.CountTokensResponse(prompt_tokens=len(prompt.token_ids))
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: RpcContext) -> pb.ModelInfo:
         self._authenticate(context, request)

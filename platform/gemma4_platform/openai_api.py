@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) over a `Frontend`.
+"""OpenAI-compatible HTTP routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`, and on models with
+audio `/v1/audio/transcriptions` and `/v1/audio/translations`) over a `Frontend`.
 
 Routes are added to an existing FastAPI app (`add_openai_routes`) so that a Ray Serve ingress class can
 own the app; `build_openai_app` makes a standalone one. Every failure, including a malformed body or a
@@ -36,9 +37,19 @@ from gemma4_platform.errors import (
     ModelNotFound,
     PayloadTooLarge,
     ServingError,
+    Unimplemented,
     reported,
 )
 from gemma4_platform.frontend import Frontend
+from gemma4_platform.media_input import MediaOptions
+from gemma4_platform.openai_audio import (
+    TRANSCRIBE,
+    TRANSLATE,
+    as_file_error,
+    audio_response,
+    audio_result,
+    parse_audio_form,
+)
 from gemma4_platform.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -108,6 +119,7 @@ def add_openai_routes(
             caller=caller,
             tools=body.prompt_tools,
             thinking=body.thinking_enabled,
+            media=MediaOptions(truncate_audio=body.truncate_audio),
             priority=body.priority,
             cache_salt=body.cache_salt,
         )
@@ -123,6 +135,14 @@ def add_openai_routes(
                 meta, outputs, token_text=token_text, logprobs=body.logprobs, include_usage=body.include_usage
             ),
         )
+
+    @route("/v1/audio/transcriptions", "POST")
+    async def transcriptions(request: Request, caller: KeyGrant, admitted: contextlib.ExitStack) -> Response:
+        return await _audio_task(request, get_frontend(), caller, TRANSCRIBE)
+
+    @route("/v1/audio/translations", "POST")
+    async def translations(request: Request, caller: KeyGrant, admitted: contextlib.ExitStack) -> Response:
+        return await _audio_task(request, get_frontend(), caller, TRANSLATE)
 
     @route("/v1/completions", "POST")
     async def completions(request: Request, caller: KeyGrant, admitted: contextlib.ExitStack) -> Response:
@@ -144,6 +164,26 @@ def add_openai_routes(
                 meta, outputs, token_text=token_text, include_usage=body.include_usage
             ),
         )
+
+
+async def _audio_task(request: Request, frontend: Frontend, caller: KeyGrant, instruction: str) -> Response:
+    """A transcription or translation: the uploaded audio and `instruction` as one chat turn, run unary."""
+    if "audio" not in frontend.model.modalities:
+        raise Unimplemented(
+            f"this deployment serves no audio (modalities: {', '.join(frontend.model.modalities)})", field="file"
+        )
+    body = await read_body(request, frontend.limits.max_request_bytes)
+    form = await parse_audio_form(body, request.headers.get("content-type", ""))
+    _check_model(form.model, frontend)
+    try:
+        engine_request = await frontend.chat(form.messages(instruction), form.sampling(), caller=caller)
+    except ServingError as exc:
+        raise as_file_error(exc) from None
+    outputs = frontend.stream(engine_request, trace_context=tracing.carrier_from_metadata(request.headers))
+    result = await _unless_client_leaves(request.receive, audio_result(outputs))
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    return audio_response(*result, form.response_format)
 
 
 def _openai_endpoint(
@@ -200,10 +240,14 @@ async def _parse(request: Request, model: type[M], frontend: Frontend) -> M:
             parsed = await asyncio.get_running_loop().run_in_executor(None, model.model_validate_json, body)
     except ValidationError as exc:
         raise invalid_request(exc) from None
-    name = getattr(parsed, "model", None)
+    _check_model(getattr(parsed, "model", None), frontend)
+    return parsed
+
+
+def _check_model(name: str | None, frontend: Frontend) -> None:
+    """A request naming another model than the served one is 404, as OpenAI answers it."""
     if name is not None and name != frontend.model.name:
         raise ModelNotFound(f"The model `{name}` does not exist (this deployment serves `{frontend.model.name}`)", field="model")
-    return parsed
 
 
 def _token_text(frontend: Frontend) -> TokenText:

@@ -22,6 +22,7 @@ from gemma4.chat import ChatDelta, ToolCall
 from gemma4.engine import FinishReason, RequestOutput, Usage
 from gemma4.engine.sampler import TokenLogprobs
 
+from gemma4_platform.backend import media_tokens
 from gemma4_platform.errors import InvalidArgument, ServingError
 
 TokenText = Callable[[int], str]
@@ -122,6 +123,7 @@ class ChatCompletionRequest(_GenerationRequest):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
     thinking: bool | None = None
+    truncate_audio: bool = False  # audio parts over 30 s keep their first 30 s instead of being refused
 
     def sampling(self) -> dict[str, Any]:
         if self.top_logprobs is not None and not self.logprobs:
@@ -213,7 +215,8 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+        # OpenAI's audio_tokens, with image_tokens and video_tokens alongside: the media's soft tokens.
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens, **media_tokens(usage)},
     }
 
 

@@ -10,18 +10,27 @@ the request's `cache_salt`), so "same prefix" means "same prefix-cache blocks".
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, List, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from gemma4.engine.kv_cache_manager import block_hashes
+from gemma4.media.inputs import MediaPlaceholder
 
 from gemma4_platform.backend import EngineRequest
 
 
-def prefix_keys(token_ids: list[int], block_size: int, max_blocks: int, cache_salt: str | None = None) -> list[bytes]:
-    """The engine's prefix-cache hashes of the first 1..max_blocks full blocks (shortest first) under `cache_salt`."""
-    return block_hashes(token_ids, block_size, min(max_blocks, len(token_ids) // block_size), cache_salt)
+def prefix_keys(
+    token_ids: list[int],
+    block_size: int,
+    max_blocks: int,
+    cache_salt: str | None = None,
+    media: Sequence[MediaPlaceholder] = (),
+) -> list[bytes]:
+    """The engine's prefix-cache hashes of the first 1..max_blocks full blocks (shortest first) under
+    `cache_salt`, with the content of the `media` whose soft tokens they hold mixed in."""
+    return block_hashes(token_ids, block_size, min(max_blocks, len(token_ids) // block_size), cache_salt, media=media)
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -47,7 +56,9 @@ class PrefixAffinityRouter(RequestRouter):
         request = self._engine_request(pending_request)
         if request is None:
             return []
-        return prefix_keys(request.prompt_token_ids, self._block_size, self._max_blocks, request.cache_salt)
+        return prefix_keys(
+            request.prompt_token_ids, self._block_size, self._max_blocks, request.cache_salt, request.media
+        )
 
     async def _queue_lengths(self, replicas: List[RunningReplica]) -> dict[ReplicaID, int]:
         lengths: dict[ReplicaID, int] = {}

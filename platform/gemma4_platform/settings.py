@@ -133,6 +133,26 @@ class LimitSettings(_Strict):
     strict_raw_prompts: bool = Field(
         False, description="tokenize Generate text prompts as plain text too (special-token strings stay text)"
     )
+    max_media_items: int = Field(16, ge=0, description="image, audio and video parts over all messages")
+    max_media_bytes: int = Field(
+        8 << 20, ge=1, description="one media part's encoded bytes (after base64 decoding, or fetched from a URL)"
+    )
+    max_image_pixels: int = Field(
+        25_000_000, ge=1, description="width x height of an image or video frame, checked before decoding"
+    )
+    media_url_hosts: tuple[str, ...] = Field(
+        (), description="hosts http(s) media URLs may name (exact names, redirects included); empty = data URLs only"
+    )
+    media_url_timeout_s: float = Field(10.0, gt=0, description="a media URL's whole fetch, connect to last byte")
+
+    @field_validator("media_url_hosts")
+    @classmethod
+    def _hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        """Host names as URLs carry them (lower case, no scheme, port or path)."""
+        for host in hosts:
+            if not host or any(c in host for c in "/:@ ") or host != host.strip():
+                raise ValueError(f"{host!r} is not a host name (give names like 'img.example.com', no scheme or port)")
+        return tuple(host.lower() for host in hosts)
 
 
 class GatewaySettings(_Strict):
@@ -146,6 +166,7 @@ class GatewaySettings(_Strict):
     cache_salt_per_key: bool = Field(True, description="prefix-cache hits only between requests of the same key")
     prefix_affinity: bool = True
     tokenizer_threads: int = Field(2, ge=1, description="threads that render and tokenize large requests")
+    media_threads: int = Field(2, ge=1, description="threads that fetch, decode and preprocess images, audio and video")
     health_refresh_s: float = Field(2.0, gt=0, description="how often /healthz state is refreshed")
     stalled_stream_timeout_s: float = Field(
         30.0, gt=0, description="a stream whose client reads nothing this long is aborted (KV freed)"
