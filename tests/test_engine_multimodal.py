@@ -39,8 +39,10 @@ def _images() -> list[MediaFeatures]:
 
 
 BATCHES = {
-    # PLE and audio; an image and a clip in one prompt; video frames.
-    "e2b": lambda images, clip, video: [[], [images[0]], [clip], [images[1], clip], [video]],
+    # PLE and audio; an image and a clip in one prompt; video frames; 10 ms of audio (no soft token).
+    "e2b": lambda images, clip, video: [
+        [], [images[0]], [clip], [images[1], clip], [video], [audio_features(tone(0.01, 440.0))]
+    ],
     # Bidirectional image blocks (and one per video frame) on the sliding layers; two images need two chunks.
     "31b": lambda images, clip, video: [[], [images[0]], [images[0], images[1]], [video, images[1]]],
 }
