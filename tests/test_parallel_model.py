@@ -90,8 +90,10 @@ def test_sharded_forward_equals_single_process(pool, checkpoints, reference, inp
     _assert_matches(_sharded_logits(pool, input_ids, tp), expected_logits)
 
     config = load_config(checkpoints[variant])
-    priced = weight_bytes_per_gpu(config, weight_dtype="fp32", tensor_parallel=tp, expert_parallel=ep, ple_on_device=True)
-    assert sizes[:tp] == [sum(priced.values())] * tp
+    priced = weight_bytes_per_gpu(
+        config, weight_dtype="fp32", tensor_parallel=tp, expert_parallel=ep, ple_on_device=True, modalities="all"
+    )
+    assert sizes[:tp] == [sum(priced.values())] * tp  # the towers too: replicated on every rank
     assert pool.call("expert_load")[:tp] == [expected_load] * tp
 
 
@@ -111,7 +113,7 @@ def test_redundant_experts_and_a_placement_change(pool, checkpoints, reference, 
     sizes = pool.call("load", path, 4, 4, 4)
     priced = weight_bytes_per_gpu(
         load_config(path), weight_dtype="fp32", tensor_parallel=4, expert_parallel=4, redundant_experts=4,
-        ple_on_device=True,
+        ple_on_device=True, modalities="all",
     )
     assert sizes == [sum(priced.values())] * 4  # the memory model prices the redundant slots the ranks hold
     expected_logits, _ = reference["26b-a4b"]
