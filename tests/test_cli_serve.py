@@ -142,4 +142,5 @@ def test_sigterm_to_the_whole_process_group_stops_within_the_drain_time(served) 
     proc = served["proc"]
     assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=DRAIN_S + 15) == 0
+    code = proc.wait(timeout=DRAIN_S + 15)
+    assert code == 0, "serve's last output:\n" + proc.stdout.read()[-4000:]
