@@ -444,7 +444,7 @@ class Gemma4AudioConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The fields as transformers' `Gemma4AudioConfig` takes them (tuples as lists)."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"model_type": "gemma4_audio"}
         for f in fields(self):
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -512,18 +512,7 @@ class Gemma4Config:
             raise ConfigError(f"{source}: a {MULTIMODAL_MODEL_TYPE!r} config needs a 'text_config' object")
         text = Gemma4TextConfig.from_hf_dict(text_raw, source=f"{source}: text_config")
         eos = raw.get("eos_token_id", list(text.eos_token_ids))
-        ids = {
-            name: raw.get(key, getattr(cls, name))
-            for name, key in (
-                ("image_token_id", "image_token_id"),
-                ("audio_token_id", "audio_token_id"),
-                ("video_token_id", "video_token_id"),
-                ("boi_token_id", "boi_token_id"),
-                ("eoi_token_id", "eoi_token_id"),
-                ("boa_token_id", "boa_token_id"),
-                ("eoa_token_id", "eoa_token_index"),
-            )
-        }
+        ids = {name: raw.get(key, getattr(cls, name)) for name, key in MEDIA_TOKEN_KEYS}
         return cls(
             text=text,
             vision=_tower(Gemma4VisionConfig, raw.get("vision_config"), f"{source}: vision_config"),
@@ -532,6 +521,18 @@ class Gemma4Config:
             eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
             **ids,
         )
+
+
+# Gemma4Config's media token id fields and the config.json keys transformers writes them under.
+MEDIA_TOKEN_KEYS: tuple[tuple[str, str], ...] = (
+    ("image_token_id", "image_token_id"),
+    ("audio_token_id", "audio_token_id"),
+    ("video_token_id", "video_token_id"),
+    ("boi_token_id", "boi_token_id"),
+    ("eoi_token_id", "eoi_token_id"),
+    ("boa_token_id", "boa_token_id"),
+    ("eoa_token_id", "eoa_token_index"),
+)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from gemma4.config import FULL, SLIDING, Gemma4Config, variant_config
+from gemma4.config import FULL, MEDIA_TOKEN_KEYS, SLIDING, Gemma4Config, variant_config
 from gemma4.loader import checkpoint_name
 from gemma4.special_tokens import AUDIO, AUDIO_END, AUDIO_START, IMAGE, IMAGE_END, IMAGE_START, VIDEO
 from gemma4.tiny_tokenizer import special_token_ids, write_tiny_tokenizer
@@ -104,7 +104,7 @@ def write_tiny_checkpoint(directory: str | Path, *, variant: str = "e2b", seed: 
         "model_type": "gemma4",
         "text_config": config.text.to_hf_dict(),
         "vision_config": config.vision and config.vision.to_hf_dict(),
-        "audio_config": config.audio and {"model_type": "gemma4_audio", **config.audio.to_hf_dict()},
+        "audio_config": config.audio and config.audio.to_hf_dict(),
         **_media_token_ids(config, towers),
         "eos_token_id": list(config.eos_token_ids),
         "tie_word_embeddings": True,
@@ -120,11 +120,4 @@ def write_tiny_checkpoint(directory: str | Path, *, variant: str = "e2b", seed: 
 
 def _media_token_ids(config: Gemma4Config, towers: bool) -> dict[str, int | None]:
     """config.json's media token ids (transformers' key names; none for a text-only checkpoint)."""
-    if not towers:
-        return {}
-    return {
-        "image_token_id": config.image_token_id, "audio_token_id": config.audio_token_id,
-        "video_token_id": config.video_token_id, "boi_token_id": config.boi_token_id,
-        "eoi_token_id": config.eoi_token_id, "boa_token_id": config.boa_token_id,
-        "eoa_token_index": config.eoa_token_id,
-    }
+    return {key: getattr(config, name) for name, key in MEDIA_TOKEN_KEYS} if towers else {}
