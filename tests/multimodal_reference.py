@@ -10,7 +10,7 @@ import torch
 import transformers
 from PIL import Image
 
-from gemma4.media.inputs import MediaFeatures, VideoFeatures
+from gemma4.media.inputs import MediaFeatures, VideoFeatures, encoder_items
 from gemma4.media.prompt import MediaTokenIds
 from gemma4.media.video import video_features
 from reference_models import MM_TOKEN_IDS, randomise_small_tensors, text_config
@@ -73,11 +73,6 @@ def random_video(frames: int, height: int, width: int, seed: int) -> VideoFeatur
     return video_features(pixels, [i * 0.5 for i in range(frames)])
 
 
-def media_items(items: list[MediaFeatures | VideoFeatures]) -> list[MediaFeatures]:
-    """The encoder items in prompt order: each video's frames in its place."""
-    return [f for item in items for f in (item.frames if isinstance(item, VideoFeatures) else (item,))]
-
-
 def marker_prompt(items: list[MediaFeatures | VideoFeatures], seed: int) -> list[int]:
     """Random text with one marker per image or audio item, as a chat template writes them, and each video
     frame as the reference's text expansion tokenizes (timestamp ids, then its delimited placeholders)."""
@@ -115,7 +110,7 @@ def reference_inputs(prompt_ids: list[int], items: list[MediaFeatures | VideoFea
         out["pixel_values"], out["image_position_ids"] = _padded(images)
     videos = [i for i in items if isinstance(i, VideoFeatures)]
     if videos:
-        out["pixel_values_videos"], out["video_position_ids"] = _padded(media_items(videos))
+        out["pixel_values_videos"], out["video_position_ids"] = _padded(encoder_items(videos))
         out["num_frames_per_video"] = torch.tensor([len(v.frames) for v in videos])
     clips = [i for i in items if isinstance(i, MediaFeatures) and i.modality == "audio"]
     if clips:

@@ -12,12 +12,11 @@ import torch
 from gemma4.engine import LLM, SamplingParams
 from gemma4.media.audio import audio_features
 from gemma4.media.image import image_features
-from gemma4.media.inputs import MediaFeatures, MediaPlaceholder, MultimodalPrompt, VideoFeatures
+from gemma4.media.inputs import MediaFeatures, MediaPlaceholder, MultimodalPrompt, VideoFeatures, encoder_items
 from gemma4.media.prompt import expand_prompt
 from multimodal_reference import (
     IDS,
     marker_prompt,
-    media_items,
     random_image,
     random_video,
     reference_inputs,
@@ -60,7 +59,7 @@ def _reference_greedy(ref: torch.nn.Module, prompt: MultimodalPrompt, items=None
 
 
 def _prompt(items: list[MediaFeatures | VideoFeatures], seed: int) -> MultimodalPrompt:
-    return expand_prompt(marker_prompt(items, seed), media_items(items), IDS)
+    return expand_prompt(marker_prompt(items, seed), encoder_items(items), IDS)
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -94,7 +93,8 @@ def test_greedy_outputs_of_a_mixed_batch_equal_transformers(checkpoints, run: st
     assert [o.token_ids for o in outputs] == [_reference_greedy(ref, p, items) for p, items in zip(prompts, batch)]
     for output, prompt in zip(outputs, prompts):
         usage = output.usage
-        counts = {m: sum(p.length for p in prompt.media if p.features.modality == m) for m in ("image", "audio", "video")}
+        modalities = ("image", "audio", "video")
+        counts = {m: sum(p.length for p in prompt.media if p.features.modality == m) for m in modalities}
         assert (usage.image_tokens, usage.audio_tokens, usage.video_tokens) == tuple(counts.values())
     assert any(o.usage.video_tokens for o in outputs) or chosen is not None
     assert stats.media_requests_total == sum(1 for p in prompts if p.media)

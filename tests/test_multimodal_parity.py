@@ -13,12 +13,12 @@ import torch
 import gemma4
 from gemma4.media.audio import audio_features
 from gemma4.media.image import image_features
+from gemma4.media.inputs import encoder_items
 from gemma4.media.prompt import expand_prompt
 from gemma4.modeling import SoftTokens
 from multimodal_reference import (
     IDS,
     marker_prompt,
-    media_items,
     random_image,
     random_video,
     reference_inputs,
@@ -55,7 +55,7 @@ def test_media_logits_match_transformers(checkpoints, case: str) -> None:
         ["audio_tower", "embed_audio", "embed_vision", "vision_tower"] if variant == "e2b" else ["embed_vision", "vision_tower"]
     )
     items = CASES[case]()
-    prompt = expand_prompt(marker_prompt(items, seed=5), media_items(items), IDS)
+    prompt = expand_prompt(marker_prompt(items, seed=5), encoder_items(items), IDS)
     with torch.no_grad():
         expected = ref(**reference_inputs(prompt.token_ids, items)).logits[0]
         embeds = [model.encode_media(p.features) for p in prompt.media]
@@ -67,7 +67,7 @@ def test_media_logits_match_transformers(checkpoints, case: str) -> None:
         ids = torch.tensor([prompt.token_ids])
         actual = model(ids, soft_tokens=SoftTokens(rows, torch.cat(embeds)), span_ids=span_ids)[0]
         text_only = model(ids)[0]
-    assert [e.shape[0] for e in embeds] == [i.num_tokens for i in media_items(items)]
+    assert [e.shape[0] for e in embeds] == [i.num_tokens for i in encoder_items(items)]
     assert expected.std() > 0.1
     assert (actual - expected).abs().max().item() <= 3e-4
     assert (text_only - expected).abs().max().item() > 1e-2  # the media reach the logits

@@ -13,7 +13,7 @@ from torch import nn
 
 from gemma4.audio import Gemma4AudioModel
 from gemma4.config import CAUSAL_LM_ARCHITECTURE, Gemma4Config
-from gemma4.media.inputs import MediaFeatures
+from gemma4.media.inputs import MediaFeatures, audio_soft_tokens
 from gemma4.tower_layers import ClippableLinear, MultimodalEmbedder
 from gemma4.vision import Gemma4VisionModel
 
@@ -85,7 +85,7 @@ def check_media_item(config: Gemma4Config, item: MediaFeatures, where: str) -> N
             raise ValueError(f"{where}: audio needs input_features [T, 128] and input_features_mask [T]")
         if not features.is_floating_point() or mask.dtype != torch.bool or mask.shape != features.shape[:1]:
             raise ValueError(f"{where}: audio features must be floating point with a boolean mask of T frames")
-        expected = int(mask[::2][::2].sum())
+        expected = audio_soft_tokens(mask)
     else:
         assert vision is not None
         pixels, positions, k = item.pixel_values, item.position_ids, vision.pooling_kernel_size

@@ -29,7 +29,14 @@ from typing import Any, TypeVar
 
 from gemma4.engine import RequestOutput, SamplingParams
 from gemma4.engine.llm_engine import MAX_CACHE_SALT_CHARS
-from gemma4.media.inputs import MediaError, MediaFeatures, MediaPlaceholder, MultimodalPrompt, VideoFeatures
+from gemma4.media.inputs import (
+    MediaError,
+    MediaFeatures,
+    MediaPlaceholder,
+    MultimodalPrompt,
+    VideoFeatures,
+    encoder_items,
+)
 from gemma4.media.prompt import MediaTokenIds, encode_multimodal_chat
 from gemma4.special_tokens import AUDIO, AUDIO_END, AUDIO_START, IMAGE, IMAGE_END, IMAGE_START, VIDEO
 from gemma4.tokenizer import Gemma4Tokenizer
@@ -239,11 +246,7 @@ class Frontend:
     ) -> None:
         """Name the first part whose soft tokens do not fit in the prompt limit (if the text alone is too
         long, `_request` refuses the prompt as a whole)."""
-        owners = [
-            source.where
-            for source, item in zip(sources, items)
-            for _ in (item.frames if isinstance(item, VideoFeatures) else (item,))
-        ]
+        owners = [source.where for source, item in zip(sources, items) for _ in encoder_items([item])]
         for where, placed in zip(owners, prompt.media):
             if placed.end > self.max_prompt_tokens:
                 raise InvalidArgument(

@@ -16,7 +16,7 @@ import av
 import numpy as np
 import torch
 
-from gemma4.media.inputs import MediaError, MediaFeatures, content_digest
+from gemma4.media.inputs import MediaError, MediaFeatures, audio_soft_tokens, content_digest
 
 SAMPLE_RATE = 16000
 MAX_SAMPLES = 480000  # 30 s: the extractor's max_length
@@ -151,7 +151,7 @@ def audio_features(samples: np.ndarray) -> MediaFeatures:
     mask_t = torch.from_numpy(mask)
     return MediaFeatures(
         modality="audio",
-        num_tokens=int(mask[::2][::2].sum()),
+        num_tokens=audio_soft_tokens(mask),
         content_hash=content_digest("audio", features, mask_t),
         input_features=features,
         input_features_mask=mask_t,

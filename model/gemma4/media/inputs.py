@@ -9,8 +9,11 @@ its own item and its own bidirectional block, with the timestamps the prompt sho
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 import torch
 
@@ -85,3 +88,14 @@ class MultimodalPrompt:
 
     token_ids: list[int]
     media: tuple[MediaPlaceholder, ...] = ()
+
+
+def encoder_items(items: Iterable[MediaFeatures | VideoFeatures]) -> list[MediaFeatures]:
+    """The encoder inputs of `items` in prompt order: each video's frames in its place."""
+    return [frame for item in items for frame in (item.frames if isinstance(item, VideoFeatures) else (item,))]
+
+
+def audio_soft_tokens(mask: np.ndarray | torch.Tensor) -> int:
+    """The soft tokens of an audio clip with valid-frame `mask [T]`: its valid frames after the tower's two
+    stride-2 subsamplings."""
+    return int(mask[::2][::2].sum())

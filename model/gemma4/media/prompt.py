@@ -23,6 +23,7 @@ from gemma4.media.inputs import (
     Modality,
     MultimodalPrompt,
     VideoFeatures,
+    encoder_items,
 )
 from gemma4.tokenizer import Gemma4Tokenizer
 
@@ -135,8 +136,7 @@ def encode_multimodal_chat(
         return pieces[0] + "".join(text + piece for text, piece in zip(expanded, pieces[1:]))
 
     token_ids = tokenizer.encode_chat(messages, tools=tools, thinking=thinking, rewrite=expand_videos)
-    flat = [frame for item in items for frame in (item.frames if isinstance(item, VideoFeatures) else (item,))]
-    return expand_prompt(token_ids, flat, ids, where=where)
+    return expand_prompt(token_ids, encoder_items(items), ids, where=where)
 
 
 def video_timestamp(seconds: float) -> str:
