@@ -633,6 +633,10 @@ _LARGE_VISION = Gemma4VisionConfig(
     num_key_value_heads=16, head_dim=72, standardize=True,
 )
 
+# Drafts per step with speculative decoding, per variant (`Gemma4TextConfig.family`): the vLLM Gemma 4
+# recipe's values for the assistant drafters.
+DEFAULT_SPECULATIVE_TOKENS: dict[str, int] = {"e2b": 2, "e4b": 4, "26b-a4b": 4, "31b": 6}
+
 VARIANTS: dict[str, Gemma4Config] = {
     "e2b": Gemma4Config(
         text=Gemma4TextConfig(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from gemma4.backends import KERNEL_CHOICES, KernelChoice, backend_of
-from gemma4.config import Gemma4TextConfig
+from gemma4.config import DEFAULT_SPECULATIVE_TOKENS, Gemma4TextConfig
 from gemma4.memory import check_layout, kv_cache_budget_bytes
 from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.parallel.layout import ParallelLayout, check_parallel_settings
@@ -45,6 +45,11 @@ class EngineArgs:
     Media (checkpoints with towers): at most `max_num_encoder_tokens` soft tokens are encoded per
     step (None: `max_num_batched_tokens`), and the encoder cache keeps up to `encoder_cache_tokens` soft
     tokens of encoded items on the device (None: twice `max_num_batched_tokens`).
+
+    Speculative decoding: `speculative_model` is a `gemma4_assistant` checkpoint directory (Gemma 4's
+    own drafter for this target), or "ngram" for prompt-lookup drafting without a model (None: off);
+    `num_speculative_tokens` drafts per request and step (None: the variant's default,
+    `gemma4.config.DEFAULT_SPECULATIVE_TOKENS`).
     """
 
     block_size: int = 16
@@ -65,6 +70,8 @@ class EngineArgs:
     expert_rebalance_interval: int = 0
     max_num_encoder_tokens: int | None = None
     encoder_cache_tokens: int | None = None
+    speculative_model: str | None = None
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "expert_parallel_size"):
@@ -72,7 +79,8 @@ class EngineArgs:
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         optional = (
-            "max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "max_num_encoder_tokens", "encoder_cache_tokens"
+            "max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "max_num_encoder_tokens", "encoder_cache_tokens",
+            "num_speculative_tokens",
         )
         for name in optional:
             value = getattr(self, name)
@@ -82,6 +90,8 @@ class EngineArgs:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.speculative_model is not None and (not isinstance(self.speculative_model, str) or not self.speculative_model):
+            raise ValueError(f"speculative_model must be 'ngram' or an assistant checkpoint path, got {self.speculative_model!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be a boolean, got {self.cuda_graphs!r}")
         if not isinstance(self.torch_compile, bool):
@@ -108,6 +118,12 @@ class EngineArgs:
     def layout(self) -> ParallelLayout:
         """Rank 0's layout; a worker takes `layout.with_rank(rank)`."""
         return ParallelLayout(self.tensor_parallel_size, self.expert_parallel_size, 0, self.redundant_experts)
+
+    def speculative_tokens(self, text: Gemma4TextConfig) -> int:
+        """Drafts per request and step: 0 without speculation, else `num_speculative_tokens` or the variant's default."""
+        if self.speculative_model is None:
+            return 0
+        return self.num_speculative_tokens or DEFAULT_SPECULATIVE_TOKENS[text.family]
 
     def check_model(self, text: Gemma4TextConfig) -> None:
         """Raise ValueError if this layout cannot split the decoder `text`."""

@@ -139,6 +139,8 @@ class CoreStats:
     Media: requests added with media and their items per modality (a video counts its frames), the
     items actually encoded (encoder-cache misses), encoder-cache lookups and hits, the encoders'
     seconds, and the fraction of the encoder cache's capacity in use.
+    Speculative decoding (vLLM's counters): verifications of requests that carried drafts, the draft
+    tokens proposed, those accepted, and the accepted ones per draft position (index 0 = first draft).
     """
 
     num_waiting: int
@@ -157,6 +159,10 @@ class CoreStats:
     encoder_cache_hits_total: int = 0
     encoder_seconds_total: float = 0.0
     encoder_cache_usage: float = 0.0
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

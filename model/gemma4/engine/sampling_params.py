@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gemma4.engine.structured_output.params import StructuredOutputParams
+
 GEMMA4_DEFAULT_TEMPERATURE = 1.0
 GEMMA4_DEFAULT_TOP_P = 0.95
 GEMMA4_DEFAULT_TOP_K = 64
@@ -23,7 +25,8 @@ class SamplingParams:
     request (also across preemption and batching); `stop_token_ids=None` means the model's EOS ids;
     `stop` strings are cut from the output exactly. The first `min_tokens` output tokens are
     generated whatever they are: no stop token is drawn and no stop string counts before the
-    token after them (see `gemma4.engine.detokenizer`).
+    token after them (see `gemma4.engine.detokenizer`). `structured` constrains the answer (after a
+    thought block, in thinking mode) to a grammar.
     """
 
     max_tokens: int = 256
@@ -40,6 +43,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    structured: StructuredOutputParams | None = None
 
     def __post_init__(self) -> None:
         stop = self.stop

@@ -1,0 +1,1 @@
+"""Speculative decoding: draft proposers (Gemma 4's assistant drafter, n-gram prompt lookup) and verification."""

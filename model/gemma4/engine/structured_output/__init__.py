@@ -1,0 +1,1 @@
+"""Structured outputs: constraining sampling to a grammar (JSON schema, JSON object, regex, choice)."""
