@@ -14,6 +14,7 @@ from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.parallel.layout import ParallelLayout, check_parallel_settings
 
 CPU_KV_CACHE_BYTES = 1 << 30  # the KV budget on the CPU, where device memory is the host's
+NGRAM = "ngram"  # speculative_model for prompt-lookup drafting, without a drafter model
 _WEIGHT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 

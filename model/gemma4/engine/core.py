@@ -24,7 +24,7 @@ from gemma4.engine.executor import Executor, WorkerFailure
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.outputs import CacheGroupStats, CoreStats
 from gemma4.engine.request import FinishReason, Request, RequestStatus
-from gemma4.engine.sampler import TokenLogprobs
+from gemma4.engine.sampler import SampleResult, TokenLogprobs
 from gemma4.engine.scheduler import Scheduler
 from gemma4.engine.worker_step import StepDeltas
 from gemma4.parallel.placement import ExpertPlacement, plan_placements
@@ -62,6 +62,26 @@ class StopRequest:
 
     request_id: str
     stop_string: str
+
+
+class SpecStats:
+    """Speculative decoding's counters (vLLM's): verifications with drafts, drafts, accepted drafts,
+    and accepted drafts per position."""
+
+    def __init__(self) -> None:
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.accepted_per_position: list[int] = []
+
+    def count(self, num_drafts: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += accepted
+        if len(self.accepted_per_position) < num_drafts:
+            self.accepted_per_position += [0] * (num_drafts - len(self.accepted_per_position))
+        for position in range(accepted):
+            self.accepted_per_position[position] += 1
 
 
 def check_request_id(request_id: str, in_use: Container[str]) -> None:
@@ -131,6 +151,7 @@ class EngineCore:
         self.encoder_seconds_total = 0.0
         self._deltas = StepDeltas()
         self._failure: WorkerFailure | None = None
+        self.spec = SpecStats()
 
     def add_request(self, request: Request) -> None:
         """Queue a validated request (its id must not be in use here)."""
@@ -174,25 +195,51 @@ class EngineCore:
         for request, index in batch.encoder_inputs:
             modality = request.media[index].features.modality
             self.encoder_items_total[modality] = self.encoder_items_total.get(modality, 0) + 1
-        results = output.samples
         sampling = []
         for request, n in zip(batch.requests, batch.num_tokens):
-            request.num_computed_tokens += n
-            self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
-            if request.num_computed_tokens == request.num_tokens:  # a finished prefill or a decode: it sampled
+            if request.num_computed_tokens + n == request.num_tokens_with_spec:  # a finished prefill or a decode
                 sampling.append(request)
-        assert len(results) == len(sampling), f"{len(results)} sampled tokens for {len(sampling)} requests"
+            else:  # a prefill chunk
+                request.num_computed_tokens += n
+                self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
+        results = output.samples
+        assert len(results) == len(sampling), f"{len(results)} sampled requests, {len(sampling)} expected"
+        drafts = output.drafts or [[] for _ in sampling]
         now = time.monotonic()
         records = []
-        for request, result in zip(sampling, results):
-            request.append_token(result.token_id)
-            self.generation_tokens_total += 1
-            self._check_stop(request, result.token_id)
-            logprobs = None if result.logprobs is None else [result.logprobs]
-            records.append(self._record(request, [result.token_id], logprobs, now))
+        for request, kept, proposed in zip(sampling, results, drafts):
+            records.append(self._keep(request, kept, proposed, now))
         if self.rebalancer is not None:
             self._on_workers(self.rebalancer.after_step)
         return records
+
+    def _keep(self, request: Request, kept: list[SampleResult], proposed: list[int], now: float) -> CoreOutput:
+        """Apply what a sampling request's step produced: its KV now covers its tokens and the accepted
+        drafts (the blocks only rejected drafts used are freed), the kept tokens are appended up to a
+        stop, and the drafts proposed for its next step are attached."""
+        num_drafts, accepted = len(request.spec_token_ids), len(kept) - 1
+        if num_drafts:
+            self.spec.count(num_drafts, accepted)
+        request.num_computed_tokens = request.num_tokens + accepted
+        request.spec_token_ids = []
+        tokens = [r.token_id for r in kept]
+        if num_drafts:
+            self.kv.truncate(request.request_id, request.num_computed_tokens)
+        self.kv.commit(request.request_id, request.token_ids + tokens, request.num_computed_tokens)
+        new_tokens: list[int] = []
+        logprobs: list[TokenLogprobs] = []
+        for result in kept:
+            request.append_token(result.token_id)
+            self.generation_tokens_total += 1
+            new_tokens.append(result.token_id)
+            if result.logprobs is not None:
+                logprobs.append(result.logprobs)
+            self._check_stop(request, result.token_id)
+            if request.finished:
+                break
+        if not request.finished:
+            request.spec_token_ids = list(proposed)
+        return self._record(request, new_tokens, logprobs or None, now)
 
     def _on_workers(self, call: Callable[[], T]) -> T:
         """Run an executor call; a worker failure leaves the core dead (this and every later step raise)."""
@@ -257,4 +304,8 @@ class EngineCore:
             encoder_cache_hits_total=encoder.hits if encoder is not None else 0,
             encoder_seconds_total=self.encoder_seconds_total,
             encoder_cache_usage=encoder.usage if encoder is not None else 0.0,
+            spec_num_drafts=self.spec.num_drafts,
+            spec_num_draft_tokens=self.spec.num_draft_tokens,
+            spec_num_accepted_tokens=self.spec.num_accepted_tokens,
+            spec_accepted_per_position=tuple(self.spec.accepted_per_position),
         )

@@ -305,6 +305,20 @@ class KVCacheManager:
             seq.num_committed_blocks = len(hashes)
         self._release_out_of_window(seq, num_computed)
 
+    def truncate(self, seq_id: str, num_tokens: int) -> None:
+        """Release the blocks past the first `num_tokens` tokens (those only rejected draft tokens wrote;
+        never committed, so they hold no cached content)."""
+        seq = self._seqs[seq_id]
+        keep = -(-num_tokens // self.block_size)
+        for g, (pool, table) in enumerate(zip(self.pools, seq.tables)):
+            if len(table) > keep:
+                for block in reversed(table[keep:]):
+                    if block != NULL_BLOCK:
+                        pool.release(block)
+                # A new list: tables otherwise only grow, and their readers (the workers' mirrors,
+                # staged rows) copy a replaced table afresh.
+                seq.tables[g] = table[:keep]
+
     def free(self, seq_id: str) -> None:
         """Release every block of a sequence (tail first, so shared prefixes are evicted last)."""
         seq = self._seqs.pop(seq_id, None)

@@ -61,8 +61,13 @@ class ModelRunner:
         cuda_graphs: bool = True,
         torch_compile: bool = False,
         kernels: KernelChoice = "auto",
+        keep_hidden: bool = False,
     ) -> None:
+        """`keep_hidden`: keep the sampling rows' final hidden states of each step (`sample_hidden`), the
+        assistant drafter's input."""
         self.model = model
+        self.keep_hidden = keep_hidden
+        self.sample_hidden: torch.Tensor | None = None
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.ops = select_ops(self.device, kernels)
@@ -79,11 +84,13 @@ class ModelRunner:
             max_tokens, 2 * self.buckets[-1], self.max_cols, len(groups), self.device, spans=self.spans
         )
         layers = model.model.layers
-        self._k_norm = {
+        # What PagedAttention reads K-as-V keys with (also the assistant drafter, over this cache).
+        self.key_scales = {
             spec.index: layers[spec.index].self_attn.k_norm.weight
             for spec in model.text_config.layers
             if spec.k_eq_v and not spec.shares_kv
         }
+        self.key_inv_freq = model.model.rotary[FULL].inv_freq
         if torch_compile:
             # One static graph per decode bucket (and table width): room for each of them.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(self.buckets))
@@ -96,14 +103,14 @@ class ModelRunner:
         return (self._decode_forward if step.shape.prefill_seqs == 0 else self.eager_forward)(step)
 
     def eager_forward(self, step: StepTensors, soft_tokens: SoftTokens | None = None) -> torch.Tensor:
-        attention = PagedAttention(
-            self.cache, step, self.ops, self._k_norm, self.model.model.rotary[FULL].inv_freq, spans=self.spans
-        )
+        attention = PagedAttention(self.cache, step, self.ops, self.key_scales, self.key_inv_freq, spans=self.spans)
         token_mask = (step.layout.token_mask != 0)[None]
         hidden = self.model.hidden_states(
             step.input_ids[None], step.positions[None], attention, token_mask=token_mask, soft_tokens=soft_tokens
-        )
-        return self.model.compute_logits(hidden[0, step.sample_rows])
+        )[0, step.sample_rows]
+        if self.keep_hidden:
+            self.sample_hidden = hidden
+        return self.model.compute_logits(hidden)
 
     def step_shape(self, batch: ScheduledBatch) -> StepShape:
         """The padded shape of `batch`: a decode bucket, or bucketed prefill/mixed sizes."""
@@ -115,12 +122,14 @@ class ModelRunner:
             return StepShape(size, size, 0, 1, cols)
         decodes = sum(1 for n in batch.num_tokens if n == 1)
         chunks = [n for n in batch.num_tokens if n > 1]
+        drafts = sum(len(r.spec_token_ids) for r in batch.requests)
         return StepShape(
             num_tokens=bucket(batch.total_tokens, self.buffers.max_tokens),
             decode_seqs=bucket(decodes) if decodes else 0,
             prefill_seqs=bucket(len(chunks)) if chunks else 0,
             max_query_len=bucket(max(chunks, default=1)),
             table_cols=self._table_cols(batch),
+            spec_rows=bucket(drafts, self.buffers.max_tokens) if drafts else 0,
         )
 
     def _table_cols(self, batch: ScheduledBatch) -> int:
@@ -189,7 +198,9 @@ class DecodeGraphs:
         )
         self.sizes = [b for b in runner.buckets if b * per_sequence <= self.GATHER_BUDGET_BYTES]
         self.logits: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor | None] = {}  # the sampling rows' hidden states, with keep_hidden
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.runner = runner
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for size in reversed(self.sizes):
@@ -206,6 +217,7 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=pool):
                     self.logits[size] = runner.forward(step)
                 self.graphs[size] = graph
+                self.hidden[size] = runner.sample_hidden
         torch.cuda.synchronize()
 
     def shape(self, size: int) -> StepShape:
@@ -217,4 +229,5 @@ class DecodeGraphs:
 
     def replay(self, size: int) -> torch.Tensor:
         self.graphs[size].replay()
+        self.runner.sample_hidden = self.hidden[size]
         return self.logits[size]

@@ -31,6 +31,9 @@ class Request:
     preempted request drops its cache and recomputes all its tokens later, outputs included.
     `cache_salt` is its prefix-cache namespace (None: shared by every unsalted request). `media` are
     the prompt's media items (in prompt order), whose soft tokens replace their placeholder positions.
+    `spec_token_ids` are draft tokens proposed to follow `token_ids` (speculative decoding): the next
+    decode step computes them with the last token and verifies them; they are not part of the output
+    until accepted.
     """
 
     request_id: str
@@ -49,6 +52,7 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     num_cached_prompt_tokens: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -61,6 +65,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_with_spec(self) -> int:
+        return len(self.token_ids) + len(self.spec_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -113,7 +113,12 @@ class Sampler:
                 self._penalty.release(state.penalty_slot)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
-        """`logits [N, vocab]` (row i for requests[i]; rows past len(requests) are padding) -> one token per request."""
+        """`logits [N, vocab]` (row i for requests[i]; rows past len(requests) are padding) -> one token per row.
+
+        A request listed m times in a row samples m consecutive positions (speculative decoding verifies
+        its drafts): its j-th row is the position j tokens past its own (output index, min_tokens mask).
+        Its rows share its penalty state, so requests with penalties are never given drafts.
+        """
         n = len(requests)
         if logits.dim() != 2 or logits.shape[0] < n or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits must be [>= {n}, {self.vocab_size}], got {list(logits.shape)}")
@@ -123,14 +128,16 @@ class Sampler:
             return []
         logits = logits[:n].float()
         states = self._states(requests)
-        processed = self._processed(logits, requests, states)
+        ahead = _positions_ahead(requests)
+        processed = self._processed(logits, requests, states, ahead)
         drawn = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if len(drawn) < n:
             tokens = processed.max(dim=-1).indices  # the first maximum, as argmax; faster on the CPU
         else:
             tokens = torch.empty(n, dtype=torch.int64, device=self.device)
         if drawn:
-            step = self._upload([s.slot for s in states] + [r.num_output_tokens for r in requests], torch.int64).view(2, n)
+            output_index = [r.num_output_tokens + j for r, j in zip(requests, ahead)]
+            step = self._upload([s.slot for s in states] + output_index, torch.int64).view(2, n)
             slots, output_index = step[0], step[1]
             bounded = [i for i in drawn if states[i].top_k < self.vocab_size]
             unbounded = [i for i in drawn if states[i].top_k >= self.vocab_size]
@@ -146,7 +153,7 @@ class Sampler:
         """One request's logits `[V]` after its penalties and min_tokens mask, from its tokens alone
         (the state a preempted or newly seen request starts from); the input is left alone."""
         sampler = Sampler(row.numel(), row.device)
-        return sampler._processed(row[None].float(), [request], sampler._states([request]))[0]
+        return sampler._processed(row[None].float(), [request], sampler._states([request]), [0])[0]
 
     # ------------------------------------------------------------------ per-request state
     def _states(self, requests: list[Request]) -> list[_RowState]:
@@ -194,8 +201,11 @@ class Sampler:
         return tensor.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ the step
-    def _processed(self, logits: torch.Tensor, requests: list[Request], states: list[_RowState]) -> torch.Tensor:
-        """`logits` after penalties and the min_tokens mask; the same tensor when no row has either."""
+    def _processed(
+        self, logits: torch.Tensor, requests: list[Request], states: list[_RowState], ahead: list[int]
+    ) -> torch.Tensor:
+        """`logits` after penalties and the min_tokens mask (row i is `ahead[i]` positions past its
+        request's tokens); the same tensor when no row has either."""
         penalised = [i for i, s in enumerate(states) if s.penalty_slot is not None]
         if penalised:
             self._record_new_tokens([requests[i] for i in penalised], [states[i] for i in penalised])
@@ -212,8 +222,8 @@ class Sampler:
             logits = logits.index_copy(0, rows, changed)
         mask_rows: list[int] = []
         mask_ids: list[int] = []
-        for i, (request, state) in enumerate(zip(requests, states)):
-            if state.stop_ids and request.num_output_tokens < request.sampling_params.min_tokens:
+        for i, (request, state, j) in enumerate(zip(requests, states, ahead)):
+            if state.stop_ids and request.num_output_tokens + j < request.sampling_params.min_tokens:
                 mask_rows.extend([i] * len(state.stop_ids))
                 mask_ids.extend(state.stop_ids)
         if mask_rows:
@@ -292,3 +302,13 @@ class Sampler:
     def _to_host(self, packed: torch.Tensor) -> torch.Tensor:
         """The step's one device-to-host copy (see `Backend.to_host`)."""
         return self._backend.to_host(packed)
+
+
+def _positions_ahead(requests: list[Request]) -> list[int]:
+    """For each row, how many earlier rows of the same request precede it (0 without drafts)."""
+    ahead, previous, run = [], None, 0
+    for request in requests:
+        run = run + 1 if request is previous else 0
+        ahead.append(run)
+        previous = request
+    return ahead

@@ -5,6 +5,9 @@ token; an unfinished prompt continues as a chunk), then waiting requests are adm
 budget, `max_num_seqs` and the KV pools allow, their prompts chunked to fit (chunked prefill mixed
 with decode). When a pool runs out, the lowest-priority running request is preempted: its blocks
 are freed and it goes back to the front of the queue to be recomputed later with the same output.
+A decoding request's draft tokens (speculative decoding) are computed with its last token, as far
+as the budget allows; when their blocks do not fit, the request decodes without them rather than
+preempting another.
 
 Media items are never split across steps: a chunk ends before an item it cannot take whole (an
 image's bidirectional block must lie within one step; the item's soft tokens are then read in one
@@ -98,6 +101,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request.request_id)
         request.num_computed_tokens = 0
+        request.spec_token_ids.clear()
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.add(request)
@@ -112,12 +116,17 @@ class Scheduler:
                 break
             if id(request) in preempted:
                 continue
-            n = self._fit_media(request, min(request.num_tokens - request.num_computed_tokens, budget))
+            n = self._fit_media(request, min(request.num_tokens_with_spec - request.num_computed_tokens, budget))
             if n == 0:
                 continue  # its next media item waits for a step with room for it
+            del request.spec_token_ids[max(n - 1, 0) :]  # drafts ride on a decode: those past the budget go
             while not self.kv.allocate(
                 request.request_id, request.token_ids, request.num_computed_tokens, n, request.cache_salt
             ):
+                if request.spec_token_ids:  # drafts never cost another request its place
+                    request.spec_token_ids.clear()
+                    n = 1
+                    continue
                 victim = self.running[-1]  # lowest priority, not yet scheduled this step
                 self._preempt(victim)
                 preempted.add(id(victim))

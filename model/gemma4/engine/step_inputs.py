@@ -34,13 +34,15 @@ def bucket(n: int, cap: int | None = None) -> int:
 @dataclass(frozen=True)
 class StepShape:
     """Static sizes of one padded step: tokens; single-query sequences (decodes) and longer ones
-    (prefill chunks, padded to `max_query_len`); block-table columns."""
+    (prefill chunks and decodes with draft tokens, padded to `max_query_len`); block-table columns;
+    sampling rows beyond one per sequence (the draft tokens' verification rows)."""
 
     num_tokens: int
     decode_seqs: int
     prefill_seqs: int
     max_query_len: int
     table_cols: int
+    spec_rows: int = 0
 
     @property
     def num_seqs(self) -> int:
@@ -61,13 +63,14 @@ class StepTensors:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     layout: SequenceLayout
-    sample_rows: torch.Tensor  # [S] flat-step row whose logits each sequence samples from
+    sample_rows: torch.Tensor  # [S + spec rows] flat-step rows whose logits the sequences sample from
     block_tables: tuple[torch.Tensor, ...]  # per cache group, [S, cols]
 
 
 @dataclass(frozen=True)
 class StagedStep:
-    """A staged step: its device tensors, and the requests that sample (in `sample_rows` order)."""
+    """A staged step: its device tensors, and the requests that sample (in `sample_rows` order; a request
+    with k draft tokens appears k + 1 times in a row, for the positions after its last token and each draft)."""
 
     tensors: StepTensors
     sampling: list[Request]
@@ -95,7 +98,8 @@ class StepBuffers:
         self.device = device
         self.spans = spans
         self._token_sections = self._SECTIONS + (("span_ids",) if spans else ())
-        size = len(self._token_sections) * max_tokens + 4 * max_seqs + num_groups * max_seqs * max_cols
+        # Sampling rows beyond one per sequence are draft verifications: at most one per token.
+        size = (len(self._token_sections) + 1) * max_tokens + 4 * max_seqs + num_groups * max_seqs * max_cols
         backend = backend_of(device)
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=backend.pinned_memory)
         self._host_np = self.host.numpy()
@@ -113,8 +117,9 @@ class StepBuffers:
             sections[name] = (offset, t)
             offset += t
         for name in self._SEQ_SECTIONS:
-            sections[name] = (offset, s)
-            offset += s
+            length = s + shape.spec_rows if name == "sample_rows" else s
+            sections[name] = (offset, length)
+            offset += length
         for g in range(self.num_groups):
             sections[f"table{g}"] = (offset, s * shape.table_cols)
             offset += s * shape.table_cols
@@ -131,7 +136,12 @@ class StepBuffers:
         """Write the step for `requests` (`num_tokens[i]` new tokens each, `tables[i]` its block tables
         per group, `spans` the step-row ranges of its bidirectional blocks) padded to `shape`, copy it to
         the device, and return the views."""
-        if shape.num_tokens > self.max_tokens or shape.num_seqs > self.max_seqs or shape.table_cols > self.max_cols:
+        if (
+            shape.num_tokens > self.max_tokens
+            or shape.num_seqs > self.max_seqs
+            or shape.table_cols > self.max_cols
+            or shape.spec_rows > self.max_tokens
+        ):
             raise ValueError(f"step shape {shape} exceeds the step buffers' capacity")
         sections, used = self._offsets(shape)
         if self._copied is not None:
@@ -159,7 +169,12 @@ class StepBuffers:
             pos[:count] = starts
             seq[:count] = slots
         else:
-            ids[:total] = list(chain.from_iterable(r.token_ids[s : s + n] for r, s, n in zip(requests, starts.tolist(), num_tokens)))
+            ids[:total] = list(
+                chain.from_iterable(
+                    (r.token_ids + r.spec_token_ids if r.spec_token_ids else r.token_ids)[s : s + n]
+                    for r, s, n in zip(requests, starts.tolist(), num_tokens)
+                )
+            )
             seq[:total] = np.repeat(slots, lengths)
             pos[:total] = np.arange(total) - np.repeat(offsets - starts, lengths)
         mask[:total] = 1
@@ -168,9 +183,17 @@ class StepBuffers:
             span[:] = -1
             for index, (first, end) in enumerate(spans):
                 span[first:end] = index
-        samples = np.flatnonzero(starts + lengths == np.fromiter((r.num_tokens for r in requests), np.int64, count))
-        sample[: len(samples)] = offsets[samples] + lengths[samples] - 1
-        sampling = [requests[i] for i in samples.tolist()]
+        ends = starts + lengths
+        samples = np.flatnonzero(ends == np.fromiter((r.num_tokens_with_spec for r in requests), np.int64, count))
+        last_rows = offsets[samples] + lengths[samples] - 1
+        drafts = [len(requests[i].spec_token_ids) for i in samples.tolist()]
+        if any(drafts):  # a request with k drafts samples at its last k + 1 rows
+            rows = [row - k + j for row, k in zip(last_rows.tolist(), drafts) for j in range(k + 1)]
+            sample[: len(rows)] = rows
+            sampling = [requests[i] for i, k in zip(samples.tolist(), drafts) for _ in range(k + 1)]
+        else:
+            sample[: len(samples)] = last_rows
+            sampling = [requests[i] for i in samples.tolist()]
         for g in range(self.num_groups):
             table = section(f"table{g}").reshape(shape.num_seqs, shape.table_cols)
             self._tables.fill(table, slots, g, requests, [t[g] for t in tables])

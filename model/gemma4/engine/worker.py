@@ -21,11 +21,14 @@ import torch.distributed as dist
 
 from gemma4.backends import backend_of
 from gemma4.config import Gemma4Config
-from gemma4.engine.args import EngineArgs, resolve_kv_cache_bytes
+from gemma4.engine.args import NGRAM, EngineArgs, resolve_kv_cache_bytes
 from gemma4.engine.encoder_cache import EncoderOutputs
 from gemma4.engine.model_runner import ModelRunner
 from gemma4.engine.request import Request
 from gemma4.engine.sampler import Sampler
+from gemma4.engine.spec_decode.decoder import SpeculativeDecoder
+from gemma4.engine.spec_decode.ngram import NgramProposer
+from gemma4.engine.spec_decode.verify import verify
 from gemma4.engine.scheduler import ScheduledBatch
 from gemma4.engine.worker_step import NewRequestData, ScheduledSequence, StepOutput, WorkerStep
 from gemma4.kv_layout import split_kv_budget
@@ -98,6 +101,7 @@ class MirrorRequests:
         request = self.requests[seq.request_id]
         request.token_ids.extend(seq.new_token_ids)
         request.num_computed_tokens = seq.num_computed_tokens
+        request.spec_token_ids = seq.spec_token_ids
         tables = self.tables[seq.request_id]
         for g, (replace, blocks) in enumerate(seq.table_updates):
             if replace:
@@ -153,6 +157,20 @@ class Worker:
         self.encoder_outputs = EncoderOutputs(model.encode_media, lambda: backend_of(device).synchronize(device))
         self.runner: ModelRunner | None = None
         self.sampler: Sampler | None = None
+        self.spec: SpeculativeDecoder | None = None
+        self.drafter = self._load_drafter(args, layout, device)
+
+    def _load_drafter(self, args: EngineArgs, layout: ParallelLayout, device: torch.device) -> torch.nn.Module | None:
+        """The assistant drafter `speculative_model` names (None for n-gram drafting or none). It reads
+        the target's whole KV heads, so it runs on a single-device replica only."""
+        if args.speculative_model in (None, NGRAM):
+            return None
+        if layout.distributed:
+            raise ValueError("an assistant drafter runs on a single-device replica (tensor_parallel_size=1); use 'ngram'")
+        from gemma4.loader import load_assistant  # TODO(integration): top-level import once the drafter lands
+
+        dtype = next(self.model.parameters()).dtype
+        return load_assistant(args.speculative_model, self.model.config, dtype=dtype, device=device)
 
     @property
     def config(self) -> Gemma4Config:
@@ -187,10 +205,26 @@ class Worker:
             cuda_graphs=args.cuda_graphs,
             torch_compile=args.torch_compile,
             kernels=args.kernels,
+            keep_hidden=self.drafter is not None,
         )
         if self.layout.rank == 0:
             text = self.model.text_config
             self.sampler = Sampler(text.vocab_size, self.runner.device, args.seed, draw=self.runner.ops.sample_draw)
+            self.spec = self._speculative_decoder()
+
+    def _speculative_decoder(self) -> SpeculativeDecoder | None:
+        """Rank 0's drafting, as `speculative_model` says (None: no speculation)."""
+        assert self.runner is not None
+        k = self.args.speculative_tokens(self.model.text_config)
+        if k == 0:
+            return None
+        if self.drafter is None:
+            return SpeculativeDecoder(k, self.max_model_len, tokens=NgramProposer())
+        from gemma4.engine.spec_decode.assistant_proposer import AssistantProposer  # TODO(integration)
+
+        runner = self.runner
+        proposer = AssistantProposer(self.drafter, self.model, runner.cache, runner.ops, runner.key_scales, runner.key_inv_freq)
+        return SpeculativeDecoder(k, self.max_model_len, assistant=proposer)
 
     def execute(self, step: WorkerStep) -> StepOutput | None:
         """Run one step; rank 0 returns its output (a result per request that sampled), others None."""
@@ -213,7 +247,9 @@ class Worker:
         logits, sampling = self.runner.execute(batch, self.mirrors, media=media)
         if self.sampler is None:
             return None
-        return StepOutput(self.sampler.sample(logits, sampling), encoder_seconds)
+        verified = verify(sampling, self.sampler.sample(logits, sampling))
+        drafts = [] if self.spec is None else self.spec.propose(verified, self.runner.sample_hidden, self.mirrors)
+        return StepOutput([v.kept for v in verified], encoder_seconds, drafts)
 
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert so far, per MoE layer (routing is replicated: every rank counts alike)."""

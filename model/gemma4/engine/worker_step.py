@@ -39,6 +39,7 @@ class ScheduledSequence:
     sent (a decode's input token; after a preemption, what its recomputation needs beyond the prompt).
     `table_updates[g]` is `(replace, blocks)` for cache group g: `blocks` are appended to the worker's
     table, or replace it whole (a table the KV manager rebuilt, after preemption or for a new request).
+    `spec_token_ids` are the draft tokens computed (and verified) after the request's tokens this step.
     """
 
     request_id: str
@@ -46,6 +47,7 @@ class ScheduledSequence:
     num_tokens: int
     new_token_ids: list[int]
     table_updates: list[tuple[bool, list[int]]]
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,14 @@ class WorkerStep:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What rank 0 returns for a step: a result per request that sampled (in batch order), and the
-    seconds its encoders ran before the forward (device time included)."""
+    """What rank 0 returns for a step: per request that sampled (in batch order) the tokens it keeps
+    (one, or with speculative decoding its accepted drafts and the token after them) and the draft
+    tokens proposed to follow them (empty without speculation), and the seconds its encoders ran
+    before the forward (device time included)."""
 
-    samples: list[SampleResult]
+    samples: list[list[SampleResult]]
     encoder_seconds: float = 0.0
+    drafts: list[list[int]] = field(default_factory=list)
 
 
 class StepDeltas:
@@ -105,7 +110,11 @@ class StepDeltas:
                 sent.tables[g] = (table, len(table))
             tokens = request.token_ids[sent.num_tokens :]
             sent.num_tokens = request.num_tokens
-            sequences.append(ScheduledSequence(request.request_id, request.num_computed_tokens, n, tokens, updates))
+            sequences.append(
+                ScheduledSequence(
+                    request.request_id, request.num_computed_tokens, n, tokens, updates, list(request.spec_token_ids)
+                )
+            )
         encode = [(request.request_id, index) for request, index in batch.encoder_inputs]
         step = WorkerStep(new, sequences, self._finished, encode, list(batch.encoder_frees))
         self._finished = []
