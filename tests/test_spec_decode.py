@@ -246,3 +246,27 @@ def test_sampled_tokens_follow_the_target_distribution() -> None:
         assert _chi_square_p(counts, marginal * n) > 1e-3, (spec, counts.tolist(), (marginal * n).tolist())
     # And a wrong distribution is told apart: the test can fail.
     assert _chi_square_p(results[True], first @ second.roll(1, dims=1) * n) < 1e-3
+
+
+def test_stop_strings_end_text_outputs_where_they_do_without_speculation(tmp_path) -> None:
+    from gemma4.engine.llm import LLM
+    from gemma4.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "tiny", variant="e2b", towers=False)
+    prompts = ["the cat sat on the mat and", "a quick brown fox", "numbers one two three"]
+    plain = LLM(path, dtype=torch.float32, block_size=BLOCK, max_num_batched_tokens=32, num_kv_blocks=128)
+    free = plain.generate(prompts, _greedy(24))
+    # Stop strings cut from the middle of each reference text, so they complete mid-step.
+    stops = [o.text[len(o.text) // 2 : len(o.text) // 2 + 3] for o in free]
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[s]) for s in stops if s.strip()]
+    assert len(params) == len(prompts)
+    want = plain.generate(prompts, params)
+    assert all(o.finish_reason == "stop" for o in want)
+    spec = LLM(path, dtype=torch.float32, block_size=BLOCK, max_num_batched_tokens=32, num_kv_blocks=128,
+               speculative_model="ngram", num_speculative_tokens=K)
+    references = [list(o.prompt_token_ids) + list(o.token_ids) for o in free]
+    _with_proposer(spec.engine, OracleProposer(references, 0.2, spec.engine.vocab_size))
+    got = spec.generate(prompts, params)
+    assert [o.text for o in got] == [o.text for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    assert spec.engine.core.stats().spec_num_accepted_tokens > 0
