@@ -143,3 +143,14 @@ def test_parallel_settings_are_validated_before_any_worker_starts(references) ->
     with pytest.raises(ValueError, match="needs one worker per rank"):
         LLMEngine(random_weights_model(tiny_config("31b"), dtype=torch.float32, device="cpu"), None,
                   EngineArgs(tensor_parallel_size=2))
+
+
+def test_ngram_speculation_on_a_tensor_parallel_replica_keeps_the_greedy_outputs(references) -> None:
+    path, expected = references["31b"]
+    llm = LLM(path, tensor_parallel_size=2, speculative_model="ngram", num_speculative_tokens=3, **ARGS)
+    try:
+        assert _greedy(llm) == expected
+        stats = llm.engine.stats()
+        assert stats.spec_num_draft_tokens > 0 and all(g.used_blocks == 0 for g in stats.kv_cache)
+    finally:
+        llm.shutdown()
