@@ -487,6 +487,18 @@ def test_plan_cli_prints_the_encoder_cache_of_a_media_plan() -> None:
     assert "encoder cache" not in run_cli("--variant", "e4b").stdout
 
 
+def test_plan_cli_prints_the_drafter_and_speculation_buffers() -> None:
+    out = run_cli("--variant", "e2b", "--speculative", "assistant", "--num-speculative-tokens", "3")
+    assert out.returncode == 0, out.stderr
+    expected = plan(ServingSpec("e2b", speculative="assistant", num_speculative_tokens=3))
+    row = next(line for line in out.stdout.splitlines() if line.startswith("speculative decoding (3 drafts) "))
+    assert f"{expected.per_gpu.speculative / GiB:.2f} GiB" in row
+    assert any(line.startswith("  drafter ") for line in out.stdout.splitlines())
+    assert "speculative" not in run_cli("--variant", "e2b").stdout
+    bad = run_cli("--variant", "e2b", "--num-speculative-tokens", "3")
+    assert bad.returncode == 2 and "num_speculative_tokens needs speculative" in bad.stderr
+
+
 def test_plan_cli_json_is_the_plan() -> None:
     out = run_cli("--variant", "26b-a4b", "--max-model-len", "32768", "--max-num-seqs", "64", "--json")
     assert out.returncode == 0, out.stderr

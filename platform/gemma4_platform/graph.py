@@ -167,8 +167,8 @@ class Replica:
         if engine.tensor_parallel_size == 1:
             if backend_of(device).host_memory and settings.replica.num_cpus >= 1:  # CPU inference threads
                 torch.set_num_threads(int(settings.replica.num_cpus))
-            return LLM(checkpoint, dtype=dtype, device=device, **engine.model_dump()).engine
-        args = EngineArgs(**engine.model_dump())
+            return LLM(checkpoint, dtype=dtype, device=device, **engine.engine_args()).engine
+        args = EngineArgs(**engine.engine_args())
         self.executor = RayExecutor(WorkerConfig.of(checkpoint, dtype, device, args), f"gemma4-{self.replica_id}")
         tokenizer = load_tokenizer(checkpoint) if (Path(checkpoint) / "tokenizer.json").is_file() else None
         return LLMEngine(self.executor, tokenizer, args)
