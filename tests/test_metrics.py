@@ -85,7 +85,10 @@ def test_speculative_decoding_counters_have_vllms_names_and_follow_the_engine_to
     idle = spec_samples(metrics)
     for name in ("drafts", "draft_tokens", "accepted_tokens"):
         assert idle[(f"vllm:spec_decode_num_{name}_total", "")] == 0  # exported from the start, speculation off too
-    assert not any(name.endswith("_per_pos_total") for name, _ in idle)
+    assert not any(name.endswith("_per_pos_total") for name, _ in idle)  # no positions without speculation
+    drafting = ReplicaMetrics("tiny", "r1", speculative_tokens=2)
+    drafting.update_engine(engine_stats(), {})
+    assert [spec_samples(drafting)[("vllm:spec_decode_num_accepted_tokens_per_pos_total", p)] for p in "01"] == [0, 0]
     metrics.update_engine(engine_stats(spec_num_drafts=4, spec_num_draft_tokens=12, spec_num_accepted_tokens=7,
                                        spec_accepted_per_position=(4, 2, 1)), {})
     metrics.update_engine(engine_stats(spec_num_drafts=10, spec_num_draft_tokens=30, spec_num_accepted_tokens=16,

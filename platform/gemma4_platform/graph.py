@@ -140,12 +140,14 @@ class Replica:
         self.settings = PlatformSettings.model_validate(settings)
         tracing.configure("gemma4-replica", self.settings.telemetry.tracing)
         checkpoint = resolve_checkpoint(self.settings)
-        self.settings.check_model(load_config(checkpoint).text)
+        text = load_config(checkpoint).text
+        self.settings.check_model(text)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.executor: RayExecutor | None = None
         self.engine = AsyncEngine(self._build_engine(checkpoint))
         self.metrics = ReplicaMetrics(
-            self.settings.model.name, self.replica_id, moe_top_experts=self.settings.telemetry.moe_top_experts
+            self.settings.model.name, self.replica_id, moe_top_experts=self.settings.telemetry.moe_top_experts,
+            speculative_tokens=self.engine.engine.args.speculative_tokens(text),
         )
         self.hub = metrics_hub()
         serve_logs.install()

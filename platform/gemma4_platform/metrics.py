@@ -29,9 +29,10 @@ MEDIA_MODALITIES = ("image", "audio", "video")  # exported from the start, so pe
 
 
 class ReplicaMetrics:
-    """One replica's engine metrics (labels: model_name, replica)."""
+    """One replica's engine metrics (labels: model_name, replica). `speculative_tokens` drafts per step (0:
+    no speculative decoding) are exported per draft position from the first update on."""
 
-    def __init__(self, model_name: str, replica: str, *, moe_top_experts: int = 8) -> None:
+    def __init__(self, model_name: str, replica: str, *, moe_top_experts: int = 8, speculative_tokens: int = 0) -> None:
         self.registry = CollectorRegistry()
         self._labels = {"model_name": model_name, "replica": replica}
         names = list(self._labels)
@@ -89,6 +90,7 @@ class ReplicaMetrics:
             "vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens per draft position (0 = first).",
             names + ["position"], registry=r,
         )
+        self.speculative_tokens = speculative_tokens
         self._seen: dict[tuple[Counter, str], float] = {}  # last seen cumulative engine counts, by counter and label
         # Per-expert load with bounded cardinality: layer totals and imbalance (one series per MoE layer) and
         # the `moe_top_experts` hottest (layer, expert) pairs; the full matrix is on /debug/moe/experts.
@@ -197,7 +199,9 @@ class ReplicaMetrics:
                                       (self.encoder_items, stats.encoder_items_total)):
             for modality in dict.fromkeys((*MEDIA_MODALITIES, *per_modality)):
                 self._advance(counter, per_modality.get(modality, 0), "modality", modality)
-        for position, accepted in enumerate(stats.spec_accepted_per_position):
+        per_position = stats.spec_accepted_per_position
+        for position in range(max(self.speculative_tokens, len(per_position))):
+            accepted = per_position[position] if position < len(per_position) else 0
             self._advance(self.spec_accepted_per_pos, accepted, "position", str(position))
         self._update_experts(expert_load)
         self._update_ranks(expert_load, placements)
