@@ -7,7 +7,8 @@ For each variant, method (`off`, `ngram`, `assistant`) and batch size (1 and 16)
 output_len new tokens (greedy, EOS ignored, prefix caching off) through the public engine API
 (`gemma4.LLM(..., speculative_model=...)`). The target has random weights (`--real-size`: the
 variant's real shapes; else `gemma4.tiny.tiny_config`) and so does the drafter, a gemma4_assistant
-checkpoint written by `gemma4.tiny.write_tiny_assistant` for that target. Random weights settle the
+checkpoint written by `gemma4.tiny.write_tiny_assistant` for that target: 64 wide even for a real-size
+target, so its draft steps cost less than the published drafters' would. Random weights settle the
 cost of drafting and verifying, not how often a trained drafter is right: their acceptance is no
 forecast of real traffic. Prompts repeat a random segment of `--repeat-period` tokens, the kind of
 text prompt lookup (`ngram`) finds matches in.
