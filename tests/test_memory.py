@@ -610,6 +610,10 @@ def test_drafter_shape_reads_an_assistant_config_json(tmp_path: Path) -> None:
         DrafterShape.from_hf_dict({**raw, "model_type": "gemma4_text"})
     with pytest.raises(ValueError, match="cannot read the drafter's config"):
         load_drafter_shape(tmp_path / "missing")
+    with pytest.raises(ValueError, match="text_config.hidden_size must be a positive integer, got None"):
+        DrafterShape.from_hf_dict({**raw, "text_config": {k: v for k, v in text.items() if k != "hidden_size"}})
+    with pytest.raises(ValueError, match="text_config.layer_types has 3 entries for 2 layers"):
+        DrafterShape.from_hf_dict({**raw, "text_config": {**text, "num_hidden_layers": 2}})
 
 
 def test_the_published_e2b_drafter_has_about_78m_parameters() -> None:

@@ -644,19 +644,28 @@ class DrafterShape:
         text = raw.get("text_config")
         if not isinstance(text, Mapping):
             raise ValueError("a gemma4_assistant config.json needs a text_config object")
-        layers = int(text["num_hidden_layers"])
+        def size(section: Mapping[str, Any], key: str, default: int | None = None, where: str = "text_config.") -> int:
+            value = section.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{where}{key} must be a positive integer, got {value!r}")
+            return value
+
+        layers = size(text, "num_hidden_layers")
         kinds = text.get("layer_types") or ["full_attention"] * layers
-        head_dim = int(text.get("head_dim", 256))
-        global_head_dim = int(text.get("global_head_dim") or head_dim)
+        if len(kinds) != layers:
+            raise ValueError(f"text_config.layer_types has {len(kinds)} entries for {layers} layers")
+        head_dim = size(text, "head_dim", 256)
+        # transformers writes global_head_dim null when full layers use head_dim
+        global_head_dim = size(text, "global_head_dim") if text.get("global_head_dim") is not None else head_dim
         return cls(
-            hidden_size=int(text["hidden_size"]),
-            backbone_hidden_size=int(raw.get("backbone_hidden_size", 1536)),
-            intermediate_size=int(text["intermediate_size"]),
-            num_attention_heads=int(text["num_attention_heads"]),
+            hidden_size=size(text, "hidden_size"),
+            backbone_hidden_size=size(raw, "backbone_hidden_size", 1536, ""),
+            intermediate_size=size(text, "intermediate_size"),
+            num_attention_heads=size(text, "num_attention_heads"),
             layer_head_dims=tuple(global_head_dim if k == "full_attention" else head_dim for k in kinds),
-            vocab_size=int(text.get("vocab_size", 262_144)),
+            vocab_size=size(text, "vocab_size", 262_144),
             use_ordered_embeddings=bool(raw.get("use_ordered_embeddings", False)),
-            num_centroids=int(raw.get("num_centroids", 2048)),
+            num_centroids=size(raw, "num_centroids", 2048, ""),
         )
 
 
