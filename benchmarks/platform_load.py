@@ -98,7 +98,7 @@ def bench_stack(settings: Any, prompts: list[list[int]], levels: list[int], outp
 def bench_engine(settings: Any, checkpoint: str, prompts: list[list[int]], levels: list[int], output_len: int) -> list[dict[str, Any]]:
     from gemma4 import LLM, AsyncEngine, SamplingParams
 
-    llm = LLM(checkpoint, dtype=getattr(torch, settings.model.dtype), device="cpu", **settings.engine.model_dump())
+    llm = LLM(checkpoint, dtype=getattr(torch, settings.model.dtype), device="cpu", **settings.engine.engine_args())
     engine = AsyncEngine(llm.engine)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     results = []

@@ -110,3 +110,21 @@ def test_collectives_script() -> None:
     ops = {(r["op"], r["model"], r["dtype"]) for r in result["results"]}
     assert ("all_gather", "logits", "float32") in ops and ("all_reduce", "31b", "bfloat16") in ops
     assert all(r["world_size"] == 2 and r["median_us"] > 0 for r in result["results"])
+
+
+def test_spec_decode_script_without_speculation() -> None:
+    """The no-speculation rows; once the engine drafts, `--methods off,ngram,assistant` adds the others."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'model'}:{REPO / 'benchmarks'}"}
+    out = subprocess.run([
+        sys.executable, "benchmarks/spec_decode.py", "--variants", "e2b", "--methods", "off", "--batches", "1,2",
+        "--input-len", "12", "--output-len", "3",
+    ], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["variant"], r["method"], r["batch"]) for r in rows] == [("e2b (tiny)", "off", 1), ("e2b (tiny)", "off", 2)]
+    for row in rows:
+        assert row["output_tokens"] == 3 * row["batch"] and row["output_tok_s"] > 0 and row["speedup"] == 1.0
+        assert (row["num_speculative_tokens"], row["drafts"], row["acceptance_length"]) == (0, 0, None)
+    bad = subprocess.run([sys.executable, "benchmarks/spec_decode.py", "--methods", "eagle"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--methods: unknown eagle" in bad.stderr

@@ -100,6 +100,19 @@ def test_example_authenticates_by_default_and_serves_anyone_only_when_asked() ->
     assert example(EVERYTHING_ON["example"])["spec"]["monitoring"] == {"metricsTokenSecretName": "gemma4-scrape-token"}
 
 
+def test_example_speculative_decoding_reaches_the_gemma4service() -> None:
+    from gemma4_operator.spec import Gemma4ServiceSpec
+
+    assert "speculative" not in example({})["spec"]
+    drafter = {"uri": "hf://google/gemma-4-E4B-it-assistant"}
+    spec = example({"speculative": {"method": "assistant", "numTokens": 3, "assistant": drafter}})["spec"]
+    assert spec["speculative"] == {"method": "assistant", "numTokens": 3, "assistant": drafter}
+    assert Gemma4ServiceSpec.model_validate(spec).speculative.assistant.uri == drafter["uri"]
+    assert example({"speculative": {"method": "ngram"}})["spec"]["speculative"] == {"method": "ngram"}
+    with pytest.raises(HelmError, match="method assistant needs example.speculative.assistant"):
+        example({"speculative": {"method": "assistant"}})
+
+
 def test_peering_follows_the_watched_namespaces() -> None:
     docs = render({"operator": {"replicas": 2, "watchNamespaces": ["a", "b"]}})
     peerings = [d for d in docs if d["kind"] in ("KopfPeering", "ClusterKopfPeering")]
@@ -131,6 +144,8 @@ def test_lint_strict_and_presets_pass_the_schema() -> None:
         ({"example": {"apiKeySecretName": "Keys_1"}}, "at '/example/apiKeySecretName'"),
         ({"example": {"allowUnauthenticated": "yes"}}, "at '/example/allowUnauthenticated'"),
         ({"unknownKey": 1}, "additional properties 'unknownKey' not allowed"),
+        ({"example": {"speculative": {"method": "eagle"}}}, "at '/example/speculative/method'"),
+        ({"example": {"speculative": {"numTokens": 0}}}, "at '/example/speculative/numTokens'"),
     ],
 )
 def test_schema_rejects_bad_values_with_clear_messages(values: dict[str, Any], message: str) -> None:

@@ -20,21 +20,27 @@ from gemma4.engine.llm_engine import CPU_KV_CACHE_BYTES, EngineArgs, resolve_kv_
 from gemma4.kv_layout import split_kv_budget
 from gemma4.memory import (
     HOST_BASE_BYTES,
+    PUBLISHED_DRAFTERS,
     WEIGHT_FORMATS,
+    DrafterShape,
     ServingSpec,
     activation_bytes,
     check_layout,
     encoder_cache_bytes,
     checkpoint_bytes,
+    drafter_param_count,
+    drafter_weight_bytes,
     kv_bytes_per_sequence,
     kv_bytes_per_token,
     kv_cache_budget_bytes,
+    load_drafter_shape,
     max_num_seqs,
     min_gpus,
     param_counts,
     plan,
     ple_table_bytes,
     rank_cache_groups,
+    speculative_buffer_bytes,
     weight_bytes_per_gpu,
 )
 from gemma4.modeling import Gemma4ForCausalLM
@@ -405,7 +411,7 @@ def test_plan_to_dict_is_json() -> None:
     assert data["feasible"] is True and data["reason"] is None
     assert set(data["per_gpu"]) == {
         "weights", "kv_cache", "activations", "encoder_cache", "cuda_graphs", "runtime_overhead", "headroom", "total",
-        "capacity",
+        "capacity", "speculative",
     }
     assert set(data["weights_per_gpu"]) == {"embedding", "decoder", "ple", "vision", "audio"}
     assert data["spec"]["variant"] == "e2b" and data["accelerator"] == "h100-80gb"
@@ -479,6 +485,18 @@ def test_plan_cli_prints_the_encoder_cache_of_a_media_plan() -> None:
     row = next(line for line in out.stdout.splitlines() if line.startswith("encoder cache "))
     assert f"{expected.per_gpu.encoder_cache / GiB:.2f} GiB" in row
     assert "encoder cache" not in run_cli("--variant", "e4b").stdout
+
+
+def test_plan_cli_prints_the_drafter_and_speculation_buffers() -> None:
+    out = run_cli("--variant", "e2b", "--speculative", "assistant", "--num-speculative-tokens", "3")
+    assert out.returncode == 0, out.stderr
+    expected = plan(ServingSpec("e2b", speculative="assistant", num_speculative_tokens=3))
+    row = next(line for line in out.stdout.splitlines() if line.startswith("speculative decoding (3 drafts) "))
+    assert f"{expected.per_gpu.speculative / GiB:.2f} GiB" in row
+    assert any(line.startswith("  drafter ") for line in out.stdout.splitlines())
+    assert "speculative" not in run_cli("--variant", "e2b").stdout
+    bad = run_cli("--variant", "e2b", "--num-speculative-tokens", "3")
+    assert bad.returncode == 2 and "num_speculative_tokens needs speculative" in bad.stderr
 
 
 def test_plan_cli_json_is_the_plan() -> None:
@@ -559,3 +577,120 @@ def test_engine_budget_on_cuda_comes_from_the_memory_model(monkeypatch: pytest.M
     with pytest.raises(ValueError, match="no GPU memory for a KV cache"):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=8 * GiB))
         resolve_kv_cache_bytes(_FakeCudaModel("31b"), args)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- speculative decoding
+TINY_DRAFTER = DrafterShape(
+    hidden_size=64, backbone_hidden_size=48, intermediate_size=128, num_attention_heads=4,
+    layer_head_dims=(32, 32, 64), vocab_size=512, use_ordered_embeddings=True, num_centroids=16,
+)
+
+
+def test_drafter_parameters_are_counted_tensor_by_tensor() -> None:
+    h, b, i, heads, vocab = 64, 48, 128, 4, 512
+    layer = lambda d: heads * d * h + d + h * heads * d + 4 * h + 1 + 3 * i * h  # noqa: E731  q, q_norm, o, norms, scalar, MLP
+    expected = vocab * h + h + 2 * b * h + b * h + layer(32) * 2 + layer(64) + 16 * h  # tied head once, centroids
+    assert drafter_param_count(TINY_DRAFTER) == expected
+    plain = dataclasses.replace(TINY_DRAFTER, use_ordered_embeddings=False)
+    assert drafter_param_count(plain) == expected - 16 * h
+    # bf16 weights plus the int64 token_ordering buffer; without ordered embeddings, no buffer.
+    assert drafter_weight_bytes(TINY_DRAFTER, "bf16") == 2 * expected + 8 * vocab
+    assert drafter_weight_bytes(plain, "fp32") == 4 * (expected - 16 * h)
+
+
+def test_drafter_shape_reads_an_assistant_config_json(tmp_path: Path) -> None:
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "head_dim": 32, "global_head_dim": 64, "vocab_size": 512,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}
+    raw = {"model_type": "gemma4_assistant", "text_config": text, "backbone_hidden_size": 48,
+           "use_ordered_embeddings": True, "num_centroids": 16}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert load_drafter_shape(tmp_path) == TINY_DRAFTER
+    with pytest.raises(ValueError, match="model_type must be 'gemma4_assistant'"):
+        DrafterShape.from_hf_dict({**raw, "model_type": "gemma4_text"})
+    with pytest.raises(ValueError, match="cannot read the drafter's config"):
+        load_drafter_shape(tmp_path / "missing")
+    with pytest.raises(ValueError, match="text_config.hidden_size must be a positive integer, got None"):
+        DrafterShape.from_hf_dict({**raw, "text_config": {k: v for k, v in text.items() if k != "hidden_size"}})
+    with pytest.raises(ValueError, match="text_config.layer_types has 3 entries for 2 layers"):
+        DrafterShape.from_hf_dict({**raw, "text_config": {**text, "num_hidden_layers": 2}})
+
+
+def test_the_published_e2b_drafter_has_about_78m_parameters() -> None:
+    assert 76e6 < drafter_param_count(PUBLISHED_DRAFTERS["e2b"]) < 80e6
+    for variant, drafter in PUBLISHED_DRAFTERS.items():
+        assert drafter.backbone_hidden_size == variant_config(variant).text.hidden_size
+
+
+def test_speculative_buffers_are_verify_logits_plus_the_drafter_steps() -> None:
+    text = variant_config("e2b").text
+    # n-gram drafting: only the verification step's max_num_seqs x (1 + k) fp32 logits rows.
+    assert speculative_buffer_bytes(text, num_tokens=2, max_num_seqs=16, drafter=None) == 16 * 3 * 262_144 * 4
+    assert speculative_buffer_bytes(text, num_tokens=0, max_num_seqs=16, drafter=None) == 0
+    drafter = PUBLISHED_DRAFTERS["e2b"]
+    with_drafter = speculative_buffer_bytes(text, num_tokens=2, max_num_seqs=16, drafter=drafter)
+    # k steps of max_num_seqs rows, each with fp32 vocabulary logits and the hidden-state buffers.
+    assert with_drafter - 16 * 3 * 262_144 * 4 > 2 * 16 * 262_144 * 4
+
+
+def test_speculation_shrinks_the_kv_budget_by_exactly_its_weights_and_buffers() -> None:
+    config = variant_config("e2b")
+    common = dict(weight_dtype="bf16", device_memory_bytes=80 * GiB, usable_fraction=0.9, max_num_seqs=16,
+                  max_num_batched_tokens=2048)
+    base = kv_cache_budget_bytes(config, **common)
+    drafter = PUBLISHED_DRAFTERS["e2b"]
+    ngram = kv_cache_budget_bytes(config, **common, speculative_tokens=2)
+    assert base - ngram == 16 * 3 * 262_144 * 4
+    assistant = kv_cache_budget_bytes(config, **common, speculative_tokens=2, drafter=drafter)
+    assert base - assistant == drafter_weight_bytes(drafter, "bf16") + speculative_buffer_bytes(
+        config.text, num_tokens=2, max_num_seqs=16, drafter=drafter)
+
+
+def test_plan_prices_the_published_drafter_and_the_variant_default_tokens() -> None:
+    base = plan(ServingSpec("31b", accelerator="h200-141gb"))
+    spec = ServingSpec("31b", accelerator="h200-141gb", speculative="assistant")
+    assert spec.speculative_tokens == 6 and spec.drafter == PUBLISHED_DRAFTERS["31b"]
+    assistant = plan(spec)
+    drafter = drafter_weight_bytes(PUBLISHED_DRAFTERS["31b"], "bf16")
+    assert assistant.weights_per_gpu["drafter"] == drafter
+    assert base.kv_cache_bytes_per_gpu - assistant.kv_cache_bytes_per_gpu == drafter + assistant.per_gpu.speculative
+    assert assistant.per_gpu.total == sum(
+        v for k, v in assistant.per_gpu.to_dict().items() if k not in ("capacity", "total"))
+    ngram = plan(ServingSpec("31b", accelerator="h200-141gb", speculative="ngram", num_speculative_tokens=3))
+    assert "drafter" not in ngram.weights_per_gpu
+    assert base.kv_cache_bytes_per_gpu - ngram.kv_cache_bytes_per_gpu == 16 * 4 * 262_144 * 4
+    json.dumps(assistant.to_dict())
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"speculative": "eagle"}, "speculative must be one of ngram, assistant"),
+        ({"num_speculative_tokens": 2}, "num_speculative_tokens needs speculative"),
+        ({"speculative": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer"),
+    ],
+)
+def test_invalid_speculative_specs_are_rejected(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServingSpec("e2b", **changes)
+
+
+def test_engine_budget_prices_the_drafter_it_is_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    total = get_accelerator("h100-80gb").memory_bytes
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total))
+    raw = {"model_type": "gemma4_assistant", "backbone_hidden_size": 2560, "use_ordered_embeddings": True,
+           "text_config": {"hidden_size": 256, "intermediate_size": 2048, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "head_dim": 256, "global_head_dim": 512,
+                           "layer_types": ["sliding_attention", "full_attention"]}}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model = _FakeCudaModel("e4b", towers=False)
+    common = dict(weight_dtype="bf16", device_memory_bytes=total, usable_fraction=0.9, max_num_seqs=16,
+                  max_num_batched_tokens=2048, ple_on_device=True, cuda_graphs=True)
+    args = EngineArgs(max_num_seqs=16, speculative_model=str(tmp_path), num_speculative_tokens=3)
+    assert resolve_kv_cache_bytes(model, args) == kv_cache_budget_bytes(  # type: ignore[arg-type]
+        variant_config("e4b"), **common, speculative_tokens=3, drafter=DrafterShape.from_hf_dict(raw))
+    ngram = EngineArgs(max_num_seqs=16, speculative_model="ngram")  # the variant's default: 4 for E4B
+    assert resolve_kv_cache_bytes(model, ngram) == kv_cache_budget_bytes(  # type: ignore[arg-type]
+        variant_config("e4b"), **common, speculative_tokens=4)
+    with pytest.raises(ValueError, match="speculative_model: cannot read the drafter's config"):
+        resolve_kv_cache_bytes(model, EngineArgs(speculative_model=str(tmp_path / "nowhere")))  # type: ignore[arg-type]

@@ -68,3 +68,34 @@ def test_a_restarted_engine_does_not_make_counters_go_back() -> None:
     # 4, then nothing for the drop, then the 2 the new engine added since its last report.
     assert got[("gemma4_media_requests_total", "")] == 6
     assert got[("gemma4_media_items_total", "audio")] == 7
+
+
+def spec_samples(metrics: ReplicaMetrics) -> dict[tuple[str, str], float]:
+    """(sample name, position label or "") -> value, for the speculative-decoding families."""
+    return {
+        (s.name, s.labels.get("position", "")): s.value
+        for family in text_string_to_metric_families(metrics.render()) for s in family.samples
+        if s.name.startswith("vllm:spec_decode") and not s.name.endswith("_created")
+    }
+
+
+def test_speculative_decoding_counters_have_vllms_names_and_follow_the_engine_totals() -> None:
+    metrics = ReplicaMetrics("tiny", "r1")
+    metrics.update_engine(engine_stats(), {})
+    idle = spec_samples(metrics)
+    for name in ("drafts", "draft_tokens", "accepted_tokens"):
+        assert idle[(f"vllm:spec_decode_num_{name}_total", "")] == 0  # exported from the start, speculation off too
+    assert not any(name.endswith("_per_pos_total") for name, _ in idle)  # no positions without speculation
+    drafting = ReplicaMetrics("tiny", "r1", speculative_tokens=2)
+    drafting.update_engine(engine_stats(), {})
+    assert [spec_samples(drafting)[("vllm:spec_decode_num_accepted_tokens_per_pos_total", p)] for p in "01"] == [0, 0]
+    metrics.update_engine(engine_stats(spec_num_drafts=4, spec_num_draft_tokens=12, spec_num_accepted_tokens=7,
+                                       spec_accepted_per_position=(4, 2, 1)), {})
+    metrics.update_engine(engine_stats(spec_num_drafts=10, spec_num_draft_tokens=30, spec_num_accepted_tokens=16,
+                                       spec_accepted_per_position=(9, 5, 2)), {})
+    got = spec_samples(metrics)
+    assert got[("vllm:spec_decode_num_drafts_total", "")] == 10
+    assert got[("vllm:spec_decode_num_draft_tokens_total", "")] == 30
+    assert got[("vllm:spec_decode_num_accepted_tokens_total", "")] == 16
+    per_pos = [got[("vllm:spec_decode_num_accepted_tokens_per_pos_total", str(p))] for p in range(3)]
+    assert per_pos == [9, 5, 2] and sum(per_pos) == got[("vllm:spec_decode_num_accepted_tokens_total", "")]

@@ -190,6 +190,8 @@ def test_sample_validates_against_the_crd_and_server_defaults_equal_the_operator
     sample(modalities=["text", "smell"]),                                    # unknown modality
     sample(modalities=[]),
     sample(modalities="all"),                                                # a list, even for all
+    sample(speculative={"method": "eagle"}),
+    sample(speculative={"method": "ngram", "numTokens": 0}),
     {"serving": {"maxModelLen": 4096}},                                      # no model
 ])
 def test_invalid_specs_are_rejected_by_the_crd_schema_and_the_operator(spec: dict[str, Any]) -> None:
@@ -204,6 +206,8 @@ def test_invalid_specs_are_rejected_by_the_crd_schema_and_the_operator(spec: dic
     (sample(model={"variant": "e4b", "checkpoint": {**PVC, "uri": "gs://b/m"}}), "exactly one of"),
     (sample(parallelism={"mode": "explicit"}), "explicit needs tensorParallel"),
     (sample(modalities=["all", "audio"]), "'all' stands alone"),
+    (sample(speculative={"method": "assistant"}), "speculative.assistant is set exactly when method is assistant"),
+    (sample(speculative={"method": "ngram", "assistant": PVC}), "speculative.assistant is set exactly when"),
 ])
 def test_cross_field_rules_are_checked_and_carried_into_the_crd_as_cel(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
@@ -435,6 +439,38 @@ def test_checkpoint_from_a_uri_is_downloaded_by_an_init_container() -> None:
     pvc_pod = by_kind(build()[2], "RayService")[0]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     assert "initContainers" not in pvc_pod
     assert {"name": "checkpoint", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pvc_pod["volumes"]
+
+
+DRAFTER_URI = "hf://google/gemma-4-E4B-it-assistant"
+
+
+def test_speculative_decoding_reaches_the_plan_the_engine_settings_and_the_pods() -> None:
+    base = build()[1]
+    parsed, result, objects = build(speculative={"method": "assistant", "assistant": {"uri": DRAFTER_URI},
+                                                 "numTokens": 3})
+    assert planner.serving_spec(parsed).speculative == "assistant" and result.spec.num_speculative_tokens == 3
+    assert "drafter" in result.weights_per_gpu and result.kv_cache_bytes_per_gpu < base.kv_cache_bytes_per_gpu
+    settings = args_settings(objects)
+    assert (settings.engine.speculative.model, settings.engine.speculative.num_tokens) == (manifests.ASSISTANT_DIR, 3)
+    assert settings.engine.kv_cache_memory_bytes == result.kv_cache_bytes_per_gpu
+    for template in pod_templates(objects):
+        pod = template["spec"]
+        (drafter,) = [c for c in pod["initContainers"] if c["name"] == "download-assistant"]
+        assert {"name": "GEMMA4_CHECKPOINT_URI", "value": DRAFTER_URI} in drafter["env"]
+        assert {"name": "GEMMA4_CHECKPOINT_DIR", "value": manifests.ASSISTANT_DIR} in drafter["env"]
+        assert {"name": "assistant", "emptyDir": {}} in pod["volumes"]
+        assert {"name": "assistant", "mountPath": manifests.ASSISTANT_DIR, "readOnly": True} in pod[
+            "containers"][0]["volumeMounts"]
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                                      "template": template}, KUBE_VERSIONS[-1], strict=True)
+    # A drafter on a PVC is mounted (no download); n-gram drafting needs no drafter and prices only its buffers.
+    _, _, on_pvc = build(speculative={"method": "assistant", "assistant": {"pvc": {"claimName": "drafts",
+                                                                                   "path": "e4b"}}})
+    assert args_settings(on_pvc).engine.speculative.model == f"{manifests.ASSISTANT_DIR}/e4b"
+    _, ngram, objects = build(speculative={"method": "ngram"})
+    assert args_settings(objects).engine.speculative.model == "ngram" and "drafter" not in ngram.weights_per_gpu
+    assert ngram.per_gpu.speculative > 0 and all("initContainers" not in t["spec"] for t in pod_templates(objects))
+    assert args_settings(build()[2]).engine.speculative.model is None
 
 
 def test_service_monitor_only_when_asked() -> None:

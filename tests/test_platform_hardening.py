@@ -86,7 +86,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory):
                 "stub": pb_grpc.Gemma4ServingStub(channel),
                 "settings": settings,
                 "tokenizer": load_tokenizer(checkpoint),
-                "offline": LLM(checkpoint, dtype=torch.float32, **settings.engine.model_dump()),
+                "offline": LLM(checkpoint, dtype=torch.float32, **settings.engine.engine_args()),
             }
 
 

@@ -41,7 +41,7 @@ def platform():
 @pytest.fixture(scope="module")
 def single_device() -> LLM:
     """The same checkpoint and engine settings on one device, in this process: the reference."""
-    args = SETTINGS.engine.model_dump() | {"tensor_parallel_size": 1}
+    args = SETTINGS.engine.engine_args() | {"tensor_parallel_size": 1}
     return LLM(resolve_checkpoint(SETTINGS), dtype=torch.float32, **args)
 
 

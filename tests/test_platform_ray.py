@@ -38,7 +38,10 @@ def platform(tmp_path_factory: pytest.TempPathFactory, monkeypatch_module):
     settings = PlatformSettings.model_validate(
         {
             "model": {"name": "tiny-moe", "tiny_variant": "26b-a4b", "dtype": "float32", "device": "cpu"},
-            "engine": {"num_kv_blocks": 512, "max_num_batched_tokens": 256, "max_model_len": 1024, "max_num_seqs": 64},
+            # n-gram speculation: greedy outputs must still equal the offline engine's (same settings), and
+            # every documented metric (the per-position acceptance counters too) is exported.
+            "engine": {"num_kv_blocks": 512, "max_num_batched_tokens": 256, "max_model_len": 1024, "max_num_seqs": 64,
+                       "speculative": {"model": "ngram"}},
             "replica": {
                 "num_cpus": 0,
                 "max_ongoing_requests": 64,
@@ -53,7 +56,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, monkeypatch_module):
     )
     with served_platform(settings.model_dump()) as served:
         channel = grpc.insecure_channel(served.grpc_target)
-        offline = LLM(resolve_checkpoint(settings), dtype=torch.float32, **settings.engine.model_dump())
+        offline = LLM(resolve_checkpoint(settings), dtype=torch.float32, **settings.engine.engine_args())
         try:
             yield {
                 "stub": pb_grpc.Gemma4ServingStub(channel),

@@ -24,6 +24,8 @@ from gemma4_platform.settings import PlatformSettings
 from platform_fixtures import TINY_MOE_SETTINGS, ServedPlatform, free_port, served_platform, wait_until
 from test_dashboards import ALERTS, DASHBOARDS, EXTERNAL_METRICS, all_queries, load_dashboard, panels, selectors, substitute
 
+# With n-gram speculation, so the speculative-decoding panels' series (per draft position too) exist.
+SETTINGS = {**TINY_MOE_SETTINGS, "engine": {**TINY_MOE_SETTINGS["engine"], "speculative": {"model": "ngram"}}}
 NAMESPACE, SERVICE = "gemma4-test", "tiny-moe-svc"  # the labels a ServiceMonitor would add
 VARIABLES = {
     "namespace": NAMESPACE, "service": SERVICE, "model_name": TINY_MOE_SETTINGS["model"]["name"],
@@ -106,7 +108,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     try:
-        with served_platform(TINY_MOE_SETTINGS, ray_metrics_port=free_port()) as platform:
+        with served_platform(SETTINGS, ray_metrics_port=free_port()) as platform:
             assert platform.ray_metrics is not None
             config = workdir / "prometheus.yml"
             config.write_text(yaml.safe_dump(prometheus_config(platform.http, platform.ray_metrics)))

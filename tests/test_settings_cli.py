@@ -67,6 +67,11 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         (["model.modalities=[image, image]"], "model.modalities: Value error, give 'all' or a non-empty list"),
         (["model.modalities=[]"], "model.modalities: Value error, give 'all' or a non-empty list"),
         (["model.modalities=image"], "model.modalities"),
+        (["engine.speculative.num_tokens=2"], "engine.speculative: Value error, num_tokens needs model"),
+        (["engine.speculative.model=ngram", "engine.speculative.num_tokens=0"],
+         "engine.speculative.num_tokens: Input should be greater than or equal to 1"),
+        (["engine.speculative.model=' '"], "engine.speculative.model: Value error, give 'ngram'"),
+        (["engine.speculative.method=ngram"], "engine.speculative.method: Extra inputs are not permitted"),
     ],
 )
 def test_invalid_settings_exit_with_the_field(overrides: list[str], message: str) -> None:
@@ -94,6 +99,34 @@ def test_parallel_settings_fit_the_model_they_serve(tmp_path: Path) -> None:
     remote = load_settings(None, ["engine.tensor_parallel_size=3"], "/models/elsewhere")
     with pytest.raises(ValueError, match="tensor_parallel_size=3"):
         remote.check_model(PlatformSettings().model_text_config())
+
+
+def test_speculative_settings_reach_the_engine_args(tmp_path: Path) -> None:
+    from gemma4.engine.args import EngineArgs
+    from gemma4.tiny import tiny_config
+
+    ngram = load_settings(None, ["engine.speculative.model=ngram", "engine.speculative.num_tokens=3"], None)
+    args = EngineArgs(**ngram.engine.engine_args())
+    assert (args.speculative_model, args.num_speculative_tokens) == ("ngram", 3)
+    assert args.speculative_tokens(tiny_config("e2b").text) == 3
+    off = EngineArgs(**PlatformSettings().engine.engine_args())
+    assert off.speculative_model is None and off.speculative_tokens(tiny_config("e2b").text) == 0
+    # A drafter readable here must be the served model's own: its backbone width is checked.
+    hidden = tiny_config("e2b").text.hidden_size
+    config = {"model_type": "gemma4_assistant", "backbone_hidden_size": hidden,
+              "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "layer_types": ["full_attention"]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    fits = load_settings(None, [f"engine.speculative.model={tmp_path}"], None)
+    assert fits.engine.engine_args()["speculative_model"] == str(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "backbone_hidden_size": hidden + 8}))
+    with pytest.raises(SystemExit, match=f"drafts for a model of hidden size {hidden + 8}, but the served"):
+        load_settings(None, [f"engine.speculative.model={tmp_path}"], None)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gemma4_text"}))
+    with pytest.raises(SystemExit, match="engine.speculative.model: model_type must be 'gemma4_assistant'"):
+        load_settings(None, [f"engine.speculative.model={tmp_path}"], None)
+    # A directory on the cluster is left to the replica.
+    assert load_settings(None, ["engine.speculative.model=/models/assistant"], None).engine.speculative.model
 
 
 def test_api_keys_from_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,12 +30,15 @@ Layout assumptions (what vLLM-style engines do):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 from gemma4.accelerators import ACCELERATORS, Accelerator, GiB, MiB, get_accelerator
 from gemma4.config import (
+    DEFAULT_SPECULATIVE_TOKENS,
     Gemma4AudioConfig,
     Gemma4Config,
     Gemma4TextConfig,
@@ -142,6 +145,7 @@ ENCODER_CACHE_STEPS = 2
 EMBEDDING, DECODER, EXPERTS, PLE, UNUSED_KV, VISION, AUDIO = (
     "embedding", "decoder", "experts", "ple", "unused_kv", "vision", "audio",
 )
+DRAFTER = "drafter"  # a speculative-decoding drafter's weights (`weight_bytes_per_gpu` keys plus this one)
 # How an axis is split across ranks.
 _TP, _EP, _TP_IN_EP, _KV = "tp", "ep", "tp/ep", "kv"
 
@@ -610,6 +614,142 @@ def cuda_graph_bytes(
     return pool + len(sizes) * GRAPH_BYTES_PER_CAPTURE
 
 
+# ---------------------------------------------------------------------------- speculative decoding
+
+
+@dataclass(frozen=True)
+class DrafterShape:
+    """What the memory model needs of a `gemma4_assistant` drafter (its config.json, or `PUBLISHED_DRAFTERS`).
+
+    Its decoder layers all read the target's KV (no k/v projections or k-norms of their own); the
+    embedding is tied to its LM head; `pre_projection` maps [target embedding, target hidden] to its
+    width and `post_projection` back. With `use_ordered_embeddings` it also holds the masked embedder's
+    centroids and its int64 `token_ordering` buffer.
+    """
+
+    hidden_size: int
+    backbone_hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    layer_head_dims: tuple[int, ...]  # per layer: head_dim (sliding) or global_head_dim (full)
+    vocab_size: int = 262_144
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+
+    @classmethod
+    def from_hf_dict(cls, raw: Mapping[str, Any]) -> "DrafterShape":
+        """From a gemma4_assistant config.json; missing keys take transformers' defaults."""
+        if raw.get("model_type") != "gemma4_assistant":
+            raise ValueError(f"model_type must be 'gemma4_assistant' for a drafter, got {raw.get('model_type')!r}")
+        text = raw.get("text_config")
+        if not isinstance(text, Mapping):
+            raise ValueError("a gemma4_assistant config.json needs a text_config object")
+        def size(section: Mapping[str, Any], key: str, default: int | None = None, where: str = "text_config.") -> int:
+            value = section.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{where}{key} must be a positive integer, got {value!r}")
+            return value
+
+        layers = size(text, "num_hidden_layers")
+        kinds = text.get("layer_types") or ["full_attention"] * layers
+        if len(kinds) != layers:
+            raise ValueError(f"text_config.layer_types has {len(kinds)} entries for {layers} layers")
+        head_dim = size(text, "head_dim", 256)
+        # transformers writes global_head_dim null when full layers use head_dim
+        global_head_dim = size(text, "global_head_dim") if text.get("global_head_dim") is not None else head_dim
+        return cls(
+            hidden_size=size(text, "hidden_size"),
+            backbone_hidden_size=size(raw, "backbone_hidden_size", 1536, ""),
+            intermediate_size=size(text, "intermediate_size"),
+            num_attention_heads=size(text, "num_attention_heads"),
+            layer_head_dims=tuple(global_head_dim if k == "full_attention" else head_dim for k in kinds),
+            vocab_size=size(text, "vocab_size", 262_144),
+            use_ordered_embeddings=bool(raw.get("use_ordered_embeddings", False)),
+            num_centroids=size(raw, "num_centroids", 2048, ""),
+        )
+
+
+def load_drafter_shape(path: str | Path) -> DrafterShape:
+    """The drafter shape of a gemma4_assistant checkpoint directory (its config.json)."""
+    file = Path(path) / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read the drafter's config {file}: {exc}") from None
+    return DrafterShape.from_hf_dict(raw)
+
+
+def _drafter(backbone: int, hidden: int, intermediate: int, heads: int, ordered: bool) -> DrafterShape:
+    """Four layers, three sliding (head_dim 256) and one full (512), as Gemma 4's published drafters have."""
+    return DrafterShape(hidden, backbone, intermediate, heads, (256, 256, 256, 512), use_ordered_embeddings=ordered)
+
+
+# The published `google/gemma-4-*-it-assistant` drafters, for plans made from a model reference alone.
+# E2B: hidden 256 gives 77.7 M parameters, the published ~78 M (performance anchors s4.7). 31B: the shape
+# Modular MAX documents as its Gemma4AssistantConfig defaults (hidden 1024, 4 layers, 32 heads, FFN 8192,
+# backbone 5376). E4B and 26B-A4B shapes are not published anywhere we found: conservative estimates,
+# E4B at twice the E2B drafter's width and 26B-A4B at the 31B drafter's size (over-counting only costs
+# KV blocks). The E2B/E4B drafters score centroid-selected candidates (the vLLM recipe), so they carry
+# the masked embedder.
+PUBLISHED_DRAFTERS: dict[str, DrafterShape] = {
+    "e2b": _drafter(1536, 256, 2048, 4, ordered=True),
+    "e4b": _drafter(2560, 512, 4096, 8, ordered=True),
+    "26b-a4b": _drafter(2816, 1024, 8192, 32, ordered=False),
+    "31b": _drafter(5376, 1024, 8192, 32, ordered=False),
+}
+SPECULATIVE_METHODS = ("ngram", "assistant")
+
+
+def _drafter_tensors(drafter: DrafterShape) -> Iterator[_Tensor]:
+    h, heads, i = drafter.hidden_size, drafter.num_attention_heads, drafter.intermediate_size
+    yield _Tensor(DRAFTER, (drafter.vocab_size, h))  # embed_tokens, also the tied lm_head
+    yield _vector(DRAFTER, h)  # final norm
+    yield _Tensor(DRAFTER, (h, 2 * drafter.backbone_hidden_size))  # pre_projection
+    yield _Tensor(DRAFTER, (drafter.backbone_hidden_size, h))  # post_projection
+    for d in drafter.layer_head_dims:
+        yield from (_Tensor(DRAFTER, (heads * d, h)), _vector(DRAFTER, d), _Tensor(DRAFTER, (h, heads * d)))  # q, q_norm, o
+        for _ in range(4):  # input, post-attention, pre- and post-feed-forward norms
+            yield _vector(DRAFTER, h)
+        yield _vector(DRAFTER, 1)  # layer_scalar
+        yield from (_Tensor(DRAFTER, (i, h)), _Tensor(DRAFTER, (i, h)), _Tensor(DRAFTER, (h, i)))  # gate, up, down
+    if drafter.use_ordered_embeddings:
+        yield _Tensor(DRAFTER, (drafter.num_centroids, h))  # masked_embedding.centroids
+
+
+def drafter_param_count(drafter: DrafterShape) -> int:
+    """The drafter's parameters (the tied head counted once; the token_ordering buffer is no parameter)."""
+    return sum(t.numel for t in _drafter_tensors(drafter))
+
+
+def drafter_weight_bytes(drafter: DrafterShape, weight_dtype: str) -> int:
+    """The drafter on every rank (replicated: it is small, and its steps then need no collectives), in the
+    target's 16-bit (or fp32) width, plus its int64 token_ordering buffer."""
+    width = _weight_format(weight_dtype).unquantised_bytes
+    ordering = drafter.vocab_size * 8 if drafter.use_ordered_embeddings else 0
+    return drafter_param_count(drafter) * width + ordering
+
+
+def speculative_buffer_bytes(
+    text: Gemma4TextConfig, *, num_tokens: int, max_num_seqs: int, drafter: DrafterShape | None,
+    activation_width: int = 2,
+) -> int:
+    """Step buffers speculation adds on one GPU (fixed shapes, allocated once like the KV pools).
+
+    The verification step scores 1 + k positions per sequence: max_num_seqs x (1 + k) rows of fp32 target
+    logits. A drafter (None = n-gram drafting, which needs nothing else) runs k steps over max_num_seqs
+    rows: per step its input ([embedding, hidden] of the target), residual buffers and the projected
+    hidden state, and the fp32 logits over the vocabulary that rejection sampling reads back.
+    """
+    if num_tokens < 1:
+        return 0
+    verify = max_num_seqs * (1 + num_tokens) * text.vocab_size * 4
+    if drafter is None:
+        return verify
+    b, h = drafter.backbone_hidden_size, drafter.hidden_size
+    hidden = (2 * b + RESIDUAL_BUFFERS * h + 3 * drafter.intermediate_size + b) * activation_width
+    return verify + num_tokens * max_num_seqs * (hidden + drafter.vocab_size * 4)
+
+
 # ---------------------------------------------------------------------------- budget
 
 
@@ -625,12 +765,13 @@ class MemoryBreakdown:
     runtime_overhead: int
     headroom: int
     capacity: int
+    speculative: int = 0
 
     @property
     def total(self) -> int:
         return (
             self.weights + self.kv_cache + self.activations + self.encoder_cache + self.cuda_graphs
-            + self.runtime_overhead + self.headroom
+            + self.runtime_overhead + self.headroom + self.speculative
         )
 
     def to_dict(self) -> dict[str, int]:
@@ -648,12 +789,13 @@ class _Fixed:
     runtime_overhead: int
     headroom: int
     capacity: int
+    speculative: int = 0
 
     @property
     def kv_budget(self) -> int:
         """What is left for the KV cache (negative when even the rest does not fit)."""
         used = sum(self.weights.values()) + self.activations + self.encoder_cache + self.cuda_graphs
-        used += self.runtime_overhead
+        used += self.runtime_overhead + self.speculative
         return self.capacity - used - self.headroom
 
 
@@ -671,13 +813,19 @@ def _fixed_costs(
     cuda_graphs: bool,
     redundant_experts: int = 0,
     encoder_cache_tokens: int | None = None,
+    speculative_tokens: int = 0,
+    drafter: DrafterShape | None = None,
 ) -> _Fixed:
-    """The one place the non-KV memory of a GPU is computed (plan and engine both use it)."""
+    """The one place the non-KV memory of a GPU is computed (plan and engine both use it).
+
+    `speculative_tokens` drafts per sequence and step (0: no speculation) by `drafter` (None: n-gram)."""
     mods = served_modalities(config, modalities)
     weights = weight_bytes_per_gpu(
         config, weight_dtype=weight_dtype, tensor_parallel=tensor_parallel, expert_parallel=expert_parallel,
         ple_on_device=ple_on_device, modalities=mods, redundant_experts=redundant_experts,
     )
+    if speculative_tokens and drafter is not None:
+        weights[DRAFTER] = drafter_weight_bytes(drafter, weight_dtype)
     width = 4 if weight_dtype == "fp32" else 2  # quantised weights still compute in bf16
     activations = activation_bytes(
         config, tokens=max_num_batched_tokens, sampled_rows=min(max_num_seqs, max_num_batched_tokens),
@@ -700,6 +848,10 @@ def _fixed_costs(
         runtime_overhead=overhead,
         headroom=math.ceil(HEADROOM_FRACTION * capacity_bytes),
         capacity=capacity_bytes,
+        speculative=speculative_buffer_bytes(
+            config.text, num_tokens=speculative_tokens, max_num_seqs=max_num_seqs, drafter=drafter,
+            activation_width=width,
+        ),
     )
 
 
@@ -718,16 +870,18 @@ def kv_cache_budget_bytes(
     cuda_graphs: bool = True,
     redundant_experts: int = 0,
     encoder_cache_tokens: int | None = None,
+    speculative_tokens: int = 0,
+    drafter: DrafterShape | None = None,
 ) -> int:
-    """Bytes of KV cache one GPU can hold: its usable memory minus weights, activations, the encoder
-    cache (media served), graphs, runtime overhead and headroom (0 when those alone do not fit).
-    `plan` uses the same arithmetic."""
+    """Bytes of KV cache one GPU can hold: its usable memory minus weights (a drafter's included), activations,
+    the encoder cache (media served), speculation's buffers, graphs, runtime overhead and headroom (0 when
+    those alone do not fit). `plan` uses the same arithmetic."""
     fixed = _fixed_costs(
         config, weight_dtype=weight_dtype, capacity_bytes=int(device_memory_bytes * usable_fraction),
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         tensor_parallel=tensor_parallel, expert_parallel=expert_parallel, ple_on_device=ple_on_device,
         modalities=modalities, cuda_graphs=cuda_graphs, redundant_experts=redundant_experts,
-        encoder_cache_tokens=encoder_cache_tokens,
+        encoder_cache_tokens=encoder_cache_tokens, speculative_tokens=speculative_tokens, drafter=drafter,
     )
     return max(0, fixed.kv_budget)
 
@@ -746,6 +900,10 @@ class ServingSpec:
     of 'text', 'image', 'video', 'audio', or 'all' (whatever the checkpoint takes).
     `encoder_cache_tokens` sizes the engine's encoder-output cache (its `encoder_cache_tokens`; None:
     its default), which a replica holds when it serves a media modality.
+
+    `speculative` turns on speculative decoding: 'ngram' (prompt lookup, no model) or 'assistant' (the
+    variant's published drafter, `PUBLISHED_DRAFTERS`); `num_speculative_tokens` drafts per sequence and
+    step (None: the variant's default, `gemma4.config.DEFAULT_SPECULATIVE_TOKENS`).
     """
 
     variant: str
@@ -764,6 +922,8 @@ class ServingSpec:
     modalities: tuple[str, ...] | str = ("text",)
     gpu_memory_utilization: float | None = None
     encoder_cache_tokens: int | None = None
+    speculative: str | None = None
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.modalities, str):
@@ -782,7 +942,11 @@ class ServingSpec:
             raise ValueError(f"redundant_experts must be a non-negative integer, got {self.redundant_experts!r}")
         if self.redundant_experts and not config.text.enable_moe_block:
             raise ValueError("redundant_experts applies to the MoE variant (26b-a4b) only")
-        for name in ("gpus", "tensor_parallel", "expert_parallel", "encoder_cache_tokens"):
+        if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)} or None, got {self.speculative!r}")
+        if self.num_speculative_tokens is not None and self.speculative is None:
+            raise ValueError("num_speculative_tokens needs speculative ('ngram' or 'assistant')")
+        for name in ("gpus", "tensor_parallel", "expert_parallel", "encoder_cache_tokens", "num_speculative_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -800,6 +964,18 @@ class ServingSpec:
                 f"({config.text.max_position_embeddings} tokens)"
             )
         served_modalities(config, self.modalities)
+
+    @property
+    def speculative_tokens(self) -> int:
+        """Drafts per sequence and step: 0 without speculation."""
+        if self.speculative is None:
+            return 0
+        return self.num_speculative_tokens or DEFAULT_SPECULATIVE_TOKENS[self.variant]
+
+    @property
+    def drafter(self) -> DrafterShape | None:
+        """The drafter model the plan prices (None without one: no speculation, or n-gram drafting)."""
+        return PUBLISHED_DRAFTERS[self.variant] if self.speculative == "assistant" else None
 
 
 @dataclass(frozen=True)
@@ -861,7 +1037,8 @@ def _evaluate(config: Gemma4Config, spec: ServingSpec, layout: _Layout, max_num_
         max_num_batched_tokens=spec.max_num_batched_tokens, tensor_parallel=layout.gpus,
         expert_parallel=layout.ep, ple_on_device=spec.ple_on_device, modalities=spec.modalities,
         cuda_graphs=acc.captures_graphs, redundant_experts=spec.redundant_experts,
-        encoder_cache_tokens=spec.encoder_cache_tokens,
+        encoder_cache_tokens=spec.encoder_cache_tokens, speculative_tokens=spec.speculative_tokens,
+        drafter=spec.drafter,
     )
     groups = rank_cache_groups(config.text, layout.gpus)
     kv_width = _kv_bytes(spec.kv_dtype)
@@ -943,7 +1120,8 @@ def _reason(spec: ServingSpec, evaluation: _Evaluation, auto: bool) -> str:
     fixed, n = evaluation.fixed, evaluation.layout.gpus
     where = f"{n} x {acc.name}" + (" (the most per node)" if auto else "")
     weights = sum(fixed.weights.values())
-    rest = "activations, " + ("the encoder cache, " if fixed.encoder_cache else "") + "graphs, runtime and headroom"
+    rest = "activations, " + ("the encoder cache, " if fixed.encoder_cache else "")
+    rest += ("speculative decoding's buffers, " if fixed.speculative else "") + "graphs, runtime and headroom"
     if fixed.kv_budget <= 0:
         return (
             f"{spec.variant} with {spec.weight_dtype} weights does not fit on {where}: weights "
@@ -1064,6 +1242,7 @@ def plan(spec: ServingSpec) -> Plan:
             runtime_overhead=fixed.runtime_overhead,
             headroom=fixed.headroom,
             capacity=fixed.capacity,
+            speculative=fixed.speculative,
         ),
         weights_per_gpu=fixed.weights,
         kv_cache_bytes_per_gpu=budget,

@@ -10,6 +10,7 @@ the committed output of `python -m gemma4_operator crd`; a test keeps it current
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         elif key == "exclusiveMinimum":
             out.update(minimum=value, exclusiveMinimum=True)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)  # a model inlined twice must not share lists (YAML would alias them)
     if out.get("type") == "object" and "default" in out:
         # Let the API server default nested fields itself; a required field cannot be defaulted.
         if "required" in out:

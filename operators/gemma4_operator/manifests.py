@@ -43,7 +43,7 @@ from gemma4.memory import Plan
 
 from gemma4_operator.crd import API_VERSION, GROUP, KIND
 from gemma4_operator.planner import modalities_of
-from gemma4_operator.spec import Downloader, Gemma4ServiceSpec
+from gemma4_operator.spec import Checkpoint, Downloader, Gemma4ServiceSpec
 
 MANAGER = "gemma4-operator"
 IMAGE_REPOSITORY = "ghcr.io/gemma4-platform/gemma4-platform"  # deploy/docker/serving*.Dockerfile
@@ -72,6 +72,7 @@ STALLED_STREAM_TIMEOUT_S = 30.0
 ANY_ADDRESS, LOOPBACK = "0.0.0.0", "127.0.0.1"
 API_KEYS_SECRET_KEY, METRICS_TOKEN_SECRET_KEY = "api-keys", "token"
 CHECKPOINT_DIR = "/models"
+ASSISTANT_DIR = "/models-assistant"  # the speculative-decoding drafter's checkpoint
 TLS_DIR = "/etc/gemma4/tls"
 WORKER_GROUP = "gpu"
 HEAD_CPU, HEAD_MEMORY, WORKER_CPU = "2", "8Gi", "8"
@@ -130,9 +131,29 @@ def http_service_name(owner: Owner) -> str:
 # ---------------------------------------------------------------------------- the Serve application
 
 
+def _checkpoints(spec: Gemma4ServiceSpec) -> list[tuple[str, Checkpoint, str]]:
+    """(volume name, checkpoint, mount directory) of the model and, with an assistant drafter, of the drafter."""
+    out = [("checkpoint", spec.model.checkpoint, CHECKPOINT_DIR)]
+    if spec.speculative.assistant is not None:
+        out.append(("assistant", spec.speculative.assistant, ASSISTANT_DIR))
+    return out
+
+
+def _directory(checkpoint: Checkpoint, mount: str) -> str:
+    pvc = checkpoint.pvc
+    return f"{mount}/{pvc.path.strip('/')}".rstrip("/") if pvc else mount
+
+
 def checkpoint_path(spec: Gemma4ServiceSpec) -> str:
-    pvc = spec.model.checkpoint.pvc
-    return f"{CHECKPOINT_DIR}/{pvc.path.strip('/')}".rstrip("/") if pvc else CHECKPOINT_DIR
+    return _directory(spec.model.checkpoint, CHECKPOINT_DIR)
+
+
+def speculative_model(spec: Gemma4ServiceSpec) -> str | None:
+    """`engine.speculative.model`: None (off), 'ngram', or the mounted drafter's directory."""
+    method, assistant = spec.speculative.method, spec.speculative.assistant
+    if method == "off":
+        return None
+    return _directory(assistant, ASSISTANT_DIR) if assistant is not None else method
 
 
 def grpc_host(spec: Gemma4ServiceSpec) -> str:
@@ -153,6 +174,7 @@ def engine_settings(spec: Gemma4ServiceSpec, plan: Plan) -> dict[str, Any]:
         "redundant_experts": plan.spec.redundant_experts,
         "expert_rebalance_interval": spec.parallelism.expert_rebalance_interval,
         "encoder_cache_tokens": plan.spec.encoder_cache_tokens,
+        "speculative": {"model": speculative_model(spec), "num_tokens": spec.speculative.num_tokens},
     }
 
 
@@ -259,34 +281,38 @@ def _env(spec: Gemma4ServiceSpec) -> list[dict[str, Any]]:
 
 
 def _volumes(spec: Gemma4ServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(volumes, mounts) for the checkpoint and the TLS secret."""
-    pvc = spec.model.checkpoint.pvc
-    source = {"persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True}} if pvc else {"emptyDir": {}}
-    volumes = [{"name": "checkpoint", **source}]
-    mounts = [{"name": "checkpoint", "mountPath": CHECKPOINT_DIR, "readOnly": True}]
+    """(volumes, mounts) for the checkpoints (model and drafter) and the TLS secret."""
+    volumes, mounts = [], []
+    for name, checkpoint, mount in _checkpoints(spec):
+        pvc = checkpoint.pvc
+        source = {"persistentVolumeClaim": {"claimName": pvc.claim_name, "readOnly": True}} if pvc else {"emptyDir": {}}
+        volumes.append({"name": name, **source})
+        mounts.append({"name": name, "mountPath": mount, "readOnly": True})
     if spec.gateway.tls_secret_name:
         volumes.append({"name": "tls", "secret": {"secretName": spec.gateway.tls_secret_name}})
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     return volumes, mounts
 
 
-def _downloader(spec: Gemma4ServiceSpec) -> list[dict[str, Any]]:
-    """The init container that fills the checkpoint volume from `checkpoint.uri` (none for a PVC)."""
-    checkpoint = spec.model.checkpoint
-    if checkpoint.uri is None:
-        return []
-    tool = checkpoint.downloader or DOWNLOADERS[checkpoint.uri.split("://", 1)[0]]
-    container: dict[str, Any] = {
-        "name": "download-checkpoint",
-        "image": tool.image,
-        "command": list(tool.command),
-        "env": [{"name": "GEMMA4_CHECKPOINT_URI", "value": checkpoint.uri},
-                {"name": "GEMMA4_CHECKPOINT_DIR", "value": CHECKPOINT_DIR}],
-        "volumeMounts": [{"name": "checkpoint", "mountPath": CHECKPOINT_DIR}],
-    }
-    if checkpoint.credentials_secret_name:
-        container["envFrom"] = [{"secretRef": {"name": checkpoint.credentials_secret_name}}]
-    return [container]
+def _downloaders(spec: Gemma4ServiceSpec) -> list[dict[str, Any]]:
+    """The init containers that fill the checkpoint volumes from their `uri` (none for a PVC)."""
+    containers = []
+    for name, checkpoint, mount in _checkpoints(spec):
+        if checkpoint.uri is None:
+            continue
+        tool = checkpoint.downloader or DOWNLOADERS[checkpoint.uri.split("://", 1)[0]]
+        container: dict[str, Any] = {
+            "name": f"download-{name}",
+            "image": tool.image,
+            "command": list(tool.command),
+            "env": [{"name": "GEMMA4_CHECKPOINT_URI", "value": checkpoint.uri},
+                    {"name": "GEMMA4_CHECKPOINT_DIR", "value": mount}],
+            "volumeMounts": [{"name": name, "mountPath": mount}],
+        }
+        if checkpoint.credentials_secret_name:
+            container["envFrom"] = [{"secretRef": {"name": checkpoint.credentials_secret_name}}]
+        containers.append(container)
+    return containers
 
 
 def _pod_template(owner: Owner, spec: Gemma4ServiceSpec, container: dict[str, Any], component: str,
@@ -296,7 +322,7 @@ def _pod_template(owner: Owner, spec: Gemma4ServiceSpec, container: dict[str, An
     container = {**container, "image": serving_image(spec), "env": _env(spec),
                  "volumeMounts": mounts + container.get("volumeMounts", [])}
     body: dict[str, Any] = {"containers": [container], "volumes": volumes + list(extra_volumes), **pod_spec}
-    if init := _downloader(spec):
+    if init := _downloaders(spec):
         body["initContainers"] = init
     # Only our labels: KubeRay adds its own (ray.io/node-type, ray.io/cluster, ...) to the pods.
     return {"metadata": {"labels": _labels(owner, component)}, "spec": body}

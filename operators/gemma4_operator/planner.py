@@ -6,7 +6,8 @@ Kubernetes for is what a replica allocates. `auto` parallelism leaves the layout
 The memory model plans layouts and formats this release's engine does not run (fp8 / int weights,
 multi-chip TPU replicas); `unsupported_by_engine` refuses those, with changes that fit what it runs.
 `spec.modalities` ([all] by default: whatever the variant takes) decides which towers and encoder cache
-the plan prices; `unsupported_modalities` refuses one the variant has no tower for before planning.
+the plan prices; `spec.speculative` adds the variant's published drafter (`gemma4.memory.PUBLISHED_DRAFTERS`:
+the operator has only the drafter's reference, not its config) or n-gram drafting's buffers; `unsupported_modalities` refuses one the variant has no tower for before planning.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def serving_spec(spec: Gemma4ServiceSpec) -> ServingSpec:
         expert_parallel=spec.parallelism.expert_parallel if explicit else None,
         redundant_experts=spec.parallelism.redundant_experts,
         modalities="all" if spec.modalities == ["all"] else tuple(spec.modalities),
+        speculative=None if spec.speculative.method == "off" else spec.speculative.method,
+        num_speculative_tokens=spec.speculative.num_tokens,
     )
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from gemma4.accelerators import ACCELERATORS
-from gemma4.config import VARIANTS
+from gemma4.config import DEFAULT_SPECULATIVE_TOKENS, VARIANTS
 from gemma4.memory import MODALITIES
 
 # Literal types built from the catalogues, so a new variant or accelerator reaches the CRD enum.
@@ -72,6 +72,25 @@ class ModelSpec(_Spec):
     dtype: Literal["bf16", "fp8", "int8", "int4"] = Field("bf16", description="weight dtype of the checkpoint")
     kv_dtype: Literal["bf16", "fp8"] = "bf16"
     name: str | None = Field(None, description="model name reported to clients (default gemma-4-VARIANT)")
+
+
+class Speculative(_Spec):
+    model_config = ConfigDict(json_schema_extra=_cel("(self.method == 'assistant') == has(self.assistant)",
+                                                     "speculative.assistant is set exactly when method is assistant"))
+
+    method: Literal["off", "ngram", "assistant"] = Field(
+        "off", description="speculative decoding: ngram (prompt lookup, no drafter model) or assistant (the "
+        "variant's gemma4_assistant drafter, e.g. hf://google/gemma-4-E2B-it-assistant); priced in the plan")
+    assistant: Checkpoint | None = Field(None, description="the drafter checkpoint (method assistant only)")
+    num_tokens: int | None = Field(None, ge=1, le=16, description="drafts per request and step (default: the "
+                                   "variant's, " + ", ".join(f"{v} {n}" for v, n in DEFAULT_SPECULATIVE_TOKENS.items())
+                                   + ")")
+
+    @model_validator(mode="after")
+    def _assistant(self) -> Speculative:
+        if (self.method == "assistant") != (self.assistant is not None):
+            raise ValueError("speculative.assistant is set exactly when method is assistant")
+        return self
 
 
 class Serving(_Spec):
@@ -166,6 +185,7 @@ class Gemma4ServiceSpec(_Spec):
         "takes; E2B/E4B add audio to the others' text, image and video). Text is always served; each media "
         "modality loads its tower and an encoder-output cache, priced in the plan")
     serving: Serving = Serving()
+    speculative: Speculative = Speculative()
     accelerator: AcceleratorSpec = AcceleratorSpec()
     parallelism: Parallelism = Parallelism()
     autoscaling: Autoscaling = Autoscaling()

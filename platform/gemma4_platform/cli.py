@@ -6,6 +6,7 @@
     gemma4-platform config --settings prod.yaml # a Serve config file (serveConfigV2) for KubeRay
     gemma4-platform config --env                # the environment the Ray pods need (proxy hardening)
     gemma4-platform plan --variant 31b --dtype fp8 --max-model-len 32768   # GPUs and memory per replica
+    gemma4-platform serve --set engine.speculative.model=ngram   # speculative decoding (or an assistant dir)
 
 Settings come from an optional YAML/JSON file, then `--set section.field=value` overrides; they are
 validated by `PlatformSettings`, and a bad value exits with a message naming the field.
@@ -27,7 +28,7 @@ import yaml
 from pydantic import ValidationError
 
 from gemma4.accelerators import ACCELERATORS, GiB
-from gemma4.memory import KV_DTYPE_BYTES, WEIGHT_FORMATS, Plan, ServingSpec, plan
+from gemma4.memory import KV_DTYPE_BYTES, SPECULATIVE_METHODS, WEIGHT_FORMATS, Plan, ServingSpec, plan
 from gemma4_platform.grpc_registration import SERVICER_FUNCTION
 from gemma4_platform.proxy_setup import proxy_environment
 from gemma4_platform.settings import PlatformSettings
@@ -180,6 +181,7 @@ def format_plan(result: Plan) -> str:
         (f"KV cache ({spec.max_num_seqs} x {spec.max_model_len} tokens)", mem.kv_cache),
         ("activations", mem.activations),
         *([("encoder cache", mem.encoder_cache)] if mem.encoder_cache else []),
+        *([(f"speculative decoding ({spec.speculative_tokens} drafts)", mem.speculative)] if mem.speculative else []),
         ("CUDA graphs", mem.cuda_graphs),
         ("runtime overhead", mem.runtime_overhead),
         ("headroom", mem.headroom),
@@ -226,6 +228,9 @@ def add_plan_parser(sub: Any) -> None:
                    help="encoder-output cache in soft tokens, with media served (default: 2 x max-num-batched-tokens)")
     p.add_argument("--ple-on-host", action="store_true", help="plan the E2B/E4B PLE table in host memory, not on the GPU")
     p.add_argument("--gpu-memory-utilization", type=float, help="default: the accelerator's usable fraction")
+    p.add_argument("--speculative", choices=list(SPECULATIVE_METHODS),
+                   help="price speculative decoding: n-gram drafting, or the variant's published assistant drafter")
+    p.add_argument("--num-speculative-tokens", type=int, help="drafts per sequence and step (default: the variant's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -238,7 +243,8 @@ def run_plan(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, gpus=args.gpus, modalities=modalities,
             ple_on_device=not args.ple_on_host, gpu_memory_utilization=args.gpu_memory_utilization,
-            encoder_cache_tokens=args.encoder_cache_tokens,
+            encoder_cache_tokens=args.encoder_cache_tokens, speculative=args.speculative,
+            num_speculative_tokens=args.num_speculative_tokens,
         ))
     except ValueError as exc:
         print(f"gemma4-platform plan: {exc}", file=sys.stderr)

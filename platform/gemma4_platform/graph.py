@@ -140,12 +140,14 @@ class Replica:
         self.settings = PlatformSettings.model_validate(settings)
         tracing.configure("gemma4-replica", self.settings.telemetry.tracing)
         checkpoint = resolve_checkpoint(self.settings)
-        self.settings.check_model(load_config(checkpoint).text)
+        text = load_config(checkpoint).text
+        self.settings.check_model(text)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.executor: RayExecutor | None = None
         self.engine = AsyncEngine(self._build_engine(checkpoint))
         self.metrics = ReplicaMetrics(
-            self.settings.model.name, self.replica_id, moe_top_experts=self.settings.telemetry.moe_top_experts
+            self.settings.model.name, self.replica_id, moe_top_experts=self.settings.telemetry.moe_top_experts,
+            speculative_tokens=self.engine.engine.args.speculative_tokens(text),
         )
         self.hub = metrics_hub()
         serve_logs.install()
@@ -167,8 +169,8 @@ class Replica:
         if engine.tensor_parallel_size == 1:
             if backend_of(device).host_memory and settings.replica.num_cpus >= 1:  # CPU inference threads
                 torch.set_num_threads(int(settings.replica.num_cpus))
-            return LLM(checkpoint, dtype=dtype, device=device, **engine.model_dump()).engine
-        args = EngineArgs(**engine.model_dump())
+            return LLM(checkpoint, dtype=dtype, device=device, **engine.engine_args()).engine
+        args = EngineArgs(**engine.engine_args())
         self.executor = RayExecutor(WorkerConfig.of(checkpoint, dtype, device, args), f"gemma4-{self.replica_id}")
         tokenizer = load_tokenizer(checkpoint) if (Path(checkpoint) / "tokenizer.json").is_file() else None
         return LLMEngine(self.executor, tokenizer, args)

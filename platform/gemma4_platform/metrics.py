@@ -29,9 +29,10 @@ MEDIA_MODALITIES = ("image", "audio", "video")  # exported from the start, so pe
 
 
 class ReplicaMetrics:
-    """One replica's engine metrics (labels: model_name, replica)."""
+    """One replica's engine metrics (labels: model_name, replica). `speculative_tokens` drafts per step (0:
+    no speculative decoding) are exported per draft position from the first update on."""
 
-    def __init__(self, model_name: str, replica: str, *, moe_top_experts: int = 8) -> None:
+    def __init__(self, model_name: str, replica: str, *, moe_top_experts: int = 8, speculative_tokens: int = 0) -> None:
         self.registry = CollectorRegistry()
         self._labels = {"model_name": model_name, "replica": replica}
         names = list(self._labels)
@@ -73,6 +74,23 @@ class ReplicaMetrics:
             "gemma4_encoder_cache_usage_ratio", "Encoder-output cache usage of its token capacity (0-1).", names,
             registry=r,
         )
+        # Speculative decoding, as vLLM names it: acceptance rate = accepted / draft tokens, mean acceptance
+        # length = 1 + accepted / drafts (each verification step also yields the target's own token).
+        self.spec_drafts = Counter(
+            "vllm:spec_decode_num_drafts", "Speculative drafts proposed (one per request and verification step).",
+            names, registry=r,
+        )
+        self.spec_draft_tokens = Counter(
+            "vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", names, registry=r
+        )
+        self.spec_accepted_tokens = Counter(
+            "vllm:spec_decode_num_accepted_tokens", "Draft tokens the target accepted.", names, registry=r
+        )
+        self.spec_accepted_per_pos = Counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens per draft position (0 = first).",
+            names + ["position"], registry=r,
+        )
+        self.speculative_tokens = speculative_tokens
         self._seen: dict[tuple[Counter, str], float] = {}  # last seen cumulative engine counts, by counter and label
         # Per-expert load with bounded cardinality: layer totals and imbalance (one series per MoE layer) and
         # the `moe_top_experts` hottest (layer, expert) pairs; the full matrix is on /debug/moe/experts.
@@ -173,19 +191,26 @@ class ReplicaMetrics:
             (self.preemptions, stats.num_preemptions), (self.media_requests, stats.media_requests_total),
             (self.encoder_cache_queries, stats.encoder_cache_queries_total),
             (self.encoder_cache_hits, stats.encoder_cache_hits_total), (self.encoder_seconds, stats.encoder_seconds_total),
+            (self.spec_drafts, stats.spec_num_drafts), (self.spec_draft_tokens, stats.spec_num_draft_tokens),
+            (self.spec_accepted_tokens, stats.spec_num_accepted_tokens),
         ):
             self._advance(counter, total)
         for counter, per_modality in ((self.media_items, stats.media_items_total),
                                       (self.encoder_items, stats.encoder_items_total)):
             for modality in dict.fromkeys((*MEDIA_MODALITIES, *per_modality)):
-                self._advance(counter, per_modality.get(modality, 0), modality)
+                self._advance(counter, per_modality.get(modality, 0), "modality", modality)
+        per_position = stats.spec_accepted_per_position
+        for position in range(max(self.speculative_tokens, len(per_position))):
+            accepted = per_position[position] if position < len(per_position) else 0
+            self._advance(self.spec_accepted_per_pos, accepted, "position", str(position))
         self._update_experts(expert_load)
         self._update_ranks(expert_load, placements)
 
-    def _advance(self, counter: Counter, total: float, modality: str | None = None) -> None:
-        """Increment `counter` by what the engine's cumulative `total` grew since the last update."""
-        labels = {**self._labels, **({"modality": modality} if modality is not None else {})}
-        key = (counter, modality or "")
+    def _advance(self, counter: Counter, total: float, label: str | None = None, value: str = "") -> None:
+        """Increment `counter` (its series with `label`=`value`, if given) by what the engine's cumulative
+        `total` grew since the last update."""
+        labels = {**self._labels, **({label: value} if label is not None else {})}
+        key = (counter, value)
         counter.labels(**labels).inc(max(0, total - self._seen.get(key, 0)))
         self._seen[key] = total
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gemma4.config import DEFAULT_SPECULATIVE_TOKENS
 from gemma4.parallel.layout import check_parallel_settings
 
 if TYPE_CHECKING:
@@ -46,6 +47,49 @@ class ModelSettings(_Strict):
         if not isinstance(value, str) and (not value or len(set(value)) < len(value)):
             raise ValueError("give 'all' or a non-empty list of distinct modalities")
         return value
+
+
+class SpeculativeSettings(_Strict):
+    """Speculative decoding: a drafter proposes `num_tokens` tokens per request and step, the model verifies
+    them in one forward pass (`EngineArgs.speculative_model` / `num_speculative_tokens`)."""
+
+    model: str | None = Field(
+        None, description="'ngram' (prompt lookup, no drafter model) or a gemma4_assistant checkpoint directory "
+        "(e.g. google/gemma-4-E2B-it-assistant, matching the served variant); None = off"
+    )
+    num_tokens: int | None = Field(
+        None, ge=1, le=16, description="drafts per request and step; None = the variant's default ("
+        + ", ".join(f"{v} {n}" for v, n in DEFAULT_SPECULATIVE_TOKENS.items()) + ")"
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("give 'ngram', a gemma4_assistant checkpoint directory, or null (off)")
+        return value
+
+    @model_validator(mode="after")
+    def _tokens_need_a_drafter(self) -> "SpeculativeSettings":
+        if self.num_tokens is not None and self.model is None:
+            raise ValueError("num_tokens needs model ('ngram' or an assistant checkpoint directory)")
+        return self
+
+    def check_drafter(self, text: "Gemma4TextConfig") -> None:
+        """Refuse an assistant checkpoint readable here that was not trained for a model of `text`'s width."""
+        if self.model in (None, "ngram") or not (Path(self.model) / "config.json").is_file():
+            return  # off, n-gram, or a directory on the cluster: the replica checks it where it is
+        from gemma4.memory import load_drafter_shape
+
+        try:
+            drafter = load_drafter_shape(self.model)
+        except ValueError as exc:
+            raise ValueError(f"engine.speculative.model: {exc}") from None
+        if drafter.backbone_hidden_size != text.hidden_size:
+            raise ValueError(
+                f"engine.speculative.model {self.model} drafts for a model of hidden size "
+                f"{drafter.backbone_hidden_size}, but the served model's is {text.hidden_size}: use its own assistant"
+            )
 
 
 class EngineSettings(_Strict):
@@ -83,6 +127,13 @@ class EngineSettings(_Strict):
     encoder_cache_tokens: int | None = Field(
         None, ge=1, description="soft tokens of encoded media kept on the device; None = 2 x max_num_batched_tokens"
     )
+    speculative: SpeculativeSettings = SpeculativeSettings()
+
+    def engine_args(self) -> dict[str, Any]:
+        """These settings as `EngineArgs` keyword arguments (the speculative section flattened)."""
+        spec = self.speculative
+        return {**self.model_dump(exclude={"speculative"}), "speculative_model": spec.model,
+                "num_speculative_tokens": spec.num_tokens}
 
     @model_validator(mode="after")
     def _parallel(self) -> "EngineSettings":
@@ -251,23 +302,26 @@ class PlatformSettings(_Strict):
         return self
 
     def check_model(self, text: "Gemma4TextConfig | None" = None) -> None:
-        """Refuse parallel settings the decoder cannot be split by (ValueError naming the settings).
+        """Refuse parallel settings the decoder cannot be split by, and an assistant drafter trained for another
+        model (ValueError naming the settings).
 
         Without `text`, the decoder of `model_text_config()`; nothing is checked when that is not readable
         here (the replica checks again where the checkpoint is).
         """
         engine = self.engine
         tp, ep = engine.tensor_parallel_size, engine.expert_parallel_size
+        drafter = engine.speculative.model not in (None, "ngram")
         if text is None:
-            if (tp, ep) == (1, 1):
+            if (tp, ep) == (1, 1) and not drafter:
                 return  # a single-device replica fits every decoder: no config to read
             text = self.model_text_config()
             if text is None:
                 return
+        engine.speculative.check_drafter(text)
         from gemma4.engine.args import EngineArgs
 
         try:
-            EngineArgs(**engine.model_dump()).check_model(text)
+            EngineArgs(**engine.engine_args()).check_model(text)
         except ValueError as exc:
             raise ValueError(f"engine.tensor_parallel_size={tp}, engine.expert_parallel_size={ep}: {exc}") from None
 

@@ -9,7 +9,7 @@ import torch
 
 from gemma4.backends import KERNEL_CHOICES, KernelChoice, backend_of
 from gemma4.config import DEFAULT_SPECULATIVE_TOKENS, Gemma4TextConfig
-from gemma4.memory import check_layout, kv_cache_budget_bytes
+from gemma4.memory import DrafterShape, check_layout, kv_cache_budget_bytes, load_drafter_shape
 from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.parallel.layout import ParallelLayout, check_parallel_settings
 
@@ -139,8 +139,19 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def drafter_shape(args: EngineArgs) -> DrafterShape | None:
+    """The assistant drafter `args.speculative_model` names, as the memory model prices it (None: no drafter)."""
+    if args.speculative_model in (None, "ngram"):
+        return None
+    try:
+        return load_drafter_shape(args.speculative_model)
+    except ValueError as exc:
+        raise ValueError(f"speculative_model: {exc}") from None
+
+
 def resolve_kv_cache_bytes(model: Gemma4ForCausalLM, args: EngineArgs) -> int:
-    """One rank's KV budget: the explicit `args.kv_cache_memory_bytes`, else sized from its device."""
+    """One rank's KV budget: the explicit `args.kv_cache_memory_bytes`, else sized from its device (less the
+    drafter's weights and speculation's step buffers when `args.speculative_model` is set)."""
     if args.kv_cache_memory_bytes is not None:
         return args.kv_cache_memory_bytes
     param = next(model.parameters())
@@ -164,6 +175,8 @@ def resolve_kv_cache_bytes(model: Gemma4ForCausalLM, args: EngineArgs) -> int:
         modalities=model.config.modalities if len(model.towers) else ("text",),
         encoder_cache_tokens=args.encoder_cache_capacity,
         cuda_graphs=args.cuda_graphs,
+        speculative_tokens=args.speculative_tokens(model.config.text),
+        drafter=drafter_shape(args),
     )
     if budget == 0:
         raise ValueError(
