@@ -141,7 +141,7 @@ def _is_int(value: object) -> bool:
 
 def drafter_shape(args: EngineArgs) -> DrafterShape | None:
     """The assistant drafter `args.speculative_model` names, as the memory model prices it (None: no drafter)."""
-    if args.speculative_model in (None, "ngram"):
+    if args.speculative_model in (None, NGRAM):
         return None
     try:
         return load_drafter_shape(args.speculative_model)
