@@ -1,0 +1,121 @@
+"""The paged drafter (`AssistantProposer`) against our dense drafter on the same K/V: a target's paged
+cache filled by the model runner over two prompts of different lengths (one far past the sliding
+window), drafted in one batch."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from gemma4.assistant import SharedKVAttention, draft_greedy
+from gemma4.config import FULL, load_config
+from gemma4.engine.kv_cache_manager import KVCacheManager
+from gemma4.engine.model_runner import ModelRunner
+from gemma4.engine.request import Request
+from gemma4.engine.sampling_params import SamplingParams
+from gemma4.engine.scheduler import ScheduledBatch
+from gemma4.engine.spec_decode.assistant_proposer import AssistantProposer, key_scales
+from gemma4.kv_layout import NULL_BLOCK, cache_groups
+from gemma4.loader import load_assistant, load_model
+from gemma4.modeling import DenseAttention
+from gemma4.ops.rope import apply_rope, rope_at
+from gemma4.tiny import write_tiny_assistant, write_tiny_checkpoint
+
+BLOCK_SIZE = 4
+PROMPT_LENS = (150, 23)  # 150: more than twice the window (64), so the sliding window starts mid-context
+DRAFTS = 4
+
+
+@pytest.fixture(scope="module", params=["e2b", "e4b", "26b-a4b", "31b"])
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp(request.param)
+    target_path = write_tiny_checkpoint(root / "target", variant=request.param, towers=False)
+    assistant_path = write_tiny_assistant(root / "assistant", load_config(target_path), seed=2)
+    target = load_model(target_path, dtype=torch.float32)
+    drafter = load_assistant(assistant_path, target.config, dtype=torch.float32)
+    groups = cache_groups(target.text_config)
+    num_blocks = {g.name: 64 for g in groups}
+    runner = ModelRunner(
+        target, groups, num_blocks, BLOCK_SIZE, max_num_seqs=4, max_num_batched_tokens=256, max_model_len=256,
+        cuda_graphs=False,
+    )
+    kv = KVCacheManager(groups, num_blocks, BLOCK_SIZE, enable_prefix_caching=False)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 400, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+    requests = [Request(f"r{i}", p, SamplingParams(), frozenset()) for i, p in enumerate(prompts)]
+    for r in requests:
+        assert kv.allocate(r.request_id, r.token_ids, 0, r.num_tokens)
+    logits, _ = runner.execute(ScheduledBatch(requests, list(PROMPT_LENS)), kv)  # fills the cache
+    tokens = logits[: len(requests)].argmax(-1)
+    with torch.no_grad():
+        hidden = torch.cat([_last_hidden(target, p) for p in prompts])
+    tables = [kv.block_tables(r.request_id) for r in requests]
+    proposer = AssistantProposer(
+        drafter, target, runner.cache, runner.ops, key_scales(target), target.model.rotary[FULL].inv_freq
+    )
+    return target, drafter, runner, proposer, hidden, tokens, tables
+
+
+def _last_hidden(target: torch.nn.Module, prompt: list[int]) -> torch.Tensor:
+    """The target's final-normed hidden state at the prompt's last row, `[1, H]`."""
+    positions = torch.arange(len(prompt))[None]
+    return target.hidden_states(torch.tensor([prompt]), positions, DenseAttention(positions, target.ops))[:, -1]
+
+
+def _cached_kv(runner: ModelRunner, target, layer: int, table: list[int], length: int):
+    """Keys and values `[1, length, kv_heads, D]` of `layer` read back from the paged cache (the oracle of
+    the op's gather; K-as-V keys re-derived from the values as the target defines them)."""
+    gi, li = runner.cache.location[layer]
+    values = runner.cache.values[gi][li][table].flatten(0, 1)[:length][None]
+    if runner.cache.keys[gi] is not None:
+        return runner.cache.keys[gi][li][table].flatten(0, 1)[:length][None], values
+    cos, sin = rope_at(torch.arange(length)[None], target.model.rotary[FULL].inv_freq)
+    return apply_rope(values * key_scales(target)[layer], cos, sin), values
+
+
+def test_paged_drafts_equal_dense_drafts_on_the_cached_kv(setup) -> None:
+    target, drafter, runner, proposer, hidden, tokens, tables = setup
+    with torch.no_grad():
+        drafts, logits = proposer.draft(hidden, tokens, list(PROMPT_LENS), tables, DRAFTS)
+    assert drafts.shape == (2, DRAFTS) and drafts.dtype == torch.int64
+    for r, length in enumerate(PROMPT_LENS):
+        kv = {}
+        for spec in drafter.layers:
+            gi, _ = runner.cache.location[spec.kv_source]
+            kv[spec.kv_source] = _cached_kv(runner, target, spec.kv_source, tables[r][gi], length)
+        with torch.no_grad():
+            expected, expected_logits = draft_greedy(
+                drafter, target.model.embed_tokens, tokens[r : r + 1], hidden[r : r + 1],
+                torch.tensor([[length]]), SharedKVAttention(kv, torch.tensor([length])), DRAFTS,
+            )
+        assert drafts[r].tolist() == expected[0].tolist()
+        torch.testing.assert_close(logits[r], expected_logits[0], atol=1e-4, rtol=1e-4)
+    assert proposer.propose(hidden, tokens, list(PROMPT_LENS), tables, DRAFTS).tolist() == drafts.tolist()
+
+
+def test_sliding_blocks_before_the_drafters_window_are_not_read(setup) -> None:
+    """Released (null) sliding blocks before key `pos - W - 1` change nothing; one inside the window fails
+    the debug check (on in the tests)."""
+    target, drafter, runner, proposer, hidden, tokens, tables = setup
+    groups = runner.cache.groups
+    sliding = next(gi for gi, g in enumerate(groups) if g.sliding_window is not None)
+    length, window = PROMPT_LENS[0], groups[sliding].sliding_window
+    first_read = (length - window - 1) // BLOCK_SIZE
+    released = [list(t) for t in tables[0]]
+    released[sliding][:first_read] = [NULL_BLOCK] * first_read
+    with torch.no_grad():
+        before = proposer.propose(hidden, tokens, list(PROMPT_LENS), tables, DRAFTS)
+        after = proposer.propose(hidden, tokens, list(PROMPT_LENS), [released, tables[1]], DRAFTS)
+    assert after.tolist() == before.tolist()
+    released[sliding][first_read] = NULL_BLOCK
+    with pytest.raises(RuntimeError, match="null block, inside the drafter's window"):
+        proposer.propose(hidden, tokens, list(PROMPT_LENS), [released, tables[1]], DRAFTS)
+
+
+def test_bad_inputs_are_rejected(setup) -> None:
+    _, _, _, proposer, hidden, tokens, tables = setup
+    with pytest.raises(ValueError, match="positions"):
+        proposer.propose(hidden[:1], tokens[:1], list(PROMPT_LENS), tables, DRAFTS)
+    with pytest.raises(ValueError, match="num_tokens"):
+        proposer.propose(hidden, tokens, list(PROMPT_LENS), tables, 0)
