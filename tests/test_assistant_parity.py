@@ -1,14 +1,6 @@
 """Parity of our assistant drafter with transformers' `Gemma4AssistantForCausalLM` and its candidate
-generator (`SinglePositionMultiTokenCandidateGenerator`), on tiny checkpoints of all four variants.
-
-transformers 5.23 needs two test-side patches to run the drafter at all, both confined to this file:
-* `Gemma4TextConfig.kv_sharing_modes` raises for a stack whose layers are all KV-shared (it looks for a
-  producer among no layers), so no `Gemma4AssistantForCausalLM` can be built; the patch returns
-  "reuse" for every layer of such a stack (what the assistant means) and defers to the original else.
-* A target without KV-sharing layers (26B/31B) returns empty `shared_kv_states`: the "store" marks
-  are only set when some layer shares. The patch sets them, as `kv_sharing_modes` documents ("the
-  last non-consumer layer of each type stores its KV states ... assistant models read them").
-"""
+generator (`SinglePositionMultiTokenCandidateGenerator`), on tiny checkpoints of all four variants
+(transformers patched to run it at all: see `assistant_reference`)."""
 
 from __future__ import annotations
 
@@ -16,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
-from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
-from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig as HFTextConfig
 
+from assistant_reference import hf_assistant as load_hf_assistant
+from assistant_reference import hf_drafts, hf_prefill, patch_all_shared_stacks
+from assistant_reference import hf_target as load_hf_target
 from gemma4.assistant import SharedKVAttention, draft_greedy
 from gemma4.assistant_config import Gemma4AssistantConfig, load_assistant_config
 from gemma4.checkpoint import CheckpointError
@@ -34,14 +26,7 @@ DRAFTS = 3
 
 @pytest.fixture(autouse=True)
 def all_shared_stacks_reuse(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = HFTextConfig.kv_sharing_modes.fget
-
-    def modes(config: HFTextConfig) -> list[str | None]:
-        if config.num_kv_shared_layers == config.num_hidden_layers:
-            return ["reuse"] * config.num_hidden_layers
-        return original(config)
-
-    monkeypatch.setattr(HFTextConfig, "kv_sharing_modes", property(modes))
+    patch_all_shared_stacks(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -54,49 +39,23 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     return out
 
 
-def _hf_target(path: Path) -> torch.nn.Module:
-    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    text = model.config.text_config
-    if not text.num_kv_shared_layers:  # mark the last layer of each type as the store (see the module doc)
-        layers = model.model.language_model.layers
-        for kind in set(text.layer_types):
-            last = max(i for i, t in enumerate(text.layer_types) if t == kind)
-            layers[last].self_attn.store_full_length_kv = True
-    return model
-
-
-def _hf_assistant(path: Path) -> torch.nn.Module:
-    return transformers.Gemma4AssistantForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("prompt_len", [9, 90])  # 90 > sliding window + 1 (65): the flipped window cuts
 def test_drafts_logits_and_states_match_transformers(checkpoints, variant: str, prompt_len: int) -> None:
     target_path, assistant_path = checkpoints[variant]
-    hf_target, hf_assistant = _hf_target(target_path), _hf_assistant(assistant_path)
+    hf_target, hf_assistant = load_hf_target(target_path), load_hf_assistant(assistant_path)
     target = load_model(target_path, dtype=torch.float32)
     drafter = load_assistant(assistant_path, target.config, dtype=torch.float32)
     assert (drafter.masked_embedding is not None) == variant.startswith("e")
 
     prompt = torch.randint(3, 400, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     positions = torch.arange(prompt_len)[None]
+    out, token = hf_prefill(hf_target, prompt)
+    candidates, hf_logits = hf_drafts(hf_target, hf_assistant, prompt, out, token, DRAFTS)
     with torch.no_grad():
-        out = hf_target(input_ids=prompt, output_hidden_states=True, return_shared_kv_states=True)
         # HF's hidden_states[-1] is the final-normed state, what our target's `hidden_states` returns.
         ours_hidden = target.hidden_states(prompt, positions, DenseAttention(positions, target.ops))
         torch.testing.assert_close(ours_hidden, out.hidden_states[-1], atol=1e-3, rtol=1e-3)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        input_ids = torch.cat([prompt, token], dim=1)
-        hf_assistant.generation_config.num_assistant_tokens = DRAFTS
-        generator = SinglePositionMultiTokenCandidateGenerator(
-            hf_assistant, hf_target.get_input_embeddings(), transformers.GenerationConfig(max_length=10_000)
-        )
-        candidates, hf_logits = generator.get_candidates(input_ids, {}, out, False, 0)
-
         kv = out.shared_kv_states
         producers = {spec.attention_type: spec.kv_source for spec in drafter.layers}
         shared = {producers[kind]: (k.transpose(1, 2), v.transpose(1, 2)) for kind, (k, v) in kv.items()}
@@ -112,7 +71,7 @@ def test_drafts_logits_and_states_match_transformers(checkpoints, variant: str, 
         )
         step_logits, projected = drafter(step_in, torch.tensor([[prompt_len]]), attention)
 
-    assert drafts[0].tolist() == candidates[0, prompt_len + 1 :].tolist()
+    assert drafts.tolist() == candidates.tolist()
     torch.testing.assert_close(logits, hf_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(step_logits, hf_step.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(projected, hf_step.last_hidden_state, atol=1e-4, rtol=1e-4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from assistant_reference import hf_assistant, hf_drafts, hf_prefill, hf_target, patch_all_shared_stacks
 from gemma4.assistant import SharedKVAttention, draft_greedy
 from gemma4.config import FULL, load_config
 from gemma4.engine.kv_cache_manager import KVCacheManager
@@ -54,7 +55,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     proposer = AssistantProposer(
         drafter, target, runner.cache, runner.ops, key_scales(target), target.model.rotary[FULL].inv_freq
     )
-    return target, drafter, runner, proposer, hidden, tokens, tables
+    return target, drafter, runner, proposer, hidden, tokens, tables, prompts, target_path, assistant_path
 
 
 def _last_hidden(target: torch.nn.Module, prompt: list[int]) -> torch.Tensor:
@@ -75,7 +76,7 @@ def _cached_kv(runner: ModelRunner, target, layer: int, table: list[int], length
 
 
 def test_paged_drafts_equal_dense_drafts_on_the_cached_kv(setup) -> None:
-    target, drafter, runner, proposer, hidden, tokens, tables = setup
+    target, drafter, runner, proposer, hidden, tokens, tables = setup[:7]
     with torch.no_grad():
         drafts, logits = proposer.draft(hidden, tokens, list(PROMPT_LENS), tables, DRAFTS)
     assert drafts.shape == (2, DRAFTS) and drafts.dtype == torch.int64
@@ -97,7 +98,7 @@ def test_paged_drafts_equal_dense_drafts_on_the_cached_kv(setup) -> None:
 def test_sliding_blocks_before_the_drafters_window_are_not_read(setup) -> None:
     """Released (null) sliding blocks before key `pos - W - 1` change nothing; one inside the window fails
     the debug check (on in the tests)."""
-    target, drafter, runner, proposer, hidden, tokens, tables = setup
+    target, drafter, runner, proposer, hidden, tokens, tables = setup[:7]
     groups = runner.cache.groups
     sliding = next(gi for gi, g in enumerate(groups) if g.sliding_window is not None)
     length, window = PROMPT_LENS[0], groups[sliding].sliding_window
@@ -114,8 +115,30 @@ def test_sliding_blocks_before_the_drafters_window_are_not_read(setup) -> None:
 
 
 def test_bad_inputs_are_rejected(setup) -> None:
-    _, _, _, proposer, hidden, tokens, tables = setup
+    _, _, _, proposer, hidden, tokens, tables = setup[:7]
     with pytest.raises(ValueError, match="positions"):
         proposer.propose(hidden[:1], tokens[:1], list(PROMPT_LENS), tables, DRAFTS)
     with pytest.raises(ValueError, match="num_tokens"):
         proposer.propose(hidden, tokens, list(PROMPT_LENS), tables, 0)
+
+
+def test_paged_drafts_equal_transformers_candidate_generator(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fed transformers' next token and hidden state, the batched paged drafts over our cache are the
+    candidate generator's over transformers' own K/V."""
+    patch_all_shared_stacks(monkeypatch)
+    proposer, tables, prompts, target_path, assistant_path = setup[3], setup[6], *setup[7:]
+    reference, assistant = hf_target(target_path), hf_assistant(assistant_path)
+    tokens, hidden, expected, expected_logits = [], [], [], []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out, token = hf_prefill(reference, ids)
+        drafts, logits = hf_drafts(reference, assistant, ids, out, token, DRAFTS)
+        tokens.append(token[0])
+        hidden.append(out.hidden_states[-1][:, -1])
+        expected.append(drafts[0].tolist())
+        expected_logits.append(logits[0])
+    with torch.no_grad():
+        drafts, logits = proposer.draft(torch.cat(hidden), torch.cat(tokens), list(PROMPT_LENS), tables, DRAFTS)
+    assert drafts.tolist() == expected
+    # The two caches differ by float rounding (two implementations of the target), which later steps amplify.
+    torch.testing.assert_close(logits[:, 0], torch.stack(expected_logits)[:, 0], atol=1e-3, rtol=1e-3)
