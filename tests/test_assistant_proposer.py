@@ -4,12 +4,15 @@ window), drafted in one batch."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 from assistant_reference import hf_assistant, hf_drafts, hf_prefill, hf_target, patch_all_shared_stacks
-from gemma4.assistant import SharedKVAttention, draft_greedy
+from gemma4.assistant import Gemma4Assistant, SharedKVAttention, draft_greedy
+from gemma4.backends import select_ops
 from gemma4.config import FULL, load_config
 from gemma4.engine.kv_cache_manager import KVCacheManager
 from gemma4.engine.model_runner import ModelRunner
@@ -19,7 +22,7 @@ from gemma4.engine.scheduler import ScheduledBatch
 from gemma4.engine.spec_decode.assistant_proposer import AssistantProposer, key_scales
 from gemma4.kv_layout import NULL_BLOCK, cache_groups
 from gemma4.loader import load_assistant, load_model
-from gemma4.modeling import DenseAttention
+from gemma4.modeling import DenseAttention, Gemma4ForCausalLM
 from gemma4.ops.rope import apply_rope, rope_at
 from gemma4.tiny import write_tiny_assistant, write_tiny_checkpoint
 
@@ -28,10 +31,24 @@ PROMPT_LENS = (150, 23)  # 150: more than twice the window (64), so the sliding 
 DRAFTS = 4
 
 
-@pytest.fixture(scope="module", params=["e2b", "e4b", "26b-a4b", "31b"])
-def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp(request.param)
-    target_path = write_tiny_checkpoint(root / "target", variant=request.param, towers=False)
+@dataclass
+class Drafting:
+    """A target's paged cache filled over `prompts`, and a proposer over it."""
+
+    target: Gemma4ForCausalLM
+    drafter: Gemma4Assistant
+    runner: ModelRunner
+    proposer: AssistantProposer
+    hidden: torch.Tensor  # [2, H] the target's final-normed states at the prompts' last rows
+    tokens: torch.Tensor  # [2] the target's greedy next tokens
+    tables: list[list[list[int]]]
+    prompts: list[list[int]]
+    target_path: Path
+    assistant_path: Path
+
+
+def _drafting(root: Path, variant: str) -> Drafting:
+    target_path = write_tiny_checkpoint(root / "target", variant=variant, towers=False)
     assistant_path = write_tiny_assistant(root / "assistant", load_config(target_path), seed=2)
     target = load_model(target_path, dtype=torch.float32)
     drafter = load_assistant(assistant_path, target.config, dtype=torch.float32)
@@ -39,7 +56,7 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     num_blocks = {g.name: 64 for g in groups}
     runner = ModelRunner(
         target, groups, num_blocks, BLOCK_SIZE, max_num_seqs=4, max_num_batched_tokens=256, max_model_len=256,
-        cuda_graphs=False,
+        cuda_graphs=False, kernels="torch",
     )
     kv = KVCacheManager(groups, num_blocks, BLOCK_SIZE, enable_prefix_caching=False)
     gen = torch.Generator().manual_seed(3)
@@ -48,14 +65,20 @@ def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     for r in requests:
         assert kv.allocate(r.request_id, r.token_ids, 0, r.num_tokens)
     logits, _ = runner.execute(ScheduledBatch(requests, list(PROMPT_LENS)), kv)  # fills the cache
-    tokens = logits[: len(requests)].argmax(-1)
     with torch.no_grad():
         hidden = torch.cat([_last_hidden(target, p) for p in prompts])
-    tables = [kv.block_tables(r.request_id) for r in requests]
     proposer = AssistantProposer(
         drafter, target, runner.cache, runner.ops, key_scales(target), target.model.rotary[FULL].inv_freq
     )
-    return target, drafter, runner, proposer, hidden, tokens, tables, prompts, target_path, assistant_path
+    return Drafting(
+        target, drafter, runner, proposer, hidden, logits[: len(requests)].argmax(-1),
+        [kv.block_tables(r.request_id) for r in requests], prompts, target_path, assistant_path,
+    )
+
+
+@pytest.fixture(scope="module", params=["e2b", "e4b", "26b-a4b", "31b"])
+def setup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Drafting:
+    return _drafting(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def _last_hidden(target: torch.nn.Module, prompt: list[int]) -> torch.Tensor:
@@ -76,7 +99,8 @@ def _cached_kv(runner: ModelRunner, target, layer: int, table: list[int], length
 
 
 def test_paged_drafts_equal_dense_drafts_on_the_cached_kv(setup) -> None:
-    target, drafter, runner, proposer, hidden, tokens, tables = setup[:7]
+    target, drafter, runner, proposer = setup.target, setup.drafter, setup.runner, setup.proposer
+    hidden, tokens, tables = setup.hidden, setup.tokens, setup.tables
     with torch.no_grad():
         drafts, logits = proposer.draft(hidden, tokens, list(PROMPT_LENS), tables, DRAFTS)
     assert drafts.shape == (2, DRAFTS) and drafts.dtype == torch.int64
@@ -98,7 +122,8 @@ def test_paged_drafts_equal_dense_drafts_on_the_cached_kv(setup) -> None:
 def test_sliding_blocks_before_the_drafters_window_are_not_read(setup) -> None:
     """Released (null) sliding blocks before key `pos - W - 1` change nothing; one inside the window fails
     the debug check (on in the tests)."""
-    target, drafter, runner, proposer, hidden, tokens, tables = setup[:7]
+    runner, proposer = setup.runner, setup.proposer
+    hidden, tokens, tables = setup.hidden, setup.tokens, setup.tables
     groups = runner.cache.groups
     sliding = next(gi for gi, g in enumerate(groups) if g.sliding_window is not None)
     length, window = PROMPT_LENS[0], groups[sliding].sliding_window
@@ -115,7 +140,7 @@ def test_sliding_blocks_before_the_drafters_window_are_not_read(setup) -> None:
 
 
 def test_bad_inputs_are_rejected(setup) -> None:
-    _, _, _, proposer, hidden, tokens, tables = setup[:7]
+    proposer, hidden, tokens, tables = setup.proposer, setup.hidden, setup.tokens, setup.tables
     with pytest.raises(ValueError, match="positions"):
         proposer.propose(hidden[:1], tokens[:1], list(PROMPT_LENS), tables, DRAFTS)
     with pytest.raises(ValueError, match="num_tokens"):
@@ -126,10 +151,9 @@ def test_paged_drafts_equal_transformers_candidate_generator(setup, monkeypatch:
     """Fed transformers' next token and hidden state, the batched paged drafts over our cache are the
     candidate generator's over transformers' own K/V."""
     patch_all_shared_stacks(monkeypatch)
-    proposer, tables, prompts, target_path, assistant_path = setup[3], setup[6], *setup[7:]
-    reference, assistant = hf_target(target_path), hf_assistant(assistant_path)
+    reference, assistant = hf_target(setup.target_path), hf_assistant(setup.assistant_path)
     tokens, hidden, expected, expected_logits = [], [], [], []
-    for prompt in prompts:
+    for prompt in setup.prompts:
         ids = torch.tensor([prompt])
         out, token = hf_prefill(reference, ids)
         drafts, logits = hf_drafts(reference, assistant, ids, out, token, DRAFTS)
@@ -138,7 +162,26 @@ def test_paged_drafts_equal_transformers_candidate_generator(setup, monkeypatch:
         expected.append(drafts[0].tolist())
         expected_logits.append(logits[0])
     with torch.no_grad():
-        drafts, logits = proposer.draft(torch.cat(hidden), torch.cat(tokens), list(PROMPT_LENS), tables, DRAFTS)
+        drafts, logits = setup.proposer.draft(torch.cat(hidden), torch.cat(tokens), list(PROMPT_LENS), setup.tables, DRAFTS)
     assert drafts.tolist() == expected
     # The two caches differ by float rounding (two implementations of the target), which later steps amplify.
     torch.testing.assert_close(logits[:, 0], torch.stack(expected_logits)[:, 0], atol=1e-3, rtol=1e-3)
+
+
+def test_triton_kernels_draft_what_the_reference_ops_draft(tmp_path: Path) -> None:
+    """Over one cache, the Triton ops (interpreted on the CPU: attention plan, paged attention, norms)
+    draft what the torch ops draft (31B-shaped: K-as-V full layers and plain sliding ones, both read paths)."""
+    setup = _drafting(tmp_path, "31b")
+    target = setup.target
+    ops = select_ops("cpu", "triton")
+    assert ops.kernels == "triton"
+    kernels = AssistantProposer(
+        load_assistant(setup.assistant_path, target.config, dtype=torch.float32), target, setup.runner.cache, ops,
+        key_scales(target), target.model.rotary[FULL].inv_freq,
+    )
+    args = (setup.hidden, setup.tokens, list(PROMPT_LENS), setup.tables, DRAFTS)
+    with torch.no_grad():
+        want, want_logits = setup.proposer.draft(*args)
+        got, got_logits = kernels.draft(*args)
+    assert got.tolist() == want.tolist()
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
