@@ -4,10 +4,12 @@ generator (`SinglePositionMultiTokenCandidateGenerator`), on tiny checkpoints of
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from assistant_reference import hf_assistant as load_hf_assistant
 from assistant_reference import hf_drafts, hf_prefill, patch_all_shared_stacks
@@ -82,6 +84,33 @@ def test_drafts_logits_and_states_match_transformers(checkpoints, variant: str, 
     torch.testing.assert_close(projected, hf_step.last_hidden_state, atol=1e-4, rtol=1e-4)
 
 
+def test_an_untied_head_is_its_own_lm_head(checkpoints, tmp_path: Path) -> None:
+    """With `tie_word_embeddings: false` the drafter scores with `lm_head.weight`, as transformers does."""
+    target_path, assistant_path = checkpoints["31b"]
+    tensors = load_file(assistant_path / "model.safetensors")
+    tensors["lm_head.weight"] = (0.05 * torch.randn(tensors["model.embed_tokens.weight"].shape)).to(torch.bfloat16)
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    save_file(tensors, untied / "model.safetensors")
+    raw = json.loads((assistant_path / "config.json").read_text())
+    (untied / "config.json").write_text(json.dumps({**raw, "tie_word_embeddings": False}))
+    hf_target, hf_assistant = load_hf_target(target_path), load_hf_assistant(untied)
+    target = load_model(target_path, dtype=torch.float32)
+    drafter = load_assistant(untied, target.config, dtype=torch.float32)
+    prompt = torch.randint(3, 400, (1, 20), generator=torch.Generator().manual_seed(5))
+    out, token = hf_prefill(hf_target, prompt)
+    candidates, hf_logits = hf_drafts(hf_target, hf_assistant, prompt, out, token, DRAFTS)
+    producers = {spec.attention_type: spec.kv_source for spec in drafter.layers}
+    shared = {producers[kind]: (k.transpose(1, 2), v.transpose(1, 2)) for kind, (k, v) in out.shared_kv_states.items()}
+    with torch.no_grad():
+        drafts, logits = draft_greedy(
+            drafter, target.model.embed_tokens, token[:, 0], out.hidden_states[-1][:, -1], torch.tensor([[20]]),
+            SharedKVAttention(shared, torch.tensor([20])), DRAFTS,
+        )
+    assert drafts.tolist() == candidates.tolist()
+    torch.testing.assert_close(logits, hf_logits, atol=1e-4, rtol=1e-4)
+
+
 def test_sliding_layers_see_the_last_window_plus_one_keys(checkpoints) -> None:
     """The drafted logits move when key `len - W - 1` changes and not when key `len - W - 2` does."""
     target_path, assistant_path = checkpoints["31b"]
@@ -146,8 +175,6 @@ def test_weight_count_and_bytes_are_the_loaded_drafters(checkpoints, variant: st
 
 
 def test_loader_names_missing_unexpected_and_misshaped_tensors(checkpoints, tmp_path: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
     target_path, assistant_path = checkpoints["e4b"]
     tensors = load_file(assistant_path / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]

@@ -9,7 +9,8 @@ cache (`engine.spec_decode.assistant_proposer`).
 One draft step: `concat(target's scaled embedding of the last token, a hidden state [H_target])` ->
 `pre_projection` -> layers (every query sees all valid target keys on full layers, the last
 `sliding_window + 1` on sliding ones) -> final norm -> `post_projection` (the next step's hidden state)
-and logits from the drafter's own tied head, or through the masked embedder. No final softcap:
+and logits from the drafter's own head (tied to its `embed_tokens` unless the config unties it),
+or through the masked embedder. No final softcap:
 transformers applies none to the drafter. All steps of a round run at one position (the last
 seen token's), and drafts are the logits' argmax (`draft_greedy`).
 
@@ -60,8 +61,8 @@ class MaskedEmbedder(nn.Module):
 
 
 class AssistantTextModel(nn.Module):
-    """The drafter's `gemma4_text` stack: no K/V projections, no PLE; `embed_tokens` is only its tied
-    head (inputs come from the target's embedding and hidden state)."""
+    """The drafter's `gemma4_text` stack: no K/V projections, no PLE; `embed_tokens` is only its (tied)
+    head: inputs come from the target's embedding and hidden state."""
 
     def __init__(self, text: Gemma4TextConfig, layers: tuple[LayerSpec, ...]) -> None:
         super().__init__()
@@ -95,6 +96,8 @@ class Gemma4Assistant(nn.Module):
         self.model = AssistantTextModel(config.text, self.layers)
         self.pre_projection = nn.Linear(2 * backbone, h, bias=False)
         self.post_projection = nn.Linear(h, backbone, bias=False)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(h, config.text.vocab_size, bias=False)
         self.masked_embedding = MaskedEmbedder(config) if config.use_ordered_embeddings else None
 
     def use_ops(self, ops: Ops) -> None:
@@ -116,7 +119,7 @@ class Gemma4Assistant(nn.Module):
         input) for `inputs_embeds [B, T, 2 * H_target]` at `positions [B, T]`."""
         hidden = self.model(self.pre_projection(inputs_embeds), positions, attention)
         projected = self.post_projection(hidden)
-        head = self.model.embed_tokens.weight
+        head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         if self.masked_embedding is None:
             logits = F.linear(hidden, head)
         else:

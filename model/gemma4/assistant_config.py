@@ -29,13 +29,15 @@ class Gemma4AssistantConfig:
     """The drafter: its text stack (`text`, read with no KV sharing of its own: its layers' KV sources
     are in the target, see `layers_for`), the target hidden size it was trained with, and the optional
     masked embedder (`use_ordered_embeddings`: `num_centroids` clusters of the vocabulary, the
-    `centroid_intermediate_top_k` best scored)."""
+    `centroid_intermediate_top_k` best scored). transformers ties the head by the top-level
+    `tie_word_embeddings`, not the text config's."""
 
     text: Gemma4TextConfig
     backbone_hidden_size: int
     use_ordered_embeddings: bool = False
     num_centroids: int = 2048
     centroid_intermediate_top_k: int = 32
+    tie_word_embeddings: bool = True  # the head is `model.embed_tokens` (else its own `lm_head`)
 
     def __post_init__(self) -> None:
         for name in ("backbone_hidden_size", "num_centroids", "centroid_intermediate_top_k"):
@@ -125,6 +127,7 @@ class Gemma4AssistantConfig:
                 use_ordered_embeddings=_get(raw, "use_ordered_embeddings", False, bool, source),
                 num_centroids=_get(raw, "num_centroids", 2048, int, source),
                 centroid_intermediate_top_k=_get(raw, "centroid_intermediate_top_k", 32, int, source),
+                tie_word_embeddings=_get(raw, "tie_word_embeddings", True, bool, source),
             )
         except ConfigError as exc:
             message = str(exc)
@@ -142,7 +145,7 @@ class Gemma4AssistantConfig:
             "use_ordered_embeddings": self.use_ordered_embeddings,
             "num_centroids": self.num_centroids,
             "centroid_intermediate_top_k": self.centroid_intermediate_top_k,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": self.tie_word_embeddings,
         }
 
 
@@ -197,7 +200,7 @@ def assistant_param_count(config: Gemma4AssistantConfig) -> int:
     )
     projections = 3 * config.backbone_hidden_size * h
     centroids = h * config.num_centroids if config.use_ordered_embeddings else 0
-    head = t.vocab_size * h * (1 if t.tie_word_embeddings else 2)
+    head = t.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     return per_layer + h + projections + centroids + head
 
 

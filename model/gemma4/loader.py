@@ -146,7 +146,7 @@ def load_assistant(
 ) -> Gemma4Assistant:
     """Load a `gemma4_assistant` drafter for `target` from its checkpoint directory (config.json +
     safetensors): ConfigError unless it fits the target, CheckpointError listing every tensor problem.
-    Its `token_ordering` stays int64; the tied head's copy (`lm_head.weight`), if stored, is ignored."""
+    Its `token_ordering` stays int64."""
     path = Path(path)
     config = load_assistant_config(path)
     entries = index_checkpoint(path)
@@ -155,7 +155,8 @@ def load_assistant(
     state = model.state_dict()
     expected = {name: tuple(t.shape) for name, t in state.items()}
     integer = {name: ("I64", "I32") for name, t in state.items() if not t.is_floating_point()}
-    plan = match_tensors(expected, {name: name for name in expected}, entries, {"lm_head.weight"}, integer)
+    ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()  # a tied head's copy, if stored
+    plan = match_tensors(expected, {name: name for name in expected}, entries, ignored, integer)
     model = model.to(dtype).to_empty(device=device)  # floats to `dtype`; token_ordering stays int64
     targets = model.state_dict(keep_vars=True)
     names = {entry.name: name for name, entry in plan.items()}
