@@ -133,7 +133,8 @@ class SharedKVAttention:
     `kv[layer] = (keys, values)`, each `[B, L, kv_heads, D]`, per target producer layer: keys normed and
     rotated, values normed (as the target attended them). Row b's keys `0 .. lengths[b] - 1` are valid
     (the rest is never read); all of row b's queries see all of them on full layers and the last
-    `sliding_window + 1` on sliding ones.
+    `sliding_window + 1` on sliding ones. That is transformers' mask for the one query per row its
+    candidate generator runs (its flipped window shifts with the query index for more).
     """
 
     def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]], lengths: torch.Tensor) -> None:

@@ -12,6 +12,9 @@ checkpoints (the official ones) and under `model.` in `Gemma4ForCausalLM` checkp
 the vision/audio towers (`model.vision_tower.`, `model.embed_vision.`, audio alike) load with it,
 replicated on every rank; the K/V projections that E2B/E4B checkpoints still carry for their
 KV-sharing layers are the only tensors ignored.
+
+`load_assistant` loads a `gemma4_assistant` drafter for a target the same way (its tensor names are
+its parameter names).
 """
 
 from __future__ import annotations
