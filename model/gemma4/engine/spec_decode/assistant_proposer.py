@@ -12,9 +12,9 @@ so the plan of a sliding group is built with that window; the query's RoPE is at
 transformers' candidate generator places it. Keys at or past `pos` (the last token's own, not written
 yet, and stale ones) are never read.
 
-Sliding windows: the drafter reads key `pos - W - 1`, one before the target's next query window
-starts (`pos - W + 1`) plus one: a KV manager that releases sliding blocks by the target's window
-alone may have released the block holding it. With `GEMMA4_DEBUG_CHECKS=1` the proposer checks every
+Sliding windows: the drafter reads keys from `pos - W - 1`, two before the first key the target's
+next query reads (`pos - W + 1`): a KV manager that releases sliding blocks by the target's window
+alone may have released the block holding them. With `GEMMA4_DEBUG_CHECKS=1` the proposer checks every
 block it reads is held.
 
 TP=1 only: the drafter is not sharded (the target's cache of a TP rank holds only its KV heads).
