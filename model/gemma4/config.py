@@ -93,6 +93,9 @@ class LayerSpec:
     kv_source: int
     intermediate_size: int
     sliding_window: int | None
+    # The layer reads another model's keys/values (an assistant drafter reading its target's), whatever
+    # `kv_source` is: the drafter's own index may equal its target producer's.
+    reads_other_model: bool = False
 
     @property
     def is_sliding(self) -> bool:
@@ -101,7 +104,7 @@ class LayerSpec:
     @property
     def shares_kv(self) -> bool:
         """True for layers that compute no keys/values of their own."""
-        return self.kv_source != self.index
+        return self.reads_other_model or self.kv_source != self.index
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ checkpoints (the official ones) and under `model.` in `Gemma4ForCausalLM` checkp
 the vision/audio towers (`model.vision_tower.`, `model.embed_vision.`, audio alike) load with it,
 replicated on every rank; the K/V projections that E2B/E4B checkpoints still carry for their
 KV-sharing layers are the only tensors ignored.
+
+`load_assistant` loads a `gemma4_assistant` drafter for a target the same way (its tensor names are
+its parameter names).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from gemma4.checkpoint import (
     index_checkpoint,
     read_tensors,
 )
+from gemma4.assistant import Gemma4Assistant
+from gemma4.assistant_config import load_assistant_config
 from gemma4.config import Gemma4Config, load_config
 from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.parallel.comm import SINGLE, Collectives
@@ -57,18 +62,31 @@ def plan_load(
 ) -> dict[str, TensorEntry]:
     """Match every persistent model tensor to a checkpoint entry, or raise listing all problems."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    ignored = ignored_tensor_names(config)
+    wanted = {checkpoint_name(config, name): name for name in expected}
+    return match_tensors(expected, wanted, entries, ignored_tensor_names(config))
+
+
+def match_tensors(
+    expected: Mapping[str, tuple[int, ...]],
+    wanted: Mapping[str, str],
+    entries: Mapping[str, TensorEntry],
+    ignored: set[str],
+    dtypes: Mapping[str, tuple[str, ...]] | None = None,
+) -> dict[str, TensorEntry]:
+    """Model tensor name -> its checkpoint entry, for `expected` (model name -> shape) found under
+    `wanted` (checkpoint name -> model name); raise listing every missing, mis-shaped, mis-typed
+    (`dtypes`, by model name; default floats) or unexpected (not `ignored`) tensor."""
     plan: dict[str, TensorEntry] = {}
     problems: list[str] = []
-    wanted = {checkpoint_name(config, name): name for name in expected}
     for ckpt_name, model_name in wanted.items():
         entry = entries.get(ckpt_name)
         if entry is None:
             problems.append(f"missing tensor {ckpt_name!r} (expected shape {list(expected[model_name])})")
             continue
-        if entry.dtype not in FLOAT_DTYPES:
+        allowed = (dtypes or {}).get(model_name, FLOAT_DTYPES)
+        if entry.dtype not in allowed:
             problems.append(
-                f"tensor {entry.describe()} has dtype {entry.dtype}; expected one of {', '.join(FLOAT_DTYPES)}"
+                f"tensor {entry.describe()} has dtype {entry.dtype}; expected one of {', '.join(allowed)}"
             )
         if entry.shape != expected[model_name]:
             problems.append(
@@ -118,5 +136,36 @@ def load_model(
             list(plan.values()), {entry.name: shards[name] for name, entry in plan.items()}
         ):
             targets[model_names[entry.name]].copy_(tensor.to(device=device, dtype=dtype))
+    model.reset_buffers()
+    return model.eval().requires_grad_(False)
+
+
+def load_assistant(
+    path: str | Path,
+    target: Gemma4Config,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+) -> Gemma4Assistant:
+    """Load a `gemma4_assistant` drafter for `target` from its checkpoint directory (config.json +
+    safetensors): ConfigError unless it fits the target, CheckpointError listing every tensor problem.
+    Its `token_ordering` stays int64."""
+    path = Path(path)
+    config = load_assistant_config(path)
+    entries = index_checkpoint(path)
+    with torch.device("meta"):
+        model = Gemma4Assistant(config, target.text)
+    state = model.state_dict()
+    expected = {name: tuple(t.shape) for name, t in state.items()}
+    integer = {name: ("I64", "I32") for name, t in state.items() if not t.is_floating_point()}
+    ignored = {"lm_head.weight"} if config.tie_word_embeddings else set()  # a tied head's copy, if stored
+    plan = match_tensors(expected, {name: name for name in expected}, entries, ignored, integer)
+    model = model.to(dtype).to_empty(device=device)  # floats to `dtype`; token_ordering stays int64
+    targets = model.state_dict(keep_vars=True)
+    names = {entry.name: name for name, entry in plan.items()}
+    with torch.no_grad():
+        for entry, tensor in read_tensors(list(plan.values())):
+            target_tensor = targets[names[entry.name]]
+            target_tensor.copy_(tensor.to(device=device, dtype=target_tensor.dtype))
     model.reset_buffers()
     return model.eval().requires_grad_(False)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from gemma4.assistant_config import Gemma4AssistantConfig
 from gemma4.config import FULL, MEDIA_TOKEN_KEYS, SLIDING, Gemma4Config, variant_config
 from gemma4.loader import checkpoint_name
 from gemma4.special_tokens import AUDIO, AUDIO_END, AUDIO_START, IMAGE, IMAGE_END, IMAGE_START, VIDEO
@@ -121,3 +122,62 @@ def write_tiny_checkpoint(directory: str | Path, *, variant: str = "e2b", seed: 
 def _media_token_ids(config: Gemma4Config, towers: bool) -> dict[str, int | None]:
     """config.json's media token ids (transformers' key names; none for a text-only checkpoint)."""
     return {key: getattr(config, name) for name, key in MEDIA_TOKEN_KEYS} if towers else {}
+
+
+def tiny_assistant_config(target: Gemma4Config) -> Gemma4AssistantConfig:
+    """A 4-layer drafter (hidden 64) for the tiny `target`: its layers' head geometry and RoPE are the
+    target's; E2B/E4B-shaped targets get the masked embedder (16 clusters of the vocabulary, top 4),
+    as their released drafters have it."""
+    t = target.text
+    layers = (SLIDING, SLIDING, SLIDING, FULL)
+    text = dataclasses.replace(
+        t,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=len(layers),
+        layer_types=layers,
+        num_kv_shared_layers=0,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        use_double_wide_mlp=False,
+        enable_moe_block=False,
+        num_experts=None,
+        top_k_experts=None,
+        moe_intermediate_size=None,
+        final_logit_softcapping=None,
+        use_bidirectional_attention=None,
+    )
+    ordered = t.hidden_size_per_layer_input > 0
+    return Gemma4AssistantConfig(
+        text=text,
+        backbone_hidden_size=t.hidden_size,
+        use_ordered_embeddings=ordered,
+        num_centroids=16 if ordered else Gemma4AssistantConfig.num_centroids,
+        centroid_intermediate_top_k=4 if ordered else Gemma4AssistantConfig.centroid_intermediate_top_k,
+    )
+
+
+def write_tiny_assistant(directory: str | Path, target: Gemma4Config, seed: int = 0) -> Path:
+    """Write a random-weight `gemma4_assistant` checkpoint for the tiny `target` into `directory`:
+    config.json as transformers writes it and model.safetensors (bf16 weights, the 1-D ones and layer
+    scalars around 1, a random permutation as `token_ordering`)."""
+    from gemma4.assistant import Gemma4Assistant  # imports the model, which the config-only callers avoid
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = tiny_assistant_config(target)
+    model = Gemma4Assistant(config, target.text)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("token_ordering"):
+            drawn = torch.randperm(tensor.numel(), generator=generator)
+        elif tensor.dim() <= 1:
+            drawn = 1.0 + 0.2 * torch.randn(tensor.shape, generator=generator)
+        else:
+            drawn = 0.05 * torch.randn(tensor.shape, generator=generator)
+        tensors[name] = drawn.to(torch.bfloat16 if drawn.is_floating_point() else torch.int64).contiguous()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    raw = {**config.to_hf_dict(), "dtype": "bfloat16"}
+    (directory / "config.json").write_text(json.dumps(raw, indent=2))
+    return directory
