@@ -19,7 +19,8 @@ from gemma4.engine.model_runner import ModelRunner
 from gemma4.engine.request import Request
 from gemma4.engine.sampling_params import SamplingParams
 from gemma4.engine.scheduler import ScheduledBatch
-from gemma4.engine.spec_decode.assistant_proposer import AssistantProposer, key_scales
+from gemma4.engine.paged_attention import key_scales
+from gemma4.engine.spec_decode.assistant_proposer import AssistantProposer
 from gemma4.kv_layout import NULL_BLOCK, cache_groups
 from gemma4.loader import load_assistant, load_model
 from gemma4.modeling import DenseAttention, Gemma4ForCausalLM

@@ -270,3 +270,24 @@ def test_stop_strings_end_text_outputs_where_they_do_without_speculation(tmp_pat
     assert [o.text for o in got] == [o.text for o in want]
     assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
     assert spec.engine.core.stats().spec_num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_assistant_drafting_gives_the_plain_greedy_outputs(tmp_path, variant: str) -> None:
+    """Gemma 4's drafter over the target's paged cache (random weights: its drafts are mostly rejected),
+    with chunked prefill, prompts past the sliding window, preemption and prefix hits."""
+    from gemma4.engine.llm import LLM
+    from gemma4.tiny import tiny_config as target_config
+    from gemma4.tiny import write_tiny_assistant, write_tiny_checkpoint
+
+    target = write_tiny_checkpoint(tmp_path / "target", variant=variant, towers=False)
+    drafter = write_tiny_assistant(tmp_path / "drafter", target_config(variant))
+    prompts = mixed_prompts(6, seed=5) + [list(range(3, 90))]  # one past the window
+    args = dict(dtype=torch.float32, block_size=BLOCK, max_num_batched_tokens=32, max_model_len=256)
+    want = [o.token_ids for o in LLM(target, num_kv_blocks=256, **args).generate(prompts, _greedy(16))]
+    spec = LLM(target, num_kv_blocks=48, speculative_model=str(drafter), num_speculative_tokens=K, **args)
+    for _ in range(2):
+        assert [o.token_ids for o in spec.generate(prompts, _greedy(16))] == want
+    stats = spec.engine.stats()
+    assert stats.spec_num_draft_tokens > 0 and stats.num_preemptions > 0 and stats.prefix_hit_tokens > 0
+    assert all(g.used_blocks == 0 for g in stats.kv_cache)

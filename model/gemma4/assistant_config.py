@@ -184,6 +184,10 @@ def load_assistant_config(path: str | Path) -> Gemma4AssistantConfig:
     return Gemma4AssistantConfig.from_hf_dict(raw, source=str(file))
 
 
+# The drafter at position p reads sliding keys from p - W - 1; the target's query at p from p - W + 1.
+ASSISTANT_SLIDING_LOOKBACK = 2
+
+
 def sliding_keys(spec: LayerSpec) -> int | None:
     """Keys a drafter layer sees: all before the drafted position (full), or the last `window + 1`."""
     return None if spec.sliding_window is None else spec.sliding_window + 1

@@ -157,12 +157,16 @@ class KVCacheManager:
         block_size: int,
         *,
         enable_prefix_caching: bool = True,
+        sliding_lookback: int = 0,
     ) -> None:
+        """`sliding_lookback`: keys before a query's window that a reader still needs on sliding groups
+        (the assistant drafter reads `ASSISTANT_SLIDING_LOOKBACK` more than the target)."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.groups = groups
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_lookback = sliding_lookback
         self.pools = [BlockPool(num_blocks[g.name]) for g in groups]
         self._seqs: dict[str, _Sequence] = {}
 
@@ -182,7 +186,7 @@ class KVCacheManager:
         """The first block a query at `first_query_pos` (or later) can still attend to."""
         if group.sliding_window is None:
             return 0
-        return max(0, first_query_pos - group.sliding_window + 1) // self.block_size
+        return max(0, first_query_pos - group.sliding_window + 1 - self.sliding_lookback) // self.block_size
 
     def find_cached_prefix(
         self, token_ids: list[int], cache_salt: str | None = None, media: Sequence[MediaPlaceholder] = ()

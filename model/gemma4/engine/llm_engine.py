@@ -14,8 +14,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
+from gemma4.assistant_config import ASSISTANT_SLIDING_LOOKBACK
 from gemma4.config import Gemma4Config
-from gemma4.engine.args import CPU_KV_CACHE_BYTES, EngineArgs, resolve_kv_cache_bytes  # noqa: F401 - re-exported
+from gemma4.engine.args import CPU_KV_CACHE_BYTES, NGRAM, EngineArgs, resolve_kv_cache_bytes  # noqa: F401 - re-exported
 from gemma4.engine.core import EngineCore, ExpertRebalancer
 from gemma4.engine.encoder_cache import EncoderCacheManager
 from gemma4.engine.executor import Executor, UniprocExecutor
@@ -73,16 +74,22 @@ class LLMEngine:
         self.eos_token_ids = tuple(tokenizer.eos_token_ids if tokenizer is not None else self.config.eos_token_ids)
         groups = cache_groups(text)
         num_blocks = self.executor.num_kv_blocks()
+        # The assistant drafter reads a little further back on sliding layers than the target.
+        lookback = 0 if args.speculative_model in (None, NGRAM) else ASSISTANT_SLIDING_LOOKBACK
         for group in groups:
             if group.sliding_window is not None:  # one sequence's window plus a full prefill chunk
-                need = group.peak_blocks_per_sequence(args.block_size, self.max_model_len, args.max_num_batched_tokens)
+                chunk = args.max_num_batched_tokens + lookback
+                need = group.peak_blocks_per_sequence(args.block_size, self.max_model_len, chunk)
                 if num_blocks[group.name] < need:
                     raise ValueError(
                         f"the {group.name} KV pool has {num_blocks[group.name]} blocks; one sequence needs up to "
                         f"{need} (window {group.sliding_window} + max_num_batched_tokens "
                         f"{args.max_num_batched_tokens}): raise the KV budget or lower max_num_batched_tokens"
                     )
-        self.kv = KVCacheManager(groups, num_blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            groups, num_blocks, args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+            sliding_lookback=lookback,
+        )
         self.placeholder_ids = frozenset(self.config.multimodal_placeholder_ids)
         self.scheduler_config = SchedulerConfig(
             args.max_num_seqs, args.max_num_batched_tokens, self.max_model_len, args.encoder_budget

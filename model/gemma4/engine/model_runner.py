@@ -26,7 +26,7 @@ import torch
 from gemma4.backends import KernelChoice, backend_of, select_ops
 from gemma4.config import FULL
 from gemma4.engine.encoder_cache import StepMedia
-from gemma4.engine.paged_attention import PagedAttention, PagedKVCache, SequenceSlice, check_block_tables, debug_checks_enabled
+from gemma4.engine.paged_attention import PagedAttention, key_scales, PagedKVCache, SequenceSlice, check_block_tables, debug_checks_enabled
 from gemma4.engine.request import Request
 from gemma4.engine.scheduler import ScheduledBatch
 from gemma4.engine.step_inputs import StagedStep, StepBuffers, StepShape, StepTensors, bucket
@@ -83,13 +83,8 @@ class ModelRunner:
         self.buffers = StepBuffers(
             max_tokens, 2 * self.buckets[-1], self.max_cols, len(groups), self.device, spans=self.spans
         )
-        layers = model.model.layers
         # What PagedAttention reads K-as-V keys with (also the assistant drafter, over this cache).
-        self.key_scales = {
-            spec.index: layers[spec.index].self_attn.k_norm.weight
-            for spec in model.text_config.layers
-            if spec.k_eq_v and not spec.shares_kv
-        }
+        self.key_scales = key_scales(model)
         self.key_inv_freq = model.model.rotary[FULL].inv_freq
         if torch_compile:
             # One static graph per decode bucket (and table width): room for each of them.

@@ -25,7 +25,7 @@ from gemma4.backends import Ops
 from gemma4.config import LayerSpec
 from gemma4.engine.step_inputs import StepTensors
 from gemma4.kv_layout import NULL_BLOCK, CacheGroup, pool_rows
-from gemma4.modeling import NewKV
+from gemma4.modeling import Gemma4ForCausalLM, NewKV
 
 DEBUG_CHECKS_ENV = "GEMMA4_DEBUG_CHECKS"
 
@@ -112,6 +112,16 @@ def check_block_tables(cache: PagedKVCache, sequences: list[SequenceSlice]) -> N
                         f"sequence {si}: {group.name} block table entry {i} is the null block, inside the "
                         f"attention window (keys {first_key}..{seq.context_len - 1})"
                     )
+
+
+def key_scales(target: Gemma4ForCausalLM) -> dict[int, torch.Tensor]:
+    """Each K-as-V producer layer's k_norm weight: what `PagedAttention` re-derives those layers' keys with."""
+    layers = target.model.layers
+    return {
+        spec.index: layers[spec.index].self_attn.k_norm.weight
+        for spec in target.text_config.layers
+        if spec.k_eq_v and not spec.shares_kv
+    }
 
 
 class PagedAttention:

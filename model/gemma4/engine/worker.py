@@ -20,19 +20,21 @@ import torch
 import torch.distributed as dist
 
 from gemma4.backends import backend_of
+from gemma4.assistant import Gemma4Assistant
 from gemma4.config import Gemma4Config
 from gemma4.engine.args import NGRAM, EngineArgs, resolve_kv_cache_bytes
 from gemma4.engine.encoder_cache import EncoderOutputs
 from gemma4.engine.model_runner import ModelRunner
 from gemma4.engine.request import Request
 from gemma4.engine.sampler import Sampler
+from gemma4.engine.spec_decode.assistant_proposer import AssistantProposer
 from gemma4.engine.spec_decode.decoder import SpeculativeDecoder
 from gemma4.engine.spec_decode.ngram import NgramProposer
 from gemma4.engine.spec_decode.verify import verify
 from gemma4.engine.scheduler import ScheduledBatch
 from gemma4.engine.worker_step import NewRequestData, ScheduledSequence, StepOutput, WorkerStep
 from gemma4.kv_layout import split_kv_budget
-from gemma4.loader import load_model
+from gemma4.loader import load_assistant, load_model
 from gemma4.memory import rank_cache_groups
 from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.parallel.comm import SINGLE, Collectives, init_collectives
@@ -160,15 +162,13 @@ class Worker:
         self.spec: SpeculativeDecoder | None = None
         self.drafter = self._load_drafter(args, layout, device)
 
-    def _load_drafter(self, args: EngineArgs, layout: ParallelLayout, device: torch.device) -> torch.nn.Module | None:
+    def _load_drafter(self, args: EngineArgs, layout: ParallelLayout, device: torch.device) -> Gemma4Assistant | None:
         """The assistant drafter `speculative_model` names (None for n-gram drafting or none). It reads
         the target's whole KV heads, so it runs on a single-device replica only."""
         if args.speculative_model in (None, NGRAM):
             return None
         if layout.distributed:
             raise ValueError("an assistant drafter runs on a single-device replica (tensor_parallel_size=1); use 'ngram'")
-        from gemma4.loader import load_assistant  # TODO(integration): top-level import once the drafter lands
-
         dtype = next(self.model.parameters()).dtype
         return load_assistant(args.speculative_model, self.model.config, dtype=dtype, device=device)
 
@@ -220,8 +220,6 @@ class Worker:
             return None
         if self.drafter is None:
             return SpeculativeDecoder(k, self.max_model_len, tokens=NgramProposer())
-        from gemma4.engine.spec_decode.assistant_proposer import AssistantProposer  # TODO(integration)
-
         runner = self.runner
         proposer = AssistantProposer(self.drafter, self.model, runner.cache, runner.ops, runner.key_scales, runner.key_inv_freq)
         return SpeculativeDecoder(k, self.max_model_len, assistant=proposer)

@@ -36,16 +36,6 @@ from gemma4.modeling import Gemma4ForCausalLM, NewKV
 from gemma4.ops.paged_attention import SequenceLayout
 
 
-def key_scales(target: Gemma4ForCausalLM) -> dict[int, torch.Tensor]:
-    """Each K-as-V producer layer's k_norm weight: what `PagedAttention` re-derives those layers' keys with."""
-    layers = target.model.layers
-    return {
-        spec.index: layers[spec.index].self_attn.k_norm.weight
-        for spec in target.text_config.layers
-        if spec.k_eq_v and not spec.shares_kv
-    }
-
-
 class _DraftAttention:
     """`AttentionBackend` of one draft round: each drafter layer reads its target producer's pool through
     the plan of that pool's group (built once per round with the drafter's window)."""
