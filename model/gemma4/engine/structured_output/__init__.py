@@ -6,7 +6,7 @@ A request carries `SamplingParams(structured=StructuredOutputParams(...))` with 
   `additionalProperties` (false forbids other keys; OpenAI's strict mode must say so in the schema), arrays
   with `items` / `minItems` / `maxItems`, `enum` / `const`, integer and number `minimum` / `maximum`,
   strings with `minLength` / `maxLength` / `pattern` / some `format`s, `anyOf` / `oneOf`, `$ref` / `$defs`.
-  Unsupported keywords are an error, not ignored. JSON is written compactly (no whitespace between tokens);
+  Keywords it cannot enforce (`uniqueItems`, `not`, unknown `format`s) are an error, not ignored. JSON is written compactly (no whitespace between tokens);
   a schema's `"x-guidance"` object overrides llguidance's JSON options (e.g. `{"whitespace_flexible": true}`).
 - `json_object=True`: any JSON object.
 - `regex`: the whole answer matches it (Rust `regex` syntax).

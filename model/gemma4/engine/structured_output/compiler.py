@@ -38,15 +38,19 @@ class ThoughtMarkers:
 
 
 def constraint_of(params: StructuredOutputParams) -> tuple[str, str]:
-    """(field, llguidance grammar text) of the one constraint `params` sets; ValueError naming the field."""
+    """(field, llguidance grammar text) of the one constraint `params` sets.
+
+    ValueError messages start with "structured" (the gateway reports the first word as the field), then the
+    constraint's name ("structured json_schema: ...").
+    """
     if not isinstance(params, StructuredOutputParams):
         raise ValueError(f"structured must be StructuredOutputParams, got {type(params).__name__}")
     chosen = [name for name in _FIELDS if getattr(params, name) not in (None, False)]
     if len(chosen) != 1:
         got = ", ".join(chosen) if chosen else "none"
-        raise ValueError(f"structured: exactly one of {', '.join(_FIELDS)} must be set, got {got}")
+        raise ValueError(f"structured must set exactly one of {', '.join(_FIELDS)}, got {got}")
     name = chosen[0]
-    field = f"structured.{name}"
+    field = f"structured {name}"
     if name == "json_object":
         if params.json_object is not True:
             raise ValueError(f"{field} must be a boolean, got {params.json_object!r}")
@@ -109,14 +113,19 @@ class GrammarCompiler:
         start, end = (self.tokenizer.token_to_id(t.text) for t in (CHANNEL_START, CHANNEL_END))
         return None if start is None or end is None else ThoughtMarkers(start, end)
 
+    @property
+    def num_cached(self) -> int:
+        """How many compiled grammars the cache holds."""
+        return len(self._templates)
+
     def validate(self, params: StructuredOutputParams) -> None:
         """Compile `params` (cached); ValueError naming the field if it is malformed or does not compile."""
         self._template(params)
         if params.thinking is not False and params.thinking is not True:
-            raise ValueError(f"structured.thinking must be a boolean, got {params.thinking!r}")
+            raise ValueError(f"structured thinking must be a boolean, got {params.thinking!r}")
         if params.thinking and self.thought_markers is None:
             raise ValueError(
-                f"structured.thinking: the vocabulary has no {CHANNEL_START.text} / {CHANNEL_END.text} thought markers"
+                f"structured thinking: the vocabulary has no {CHANNEL_START.text} / {CHANNEL_END.text} thought markers"
             )
 
     def matcher(self, params: StructuredOutputParams) -> llguidance.LLMatcher:
@@ -132,9 +141,14 @@ class GrammarCompiler:
                 return template
         template = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)  # releases the GIL
         if template.is_error():
-            raise ValueError(f"{field}: {template.get_error()}")
+            raise ValueError(f"{field}: {_one_line(template.get_error())}")
         with self._lock:
             self._templates[grammar] = template
             while len(self._templates) > self.cache_size:
                 self._templates.popitem(last=False)
         return template
+
+
+def _one_line(message: str) -> str:
+    """llguidance's multi-line error (with a caret under the grammar) as one line, for HTTP and gRPC replies."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
