@@ -42,8 +42,10 @@ def allowed_ids(row: torch.Tensor, vocab_size: int) -> list[int]:
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """`logits [n, V]` with the tokens `bitmask [n, words]` (on the logits' device) forbids set to -inf."""
+    """`logits [n, V]` with the tokens `bitmask [n, words]` (on the logits' device) forbids set to -inf.
+
+    Unpacked byte-wise (little-endian words: bit b of byte k is token 8k + b), cheaper than 32 shifts per word."""
     n, vocab = logits.shape
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask[:n, :, None] >> shifts) & 1).view(n, -1)[:, :vocab].bool()
-    return logits.masked_fill(~allowed, float("-inf"))
+    bits = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8).to(logits.device, non_blocking=True)
+    allowed = (bitmask[:n].view(torch.uint8)[:, :, None] & bits).view(n, -1)[:, :vocab]
+    return logits.masked_fill(allowed == 0, float("-inf"))
