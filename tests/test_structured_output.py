@@ -215,6 +215,15 @@ def test_thinking_leaves_the_thought_free_and_constrains_the_answer(llm: LLM) ->
         jsonschema.validate(json.loads(answer_text(llm, output.token_ids)), schema)
 
 
+def test_ignore_eos_repeats_eos_after_the_finished_grammar(llm: LLM) -> None:
+    params = SamplingParams(max_tokens=12, seed=0, ignore_eos=True, structured=StructuredOutputParams(choice=("done",)))
+    (output,) = llm.generate(["Finish"], params)
+    eos = set(llm.tokenizer.eos_token_ids)
+    first = next(i for i, t in enumerate(output.token_ids) if t in eos)
+    assert llm.tokenizer.decode(output.token_ids[:first]) == "done" and len(output.token_ids) == 12
+    assert set(output.token_ids[first:]) <= eos  # EOS did not stop it, and nothing but EOS may follow
+
+
 @pytest.mark.parametrize(
     "constraint,message",
     [
@@ -284,6 +293,14 @@ def test_draft_rows_are_masked_after_each_prefix_and_rolled_back(tokenizer: Gemm
     assert allowed_ids(outputs.masks([(request, ())])[0], vocab) == [z]
     outputs.remove("r")  # forgotten: rebuilt from the request's tokens
     assert allowed_ids(outputs.masks([(request, ())])[0], vocab) == [z]
+
+
+def test_a_kept_token_the_grammar_rejects_leaves_only_stop_tokens(tokenizer: Gemma4Tokenizer) -> None:
+    vocab = tokenizer.vocab_size
+    outputs = StructuredOutputs(GrammarCompiler(tokenizer, vocab))
+    request = _request(tokenizer, StructuredOutputParams(regex="xyz"), "q")  # as if sampled without the mask
+    assert allowed_ids(outputs.masks([(request, ())])[0], vocab) == sorted(tokenizer.eos_token_ids)
+    assert outputs.accepts(request, tokenizer.encode("xyz")) == 0
 
 
 def test_thought_rows_allow_all_but_stop_tokens(tokenizer: Gemma4Tokenizer) -> None:

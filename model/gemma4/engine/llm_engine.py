@@ -230,7 +230,7 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids contains {bad}, outside the vocabulary [0, {self.vocab_size})")
         if params.structured is not None:
             if self.grammars is None:
-                raise ValueError("structured: structured outputs need a tokenizer; this engine has none")
+                raise ValueError("structured outputs need a tokenizer; this engine has none")
             self.grammars.validate(params.structured)
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")

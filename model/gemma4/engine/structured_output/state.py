@@ -105,14 +105,12 @@ class StructuredOutputs:
         batched: list[tuple[_Tracked, int]] = []  # rows whose masks llguidance computes in parallel
         row = 0
         for request, drafts in rows:
-            tracked = self._caught_up(request)
-            if tracked is None:
-                pass
-            elif drafts:
+            tracked = self._caught_up(request)  # None: unconstrained, its rows allow everything
+            if tracked is not None and drafts:
                 self._fill_drafts(tracked, request, drafts, mask, row)
-            elif tracked.failed or tracked.phase is _Phase.THOUGHT:
+            elif tracked is not None and (tracked.failed or tracked.phase is _Phase.THOUGHT):
                 self._fill(tracked, request, mask, row)
-            else:
+            elif tracked is not None:
                 batched.append((tracked, row))
             row += 1 + len(drafts)
         if batched:
@@ -149,15 +147,15 @@ class StructuredOutputs:
         if tracked is None:
             phase = _Phase.OPENING if params.thinking else _Phase.ANSWER
             tracked = self._tracked[request.request_id] = _Tracked(self.compiler.matcher(params), phase)
-        outputs = request.output_token_ids
-        for token in outputs[tracked.applied :]:
+        new = request.token_ids[request.num_prompt_tokens + tracked.applied :]
+        for token in new:
             if not tracked.failed and not self._advance(tracked, request, token):
                 tracked.failed = True
                 logger.warning(
                     "request %s kept token %d, which its grammar rejects (%s); it may only stop now",
                     request.request_id, token, tracked.matcher.get_error() or "not allowed there",
                 )
-        tracked.applied = len(outputs)
+        tracked.applied += len(new)
         return tracked
 
     def _advance(self, tracked: _Tracked, request: Request, token: int) -> bool:
