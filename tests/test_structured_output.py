@@ -168,7 +168,15 @@ def test_every_json_schema_output_parses_and_validates(llm: LLM) -> None:
     assert len(documents) > len(SCHEMAS)  # seeds make different documents
 
 
-def test_json_object_regex_and_choice(llm: LLM) -> None:
+# A Gemma 4 tool call as a Lark grammar: special tokens unquoted, a JSON schema embedded in a rule.
+TOOL_CALL_GRAMMAR = r"""start: <|tool_call> "call:" NAME "{" "location:" <|"|> /[a-z]{1,6}/ <|"|> "," "args:" args "}" <tool_call|>
+NAME: /get_[a-z]{1,5}/
+args: %json{"x-guidance": {"whitespace_flexible": false}, "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 2}
+"""
+TOOL_CALL_TEXT = r'<\|tool_call>call:get_[a-z]{1,5}\{location:<\|"\|>[a-z]{1,6}<\|"\|>,args:\[([0-9](,[0-9])?)?\]\}<tool_call\|>'
+
+
+def test_json_object_regex_choice_and_grammar(llm: LLM) -> None:
     quote, close = (llm.tokenizer.encode(c)[0] for c in '"}')
     choices = ("yes", "no", "maybe later")
     pattern = r"[a-z]{2,5}-[0-9]{1,3}"
@@ -176,6 +184,7 @@ def test_json_object_regex_and_choice(llm: LLM) -> None:
         [structured(seed, json_object=True) for seed in SEEDS]
         + [structured(seed, regex=pattern) for seed in SEEDS]
         + [structured(seed, choice=choices) for seed in SEEDS]
+        + [structured(seed, grammar=TOOL_CALL_GRAMMAR) for seed in SEEDS]
     )
     with biased(llm, {quote: 6.0, close: 6.0}):  # strings and objects close soon: an object fits max_tokens
         outputs = llm.generate(["Answer me"] * len(params), params)
@@ -184,7 +193,8 @@ def test_json_object_regex_and_choice(llm: LLM) -> None:
     n = len(SEEDS)
     assert all(isinstance(json.loads(t), dict) for t in texts[:n]), texts
     assert all(re.fullmatch(pattern, t) for t in texts[n : 2 * n]), texts
-    assert all(t in choices for t in texts[2 * n :]), texts
+    assert all(t in choices for t in texts[2 * n : 3 * n]), texts
+    assert all(re.fullmatch(TOOL_CALL_TEXT, t) for t in texts[3 * n :]), texts
 
 
 def test_thinking_leaves_the_thought_free_and_constrains_the_answer(llm: LLM) -> None:

@@ -14,9 +14,16 @@ A request carries `SamplingParams(structured=StructuredOutputParams(...))` with 
 - `grammar`: a Lark grammar in llguidance's dialect (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md);
   the rule `start` is the whole answer. Quoted strings are text (`"call:"`); a special token is written
   unquoted, by its text (`<|tool_call>`, `<|"|>`, `<tool_call|>`) or by id (`<[48]>`): a quoted `"<|tool_call>"`
-  would be its characters, which the special token never matches. Rules may embed a JSON schema:
-  `args: %json{"type": "object", "properties": {...}}`; lexemes are `/regex/` (e.g. `NAME: /[a-z_]+/`).
-  Example, one Gemma 4 tool call: `start: <|tool_call> "call:get_weather" %json{...} <tool_call|>`.
+  would be its characters, which the special token never matches. Lexemes are `/regex/` terminals (upper-case
+  names, e.g. `NAME: /[a-z_]+/`); a rule (lower-case name) may embed a JSON schema, `args: %json{...}`, whose
+  whitespace is flexible unless the schema says `"x-guidance": {"whitespace_flexible": false}` (say it: a
+  random or weak model can spin in whitespace). Tested example (tests/test_structured_output.py):
+
+      start: <|tool_call> "call:" NAME "{" "location:" <|"|> /[a-z]{1,6}/ <|"|> "," "args:" args "}" <tool_call|>
+      NAME: /get_[a-z]{1,5}/
+      args: %json{"x-guidance": {"whitespace_flexible": false}, "type": "array", "items": {"type": "integer"}}
+
+  The output text keeps the special tokens the grammar wrote (`<|tool_call>call:get_ab{...}<tool_call|>`).
 
 `thinking=True`: an optional thought block at the start (`<|channel>` ... `<channel|>`) is free; the constraint
 applies after it (see `state`). When the grammar is complete only the stop (EOS) tokens are allowed, so the
