@@ -17,6 +17,7 @@ from engine_fixtures import small_config
 from gemma4 import LLM, SamplingParams
 from gemma4.engine import FinishReason
 from gemma4.engine.args import EngineArgs
+from gemma4.engine.llm_engine import LLMEngine
 from gemma4.engine.request import Request
 from gemma4.engine.sampler import Sampler
 from gemma4.engine.structured_output.bitmask import allocate, allowed_ids, set_tokens
@@ -29,7 +30,7 @@ from gemma4.tiny import write_tiny_checkpoint
 from gemma4.tiny_tokenizer import build_tiny_tokenizer
 from gemma4.tokenizer import Gemma4Tokenizer
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 MAX_TOKENS = 160
 ENGINE = dict(dtype=torch.float32, block_size=16, max_num_seqs=32, max_num_batched_tokens=256)
 
@@ -253,6 +254,12 @@ def test_invalid_constraints_fail_when_added(llm: LLM, constraint: dict, message
     with pytest.raises(ValueError, match=message):
         engine.add_request("hi", SamplingParams(structured=StructuredOutputParams(**constraint)))
     assert not engine.has_unfinished_requests()  # nothing was queued
+
+
+def test_an_engine_without_a_tokenizer_refuses_structured_requests(llm: LLM) -> None:
+    engine = LLMEngine(llm.engine.model, None, llm.engine.args)
+    with pytest.raises(ValueError, match="structured outputs need a tokenizer"):
+        engine.add_request([5, 6], SamplingParams(structured=StructuredOutputParams(regex="a")))
 
 
 def test_preemption_mid_generation_keeps_outputs_valid_and_unchanged(tokenizer: Gemma4Tokenizer, llm: LLM) -> None:
