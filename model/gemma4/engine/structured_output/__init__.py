@@ -5,9 +5,10 @@ A request carries `SamplingParams(structured=StructuredOutputParams(...))` with 
 - `json_schema`: JSON Schema text. Honoured: types, nested objects, `properties` / `required`,
   `additionalProperties` (false forbids other keys; OpenAI's strict mode must say so in the schema), arrays
   with `items` / `minItems` / `maxItems`, `enum` / `const`, integer and number `minimum` / `maximum`,
-  strings with `minLength` / `maxLength` / `pattern` / some `format`s, `anyOf` / `oneOf`, `$ref` / `$defs`.
-  Keywords it cannot enforce (`uniqueItems`, `not`, unknown `format`s) are an error, not ignored. JSON is written compactly (no whitespace between tokens);
-  a schema's `"x-guidance"` object overrides llguidance's JSON options (e.g. `{"whitespace_flexible": true}`).
+  strings with `minLength` / `maxLength` / `pattern` (unanchored, as JSON Schema says: `^...$` bounds it) /
+  some `format`s, `anyOf` / `oneOf`, `$ref` / `$defs`. Keywords it cannot enforce (`uniqueItems`, `not`,
+  unknown `format`s) are an error, not ignored. JSON is written compactly (no whitespace between tokens); a
+  schema's `"x-guidance"` object overrides llguidance's JSON options (e.g. `{"whitespace_flexible": true}`).
 - `json_object=True`: any JSON object.
 - `regex`: the whole answer matches it (Rust `regex` syntax).
 - `choice`: the answer is exactly one of the strings.
@@ -27,7 +28,11 @@ A request carries `SamplingParams(structured=StructuredOutputParams(...))` with 
 
 `thinking=True`: an optional thought block at the start (`<|channel>` ... `<channel|>`) is free; the constraint
 applies after it (see `state`). When the grammar is complete only the stop (EOS) tokens are allowed, so the
-request ends there.
+request ends there; `min_tokens` does not apply to structured requests (the grammar decides when they may stop).
+
+Errors: `GrammarCompiler.validate` (called by `LLMEngine.check_request`, so a bad request fails before it is
+queued) raises ValueError starting with "structured", then the constraint's name and what is wrong, on one line:
+"structured json_schema: Unimplemented keys: ...", "structured regex: ... unclosed group ...".
 
 Pieces: `compiler` (validation and an LRU cache of compiled grammars, over the tokenizer's vocabulary),
 `state` (per-request matchers on rank 0's worker and each step's masks, filled on a thread during the forward),

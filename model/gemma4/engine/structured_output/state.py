@@ -122,7 +122,8 @@ class StructuredOutputs:
         return mask
 
     def accepts(self, request: Request, tokens: Sequence[int]) -> int:
-        """How many leading `tokens` (drafts after the request's tokens) the constraint accepts (between steps)."""
+        """How many leading `tokens` (drafts after the request's kept tokens) the constraint accepts; the state is
+        left as it was. Call it while no `MaskJob` is in flight (the job thread owns the matchers then)."""
         tracked = self._caught_up(request)
         if tracked is None:
             return len(tokens)
