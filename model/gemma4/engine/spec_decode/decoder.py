@@ -10,10 +10,12 @@ the tokens alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from gemma4.engine.request import Request
 from gemma4.engine.spec_decode.verify import Verified
 
 if TYPE_CHECKING:
@@ -22,6 +24,12 @@ if TYPE_CHECKING:
 
 class BlockTables(Protocol):
     def block_tables(self, seq_id: str) -> list[list[int]]: ...
+
+
+class GrammarCheck(Protocol):
+    """Structured outputs' view of drafts (`StructuredOutputs.accepts`)."""
+
+    def accepts(self, request: Request, tokens: Sequence[int]) -> int: ...
 
 
 class TokenProposer(Protocol):
@@ -38,13 +46,17 @@ class SpeculativeDecoder:
         *,
         tokens: TokenProposer | None = None,
         assistant: AssistantProposer | None = None,
+        grammar: GrammarCheck | None = None,
     ) -> None:
+        """Drafts come from `tokens` or `assistant`; with `grammar`, a constrained request's drafts end
+        before the first one its constraint rejects (it could never be kept)."""
         if (tokens is None) == (assistant is None):
             raise ValueError("a speculative decoder drafts with exactly one of a token proposer or an assistant")
         self.num_tokens = num_tokens
         self.max_model_len = max_model_len
         self.tokens = tokens
         self.assistant = assistant
+        self.grammar = grammar
 
     def room(self, verified: Verified) -> int:
         """How many drafts the request can use next step."""
@@ -60,6 +72,18 @@ class SpeculativeDecoder:
     ) -> list[list[int]]:
         """Drafts per verified request (in order); `hidden` holds the step's sampling rows' final hidden
         states (needed by the assistant), `tables` the requests' block tables."""
+        drafts = self._draft(verified, hidden, tables)
+        if self.grammar is None:
+            return drafts
+        for i, (v, row) in enumerate(zip(verified, drafts)):
+            if row and v.request.sampling_params.structured is not None:
+                kept = [r.token_id for r in v.kept]
+                drafts[i] = row[: max(0, self.grammar.accepts(v.request, kept + row) - len(kept))]
+        return drafts
+
+    def _draft(
+        self, verified: list[Verified], hidden: torch.Tensor | None, tables: BlockTables
+    ) -> list[list[int]]:
         rooms = [self.room(v) for v in verified]
         if self.tokens is not None:
             return [
