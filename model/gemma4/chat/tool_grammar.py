@@ -224,7 +224,26 @@ class _Builder:
             if not isinstance(key, str) or not _KEY.fullmatch(key):
                 raise ToolSchemaError(path, "a property name must be a bare key (no spaces at its ends, no ':{}[],<')")
             fields.append((self.rule(f"{_literal(key + ':')} {self.value(value, path)}"), key in required))
-        return f'"{{" {_fields(fields)} "}}"'
+        body = self._fields(fields)
+        return f'"{{" {body} "}}"' if any(needed for _, needed in fields) else f'"{{" {body}? "}}"'
+
+    def _fields(self, fields: list[tuple[str, bool]]) -> str:
+        """A rule for one or more comma-separated fields in order, where optional ones may be left out.
+
+        ``rest[i]``: fields i.. after something was written (each with its leading comma);
+        ``first[i]``: fields i.. starting with the first one written. Linear in the number of fields.
+        """
+        rest: list[str] = [""] * (len(fields) + 1)
+        for i in range(len(fields) - 1, -1, -1):
+            rule, needed = fields[i]
+            head = f'"," {rule}' if needed else f'("," {rule})?'
+            rest[i] = self.rule(f"{head} {rest[i + 1]}".strip())
+        first = ""
+        for i in range(len(fields) - 1, -1, -1):
+            rule, needed = fields[i]
+            written = f"{rule} {rest[i + 1]}".strip()
+            first = self.rule(written if needed or not first else f"{written} | {first}")
+        return first
 
     def _array(self, schema: Mapping[str, Any], where: str) -> str:
         item = self.value(schema.get("items", True), f"{where}.items")
@@ -242,29 +261,6 @@ class _Builder:
 
 def _is_object_schema(schema: Mapping[str, Any]) -> bool:
     return "type" in schema or "properties" in schema or not (set(schema) - _ANNOTATIONS)
-
-
-def _fields(fields: list[tuple[str, bool]]) -> str:
-    """Comma-separated fields in order, each optional one may be left out: a Lark expression.
-
-    ``first(i)`` starts at field i with nothing written yet; the fields after the first one written
-    each carry their leading comma.
-    """
-
-    def rest(i: int) -> str:
-        return " ".join(f'"," {rule}' if needed else f'("," {rule})?' for rule, needed in fields[i:])
-
-    def first(i: int) -> str:
-        if i == len(fields):
-            return ""
-        rule, needed = fields[i]
-        written = f"{rule} {rest(i + 1)}".strip()
-        if needed:
-            return written
-        later = first(i + 1)
-        return f"({written} | {later})" if later else f"({written})?"
-
-    return first(0)
 
 
 def _types(schema: Mapping[str, Any], where: str) -> list[str]:
