@@ -105,6 +105,10 @@ class Gemma4Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def to_str(self) -> str:
+        """The ``tokenizers`` JSON of the vocabulary (grammar libraries build their token tables from it)."""
+        return self._tokenizer.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
 

@@ -26,6 +26,7 @@ from gemma4.engine.outputs import EngineStats, RequestOutput
 from gemma4.engine.request import Request
 from gemma4.engine.sampling_params import SamplingParams
 from gemma4.engine.scheduler import Scheduler, SchedulerConfig
+from gemma4.engine.structured_output.compiler import GrammarCompiler
 from gemma4.engine.worker import Worker
 from gemma4.kv_layout import cache_groups
 from gemma4.media.inputs import MediaPlaceholder, MultimodalPrompt
@@ -58,7 +59,7 @@ class LLMEngine:
     def __init__(
         self, model: Gemma4ForCausalLM | Executor, tokenizer: Gemma4Tokenizer | None, args: EngineArgs
     ) -> None:
-        self.executor = model if isinstance(model, Executor) else UniprocExecutor(Worker.wrap(model, args))
+        self.executor = model if isinstance(model, Executor) else UniprocExecutor(Worker.wrap(model, args, tokenizer))
         if self.executor.world_size != args.tensor_parallel_size:
             raise ValueError(
                 f"tensor_parallel_size={args.tensor_parallel_size} but the executor runs {self.executor.world_size} ranks"
@@ -69,6 +70,8 @@ class LLMEngine:
         text = self.config.text
         args.check_model(text)
         self.vocab_size = text.vocab_size
+        # Validates structured-output constraints at add time (rank 0's worker compiles its own).
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size) if tokenizer is not None else None
         self.max_model_len = args.model_len(text)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids if tokenizer is not None else self.config.eos_token_ids)
         groups = cache_groups(text)
@@ -225,6 +228,10 @@ class LLMEngine:
         bad = next((t for t in params.stop_token_ids or () if t >= self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"stop_token_ids contains {bad}, outside the vocabulary [0, {self.vocab_size})")
+        if params.structured is not None:
+            if self.grammars is None:
+                raise ValueError("structured: structured outputs need a tokenizer; this engine has none")
+            self.grammars.validate(params.structured)
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         if cache_salt is not None and (not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT_CHARS):

@@ -10,6 +10,10 @@ requests with penalties, a row of device penalty state that grows by the tokens 
 last step. A draw depends on
 (seed, output index) and the row's logits only, so tokens do not change with batching or preemption.
 Logprobs are those of the model's raw distribution. One device-to-host copy per step.
+
+Structured outputs: `allowed`, a host token bitmask per row (`gemma4.engine.structured_output`), sets the
+logits of disallowed tokens to -inf before everything above (the raw logprobs are unmasked); a structured
+request's grammar, not min_tokens, decides when it may stop.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from gemma4.backends import backend_of
 from gemma4.engine.request import Request
+from gemma4.engine.structured_output.bitmask import apply_bitmask
 from gemma4.ops import sampling
 from gemma4.ops.sampling import apply_penalties, mask_tokens, record_tokens, row_keys, seed_keys
 
@@ -112,8 +117,12 @@ class Sampler:
             if state.penalty_slot is not None:
                 self._penalty.release(state.penalty_slot)
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[SampleResult]:
-        """`logits [N, vocab]` (row i for requests[i]; rows past len(requests) are padding) -> one token per request."""
+    def sample(
+        self, logits: torch.Tensor, requests: list[Request], allowed: torch.Tensor | None = None
+    ) -> list[SampleResult]:
+        """`logits [N, vocab]` (row i for requests[i]; rows past len(requests) are padding) -> one token per request.
+
+        `allowed`: a host bitmask `[len(requests), ceil(vocab / 32)]` of the tokens each row may take, or None."""
         n = len(requests)
         if logits.dim() != 2 or logits.shape[0] < n or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits must be [>= {n}, {self.vocab_size}], got {list(logits.shape)}")
@@ -123,7 +132,8 @@ class Sampler:
             return []
         logits = logits[:n].float()
         states = self._states(requests)
-        processed = self._processed(logits, requests, states)
+        masked = logits if allowed is None else apply_bitmask(logits, allowed.to(self.device, non_blocking=True))
+        processed = self._processed(masked, requests, states)
         drawn = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if len(drawn) < n:
             tokens = processed.max(dim=-1).indices  # the first maximum, as argmax; faster on the CPU
@@ -160,7 +170,8 @@ class Sampler:
                 state = _RowState(
                     slot=self._params.acquire(),
                     top_k=params.top_k if 0 < params.top_k < self.vocab_size else self.vocab_size,
-                    stop_ids=tuple(sorted(t for t in request.stop_token_ids if t < self.vocab_size)) if params.min_tokens else (),
+                    stop_ids=tuple(sorted(t for t in request.stop_token_ids if t < self.vocab_size))
+                    if params.min_tokens and params.structured is None else (),
                     penalty_slot=self._penalty.acquire() if params.uses_penalties else None,
                 )
                 self._rows[request.request_id] = state

@@ -7,6 +7,8 @@ tokens so far, block tables), encodes the media items the step reads that its en
 single-device engine would, runs its shard (the collectives inside the model keep the ranks in
 step), and on rank 0 samples from the gathered logits. The engine core never sees tensors.
 `Worker.wrap` runs an already-built single-device model in the core's own process (the default).
+Rank 0 also keeps the structured-output matchers (with the tokenizer: the checkpoint's, or the one
+`wrap` is given) and fills their token masks on a thread while the forward runs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from gemma4.engine.model_runner import ModelRunner
 from gemma4.engine.request import Request
 from gemma4.engine.sampler import Sampler
 from gemma4.engine.scheduler import ScheduledBatch
+from gemma4.engine.structured_output.compiler import GrammarCompiler
+from gemma4.engine.structured_output.state import StructuredOutputs, sampling_rows
 from gemma4.engine.worker_step import NewRequestData, ScheduledSequence, StepOutput, WorkerStep
 from gemma4.kv_layout import split_kv_budget
 from gemma4.loader import load_model
@@ -35,6 +39,7 @@ from gemma4.modeling import Gemma4ForCausalLM
 from gemma4.parallel.comm import SINGLE, Collectives, init_collectives
 from gemma4.parallel.layout import ParallelLayout
 from gemma4.parallel.placement import ExpertPlacement
+from gemma4.tokenizer import Gemma4Tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -122,23 +127,26 @@ class Worker:
                 raise ValueError("a rank of a multi-rank replica needs the process group's init_method")
             comm = init_collectives(backend.collectives, init_method, layout.world_size, rank)
         model = load_model(config.checkpoint, dtype=config.torch_dtype, device=config.device, layout=layout, comm=comm)
-        self._setup(model, config.engine_args, layout, comm, config.checkpoint)
+        has_tokenizer = rank == 0 and (Path(config.checkpoint) / "tokenizer.json").is_file()
+        tokenizer = load_tokenizer(config.checkpoint) if has_tokenizer else None
+        self._setup(model, config.engine_args, layout, comm, config.checkpoint, tokenizer)
 
     @classmethod
-    def wrap(cls, model: Gemma4ForCausalLM, args: EngineArgs) -> Worker:
-        """A single-device worker over an already-built model, in the caller's process."""
+    def wrap(cls, model: Gemma4ForCausalLM, args: EngineArgs, tokenizer: Gemma4Tokenizer | None = None) -> Worker:
+        """A single-device worker over an already-built model, in the caller's process (`tokenizer`: for
+        structured outputs)."""
         if args.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={args.tensor_parallel_size} needs one worker per rank "
                 "(a MultiprocExecutor over a checkpoint), not one in-process model"
             )
         worker = cls.__new__(cls)
-        worker._setup(model, args, ParallelLayout(), SINGLE, checkpoint=None)
+        worker._setup(model, args, ParallelLayout(), SINGLE, checkpoint=None, tokenizer=tokenizer)
         return worker
 
     def _setup(
         self, model: Gemma4ForCausalLM, args: EngineArgs, layout: ParallelLayout, comm: Collectives,
-        checkpoint: str | None,
+        checkpoint: str | None, tokenizer: Gemma4Tokenizer | None,
     ) -> None:
         self.model = model
         self.checkpoint = checkpoint  # where moved experts are read from (None: a wrapped model, ep = 1)
@@ -153,6 +161,8 @@ class Worker:
         self.encoder_outputs = EncoderOutputs(model.encode_media, lambda: backend_of(device).synchronize(device))
         self.runner: ModelRunner | None = None
         self.sampler: Sampler | None = None
+        self.tokenizer = tokenizer  # rank 0's, for structured outputs (None: requests carry no constraint)
+        self.structured: StructuredOutputs | None = None
 
     @property
     def config(self) -> Gemma4Config:
@@ -191,6 +201,9 @@ class Worker:
         if self.layout.rank == 0:
             text = self.model.text_config
             self.sampler = Sampler(text.vocab_size, self.runner.device, args.seed, draw=self.runner.ops.sample_draw)
+            if self.tokenizer is not None:
+                pin = backend_of(self.runner.device).pinned_memory
+                self.structured = StructuredOutputs(GrammarCompiler(self.tokenizer, text.vocab_size), pin_memory=pin)
 
     def execute(self, step: WorkerStep) -> StepOutput | None:
         """Run one step; rank 0 returns its output (a result per request that sampled), others None."""
@@ -199,6 +212,8 @@ class Worker:
             self.mirrors.remove(request_id)
             if self.sampler is not None:
                 self.sampler.remove(request_id)
+            if self.structured is not None:
+                self.structured.remove(request_id)
         for new in step.new_requests:
             self.mirrors.add(new, len(self.groups))
         self.encoder_outputs.free(step.encoder_frees)
@@ -210,10 +225,12 @@ class Worker:
         for seq in step.sequences:
             batch.add(self.mirrors.update(seq), seq.num_tokens)
         media = self.encoder_outputs.step_media(batch.requests, batch.num_tokens, spans=self.runner.spans)
+        masks = None if self.structured is None else self.structured.start(sampling_rows(batch.requests, batch.num_tokens))
         logits, sampling = self.runner.execute(batch, self.mirrors, media=media)
         if self.sampler is None:
             return None
-        return StepOutput(self.sampler.sample(logits, sampling), encoder_seconds)
+        allowed = None if masks is None else masks.result(sampling)
+        return StepOutput(self.sampler.sample(logits, sampling, allowed=allowed), encoder_seconds)
 
     def expert_load(self) -> dict[int, list[int]]:
         """Tokens routed to each expert so far, per MoE layer (routing is replicated: every rank counts alike)."""
