@@ -9,6 +9,7 @@ the field.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -220,3 +221,52 @@ def test_invalid_constraints_are_invalid_argument_naming_the_field(
         served.stub.Chat(request, timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details().startswith(field), error.value.details()
+
+
+def test_other_constraint_kinds_through_both_doors(served: Served) -> None:
+    client = served.client()
+    messages = [{"role": "user", "content": PROMPT}]
+
+    def chat(**extra: Any) -> str:
+        response = client.chat.completions.create(model="tiny", messages=messages, temperature=1.0, seed=7, **extra)
+        return response.choices[0].message.content or ""
+
+    assert chat(extra_body={"guided_choice": ["yes", "no", "maybe"]}) in ("yes", "no", "maybe")
+    assert re.fullmatch(r"[a-z]{3,8}-[0-9]{2}", chat(extra_body={"guided_regex": "[a-z]{3,8}-[0-9]{2}"}))
+    chunks = client.chat.completions.create(
+        model="tiny", messages=messages, temperature=1.0, seed=8, max_tokens=MAX_TOKENS, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "order", "schema": SCHEMAS["order"]}},
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    jsonschema.validate(json.loads(streamed), SCHEMAS["order"])
+
+    def grpc_generate(constraint: pb.StructuredOutput) -> str:
+        request = pb.GenerateRequest(text=PROMPT, sampling=sampling(9), response_format=constraint)
+        return served.stub.Generate(request, timeout=120).text
+
+    assert grpc_generate(pb.StructuredOutput(choice=pb.ChoiceList(options=["red", "green"]))) in ("red", "green")
+    assert re.fullmatch(r"[0-9]{4}", grpc_generate(pb.StructuredOutput(regex="[0-9]{4}")))
+
+
+def test_strict_tool_under_auto_is_constrained_when_called(served: Served) -> None:
+    """Under "auto" the model may answer in text; whenever it calls the strict tool, the call is valid."""
+    strict = {**tool("weather"), "function": {**tool("weather")["function"], "strict": True}}
+
+
+    def ask(seed: int) -> Any:
+        return served.client().chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[strict], tool_choice="auto",
+            temperature=1.0, seed=seed, max_tokens=MAX_TOKENS,
+        ).choices[0]
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        choices = list(pool.map(ask, range(8)))
+    called = 0
+    for choice in choices:
+        if choice.finish_reason == "length":
+            continue  # cut off, possibly inside a call
+        for call in choice.message.tool_calls or ():
+            called += 1
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS["weather"])
+        assert "<|tool_call>" not in (choice.message.content or ""), choice.message.content
+    assert called, "no seed made the model call the tool"

@@ -48,7 +48,11 @@ def json_schema(schema: Any, field: str, *, thinking: bool = False) -> Structure
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.path)
         raise InvalidArgument(f"{field}{path}: not a valid JSON schema: {error.message}", field=field) from None
     text = json.dumps(schema, ensure_ascii=False)
-    _check_compiles(llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS), field, "schema")
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
+    except ValueError as error:
+        raise InvalidArgument(f"{field}: this schema is not supported: {error}", field=field) from None
+    _check_compiles(grammar, field, "schema")
     return StructuredOutputParams(json_schema=text, thinking=thinking)
 
 
