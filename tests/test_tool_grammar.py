@@ -163,6 +163,18 @@ def test_auto_with_strict_tools_allows_text_and_constrains_strict_calls(vocab: A
     jsonschema.validate(parsed.tool_calls[0].arguments, SCHEMAS["weather"])
 
 
+def test_optional_fields_and_tools_without_parameters(vocab: Any) -> None:
+    optional = {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "integer"}}}
+    tools = [tool("opt", optional), {"type": "function", "function": {"name": "bare"}}]
+    grammar = tool_call_grammar(tools, required=True)
+    for arguments in ("{}", "{a:true}", "{b:-3}", "{a:false,b:0}"):
+        assert accepts(vocab, grammar, f"<|tool_call>call:opt{arguments}<tool_call|>"), arguments
+    assert accepts(vocab, grammar, "<|tool_call>call:bare{}<tool_call|>")
+    for text in ("<|tool_call>call:opt{b:1,a:true}<tool_call|>", "<|tool_call>call:opt{,b:1}<tool_call|>",
+                 "<|tool_call>call:bare{a:true}<tool_call|>"):
+        assert not accepts(vocab, grammar, text), text
+
+
 @pytest.mark.parametrize(
     ("parameters", "where"),
     [

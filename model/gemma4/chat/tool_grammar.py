@@ -49,6 +49,7 @@ _KEYWORDS = frozenset({
 }) | _ANNOTATIONS
 _TYPES = ("string", "integer", "number", "boolean", "null", "object", "array")
 _NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # a tool that takes none
 _KEY = re.compile(r"[^:{}\[\],\s<]([^:{}\[\],<]*[^:{}\[\],\s<])?")
 _NAME = re.compile(r"[^\s{}<]+")
 
@@ -98,7 +99,7 @@ def tool_call_grammar(
         if not isinstance(tool_name, str) or not _NAME.fullmatch(tool_name):
             raise ToolSchemaError(f"{where}.name", f"expected a name without spaces, braces or '<', got {tool_name!r}")
         constrain = not strict_only or function.get("strict") is True
-        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        parameters = function.get("parameters", _NO_PARAMETERS)
         arguments = builder.arguments(parameters, f"{where}.parameters") if constrain else "any_object"
         calls[tool_name] = builder.rule(f"<|tool_call> {_literal('call:' + tool_name)} {arguments} <tool_call|>")
     if name is not None:
@@ -224,6 +225,8 @@ class _Builder:
             if not isinstance(key, str) or not _KEY.fullmatch(key):
                 raise ToolSchemaError(path, "a property name must be a bare key (no spaces at its ends, no ':{}[],<')")
             fields.append((self.rule(f"{_literal(key + ':')} {self.value(value, path)}"), key in required))
+        if not fields:
+            return '"{" "}"'
         body = self._fields(fields)
         return f'"{{" {body} "}}"' if any(needed for _, needed in fields) else f'"{{" {body}? "}}"'
 
