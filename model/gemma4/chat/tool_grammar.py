@@ -100,7 +100,7 @@ def tool_call_grammar(
             raise ToolSchemaError(f"{where}.name", f"expected a name without spaces, braces or '<', got {tool_name!r}")
         constrain = not strict_only or function.get("strict") is True
         parameters = function.get("parameters", _NO_PARAMETERS)
-        arguments = builder.arguments(parameters, f"{where}.parameters") if constrain else "any_object"
+        arguments = builder.arguments(parameters, f"{where}.parameters") if constrain else builder.any("any_object")
         calls[tool_name] = builder.rule(f"<|tool_call> {_literal('call:' + tool_name)} {arguments} <tool_call|>")
     if name is not None:
         if name not in calls:
@@ -123,6 +123,12 @@ class _Builder:
 
     def __init__(self) -> None:
         self.rules: list[str] = []
+        self.generic = False  # whether some value is unconstrained (the generic value rules are needed)
+
+    def any(self, rule: str) -> str:
+        """`any_value` or `any_object`: a value the schema leaves open."""
+        self.generic = True
+        return rule
 
     def rule(self, body: str) -> str:
         name = f"r{len(self.rules)}"
@@ -132,10 +138,9 @@ class _Builder:
     def grammar(self, start: str) -> str:
         """The whole grammar; the free-text terminal and the generic value rules only where they are used."""
         lines = [f"start: {start}", *self.rules]
-        body = "\n".join(lines)
         if "FREE_TEXT" in start:
             lines.append(f"FREE_TEXT: /(?s:.*)/ & {_NO_MARKER}")
-        if "any_" in body:
+        if self.generic:
             lines.append(_GENERIC)
         return "\n".join(lines)
 
@@ -148,7 +153,7 @@ class _Builder:
 
     def value(self, schema: Any, where: str) -> str:
         if schema is True or schema == {}:
-            return "any_value"
+            return self.any("any_value")
         if not isinstance(schema, Mapping):
             raise ToolSchemaError(where, f"expected a JSON schema object, got {schema!r}")
         unknown = sorted(set(schema) - _KEYWORDS)
@@ -218,7 +223,7 @@ class _Builder:
         if not isinstance(extra, (bool, Mapping)):
             raise ToolSchemaError(f"{where}.additionalProperties", "expected a boolean or a schema")
         if not properties and extra is not False:
-            return "any_object"
+            return self.any("any_object")
         fields = []
         for key, value in dictsort(properties):
             path = f"{where}.properties.{key}"
