@@ -161,10 +161,14 @@ class _GenerationRequest(_Strict):
             return structured.choice(self.guided_choice, "guided_choice", thinking=thinking)
         return self.response_format.constraint(thinking=thinking) if self.response_format else None
 
+    def constraint(self) -> StructuredOutputParams | None:
+        """The request's structured-output constraint (a text completion does not think)."""
+        return self.response_constraint(thinking=False)
+
     def sampling(self) -> dict[str, Any]:
         """`SamplingParams` fields for `Frontend` (None = the model's default)."""
         return {
-            "structured": self.response_constraint(thinking=False),
+            "structured": self.constraint(),
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -198,13 +202,8 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidArgument("top_logprobs requires logprobs: true", field="top_logprobs")
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        thinking = self.thinking_enabled
-        tools = structured.tool_calls(
-            self.tools, self.tool_choice_spec, parallel=self.parallel_tool_calls, thinking=thinking
-        )
         return {
             **super().sampling(),
-            "structured": structured.combined(self.response_constraint(thinking=thinking), tools),
             "max_tokens": limit,
             "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
         }
@@ -216,6 +215,14 @@ class ChatCompletionRequest(_GenerationRequest):
         # Gemma 4 thinks or does not: every effort above "minimal" turns thinking on.
         effort = None if self.reasoning_effort is None else self.reasoning_effort not in ("none", "minimal")
         return next((choice for choice in (self.thinking, template, effort) if choice is not None), False)
+
+    def constraint(self) -> StructuredOutputParams | None:
+        """The response format's or the tool choice's constraint (they exclude each other), after any thinking."""
+        thinking = self.thinking_enabled
+        tools = structured.tool_calls(
+            self.tools, self.tool_choice_spec, parallel=self.parallel_tool_calls, thinking=thinking
+        )
+        return structured.combined(self.response_constraint(thinking=thinking), tools)
 
     @property
     def tool_choice_spec(self) -> structured.ToolChoice:
