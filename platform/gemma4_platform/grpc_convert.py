@@ -15,7 +15,9 @@ from typing import Any
 
 from gemma4.engine import FinishReason, RequestOutput, Usage
 from gemma4.engine.sampler import TokenLogprobs
+from gemma4.engine.structured_output.params import StructuredOutputParams
 
+from gemma4_platform import structured
 from gemma4_platform.api.v1 import serving_pb2 as pb
 from gemma4_platform.backend import media_tokens
 from gemma4_platform.errors import InvalidArgument, ServingError
@@ -32,6 +34,12 @@ _SAMPLING_FIELD = re.compile(rf"^({'|'.join(pb.SamplingParams.DESCRIPTOR.fields_
 _MESSAGE_PATH = re.compile(r"messages\[(\d+)\](\.content)?")
 _FUNCTION_PATH = re.compile(r"\]\.function\.")  # tools[i].function.name -> tools[i].name, same for tool_calls
 _JSON_FIELDS = re.compile(r"\.(parameters|arguments)\b")  # JSON values travel as *_json text fields
+_FORCED_TOOL = re.compile(r"\btool_choice\.function\.name\b")
+_TOOL_MODES = {
+    pb.ToolChoice.MODE_AUTO: "auto",
+    pb.ToolChoice.MODE_NONE: "none",
+    pb.ToolChoice.MODE_REQUIRED: "required",
+}
 
 
 # ---------------------------------------------------------------------- requests
@@ -48,13 +56,76 @@ def sampling_from_proto(sampling: pb.SamplingParams) -> dict[str, Any]:
     return fields
 
 
+def generate_sampling(request: pb.GenerateRequest) -> dict[str, Any]:
+    """A GenerateRequest's SamplingParams fields, its response format included."""
+    return {**sampling_from_proto(request.sampling), "structured": structured_output_from_proto(request)}
+
+
+def chat_sampling(request: pb.ChatRequest, tools: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
+    """A ChatRequest's SamplingParams fields with its one constraint: the response format or the tool choice."""
+    thinking = request.thinking
+    calls = structured.tool_calls(
+        tools,
+        tool_choice_from_proto(request.tool_choice),
+        parallel=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
+        thinking=thinking,
+    )
+    response_format = structured_output_from_proto(request, thinking=thinking)
+    return {**sampling_from_proto(request.sampling), "structured": structured.combined(response_format, calls)}
+
+
+def structured_output_from_proto(
+    request: pb.GenerateRequest | pb.ChatRequest, *, thinking: bool = False
+) -> StructuredOutputParams | None:
+    """The request's `response_format`, None when it sets none."""
+    if not request.HasField("response_format"):
+        return None
+    response_format = request.response_format
+    kind = response_format.WhichOneof("kind")
+    field = f"response_format.{kind}"
+    if kind is None:
+        raise InvalidArgument(
+            "response_format: set json_schema, json_object, regex or choice", field="response_format"
+        )
+    if kind == "json_schema":
+        schema = _json_field(response_format.json_schema, field)
+        return structured.json_schema(schema, field, thinking=thinking)
+    if kind == "json_object":
+        if not response_format.json_object:
+            raise InvalidArgument(f"{field}: set it to true (or leave response_format unset)", field=field)
+        return structured.json_object(thinking=thinking)
+    if kind == "regex":
+        return structured.regex(response_format.regex, field, thinking=thinking)
+    return structured.choice(list(response_format.choice.options), f"{field}.options", thinking=thinking)
+
+
+def tool_choice_from_proto(choice: pb.ToolChoice) -> structured.ToolChoice:
+    if choice.WhichOneof("choice") == "function_name":
+        return structured.ToolChoice("function", choice.function_name)
+    mode = _TOOL_MODES.get(choice.mode)
+    if mode is None:
+        raise InvalidArgument(
+            "tool_choice.mode: set MODE_AUTO, MODE_NONE or MODE_REQUIRED", field="tool_choice.mode"
+        )
+    return structured.ToolChoice(mode)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class ChatInput:
-    """A ChatRequest as chat dicts; `origins[i]` is where dict i came from: (proto path, name of its content)."""
+    """A ChatRequest as chat dicts; `origins[i]` is where dict i came from: (proto path, name of its content).
+
+    `tools` are all the request's tools (they may constrain the answer); `prompt_tools` those the prompt
+    declares: none under MODE_NONE.
+    """
 
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None
     origins: list[tuple[str, str]]
+    declare_tools: bool = True
+
+    @property
+    def prompt_tools(self) -> list[dict[str, Any]] | None:
+        return self.tools if self.declare_tools else None
 
 
 def chat_from_proto(request: pb.ChatRequest) -> ChatInput:
@@ -80,7 +151,8 @@ def chat_from_proto(request: pb.ChatRequest) -> ChatInput:
             messages.append(_tool_response_from_proto(response, path))
             origins.append((path, ".response_json"))
     tools = [_tool_from_proto(tool, f"tools[{i}]") for i, tool in enumerate(request.tools)]
-    return ChatInput(messages, tools or None, origins)
+    declare = request.tool_choice.mode != pb.ToolChoice.MODE_NONE  # (a function_name reads as MODE_AUTO here)
+    return ChatInput(messages, tools or None, origins, declare_tools=declare)
 
 
 def _message_from_proto(message: pb.Message, where: str) -> dict[str, Any]:
@@ -146,6 +218,8 @@ def _tool_from_proto(tool: pb.Tool, where: str) -> dict[str, Any]:
         function["description"] = tool.description
     if tool.parameters_json:
         function["parameters"] = _json_field(tool.parameters_json, f"{where}.parameters_json")
+    if tool.strict:
+        function["strict"] = True
     return {"type": "function", "function": function}
 
 
@@ -164,7 +238,7 @@ def with_proto_paths(error: ServingError, origins: Sequence[tuple[str, str]] = (
             path, content = origins[index]
             return path + (content if match.group(2) else "")
 
-        text = _SAMPLING_FIELD.sub(r"sampling.\1", text)
+        text = _FORCED_TOOL.sub("tool_choice.function_name", _SAMPLING_FIELD.sub(r"sampling.\1", text))
         return _JSON_FIELDS.sub(r".\1_json", _FUNCTION_PATH.sub("].", _MESSAGE_PATH.sub(message_path, text)))
 
     return error.with_message(rewrite(error.message), field=rewrite(error.field) if error.field else None)

@@ -26,8 +26,9 @@ from gemma4_platform.grpc_handlers import add_serving_handlers, check_request
 from gemma4_platform.grpc_convert import (
     ChatChunker,
     chat_from_proto,
+    chat_sampling,
     generate_chunk,
-    sampling_from_proto,
+    generate_sampling,
     with_proto_paths,
 )
 from gemma4_platform.media_input import MediaOptions
@@ -88,7 +89,7 @@ class Gemma4ServingService:
         with self.frontend.admit(caller), _proto_paths():  # the engine validates too, when the request is added
             engine_request = await self.frontend.completion(
                 _prompt(request),
-                sampling_from_proto(request.sampling),
+                generate_sampling(request),
                 caller=caller,
                 request_id=request.request_id or None,
                 priority=request.priority if request.HasField("priority") else None,
@@ -126,9 +127,9 @@ class Gemma4ServingService:
             with _proto_paths(chat.origins):
                 engine_request = await self.frontend.chat(
                     chat.messages,
-                    sampling_from_proto(request.sampling),
+                    chat_sampling(request, chat.tools),
                     caller=caller,
-                    tools=chat.tools,
+                    tools=chat.prompt_tools,
                     thinking=request.thinking,
                     media=MediaOptions(truncate_audio=request.truncate_audio),
                     request_id=request.request_id or None,
@@ -154,7 +155,7 @@ class Gemma4ServingService:
             with _proto_paths(chat.origins):
                 prompt = await self.frontend.chat_prompt(
                     chat.messages,
-                    tools=chat.tools,
+                    tools=chat.prompt_tools,
                     thinking=request.thinking,
                     media=MediaOptions(truncate_audio=request.truncate_audio),
                 )

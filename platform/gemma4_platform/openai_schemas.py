@@ -2,8 +2,10 @@
 
 Requests are validated strictly (a string where a number belongs is a 400 naming the field, not a
 silent coercion) but unknown fields are ignored, as OpenAI does. Fields that would change the meaning of
-a request and that this server cannot honour (`n > 1`, `echo`, JSON mode, logit bias, forced tool
-choice) are rejected rather than ignored. Range checks are left to `SamplingParams`, so every front
+a request and that this server cannot honour (`n > 1`, `echo`, logit bias) are rejected rather than
+ignored. `response_format` (JSON mode, JSON schemas), vLLM's `guided_json` / `guided_regex` /
+`guided_choice` and `tool_choice` become the request's structured-output constraint
+(`gemma4_platform.structured`). Range checks are left to `SamplingParams`, so every front
 end reports them the same way. `model`, when given, must name the served model (checked by
 `gemma4_platform.openai_api`, which serves all of this; nothing here does I/O).
 """
@@ -16,19 +18,22 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gemma4.chat import ChatDelta, ToolCall
 from gemma4.engine import FinishReason, RequestOutput, Usage
 from gemma4.engine.sampler import TokenLogprobs
+from gemma4.engine.structured_output.params import StructuredOutputParams
 
+from gemma4_platform import structured
 from gemma4_platform.backend import media_tokens
 from gemma4_platform.errors import InvalidArgument, ServingError
+from gemma4_platform.request_limits import parse_client_json
 
 TokenText = Callable[[int], str]
 
 # Names pydantic puts into error locations for the members of a union; they are not request fields.
-_UNION_TAGS = {"str", "int", "float", "bool"}
+_UNION_TAGS = {"str", "int", "float", "bool", "NamedToolChoice"}
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -47,8 +52,42 @@ class ChatTemplateKwargs(_Strict):
     enable_thinking: bool | None = None
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`; the answer always follows the schema (as `strict: true`)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: Any = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self, *, thinking: bool) -> StructuredOutputParams | None:
+        if self.type == "json_object":
+            return structured.json_object(thinking=thinking)
+        if self.type == "text":
+            return None
+        field = "response_format.json_schema"
+        if self.json_schema is None:
+            raise InvalidArgument(f'{field}: required with "type": "json_schema"', field=field)
+        if self.json_schema.schema_ is None:
+            raise InvalidArgument(f"{field}.schema: required", field=f"{field}.schema")
+        return structured.json_schema(self.json_schema.schema_, f"{field}.schema", thinking=thinking)
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """`{"type": "function", "function": {"name": ...}}`: the model must call that function."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _GenerationRequest(_Strict):
@@ -75,6 +114,10 @@ class _GenerationRequest(_Strict):
     priority: int | None = None  # only API keys granted a priority range may set it
     cache_salt: str | None = None  # vLLM's prefix-cache isolation field
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: Any = None  # vLLM's structured-output fields
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     @field_validator("top_k")
     @classmethod
@@ -93,9 +136,39 @@ class _GenerationRequest(_Strict):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def response_constraint(self, *, thinking: bool) -> StructuredOutputParams | None:
+        """The constraint of `response_format` or of one of vLLM's `guided_*` fields (at most one may be set)."""
+        chosen = [
+            name
+            for name, value in (
+                ("response_format", self.response_format is not None and self.response_format.type != "text"),
+                ("guided_json", self.guided_json is not None),
+                ("guided_regex", self.guided_regex is not None),
+                ("guided_choice", self.guided_choice is not None),
+            )
+            if value
+        ]
+        if len(chosen) > 1:
+            raise InvalidArgument(f"{chosen[1]}: only one of {', '.join(chosen)} may be set", field=chosen[1])
+        if self.guided_json is not None:
+            schema = self.guided_json
+            if isinstance(schema, str):  # vLLM takes the schema as an object or as JSON text
+                schema = parse_client_json(schema, "guided_json")
+            return structured.json_schema(schema, "guided_json", thinking=thinking)
+        if self.guided_regex is not None:
+            return structured.regex(self.guided_regex, "guided_regex", thinking=thinking)
+        if self.guided_choice is not None:
+            return structured.choice(self.guided_choice, "guided_choice", thinking=thinking)
+        return self.response_format.constraint(thinking=thinking) if self.response_format else None
+
+    def constraint(self) -> StructuredOutputParams | None:
+        """The request's structured-output constraint (a text completion does not think)."""
+        return self.response_constraint(thinking=False)
+
     def sampling(self) -> dict[str, Any]:
         """`SamplingParams` fields for `Frontend` (None = the model's default)."""
         return {
+            "structured": self.constraint(),
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -115,11 +188,11 @@ class _GenerationRequest(_Strict):
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["auto", "none"] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
     thinking: bool | None = None
@@ -142,6 +215,21 @@ class ChatCompletionRequest(_GenerationRequest):
         # Gemma 4 thinks or does not: every effort above "minimal" turns thinking on.
         effort = None if self.reasoning_effort is None else self.reasoning_effort not in ("none", "minimal")
         return next((choice for choice in (self.thinking, template, effort) if choice is not None), False)
+
+    def constraint(self) -> StructuredOutputParams | None:
+        """The response format's or the tool choice's constraint (they exclude each other), after any thinking."""
+        thinking = self.thinking_enabled
+        tools = structured.tool_calls(
+            self.tools, self.tool_choice_spec, parallel=self.parallel_tool_calls, thinking=thinking
+        )
+        return structured.combined(self.response_constraint(thinking=thinking), tools)
+
+    @property
+    def tool_choice_spec(self) -> structured.ToolChoice:
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return structured.ToolChoice("function", choice.function.name)
+        return structured.ToolChoice(choice or "auto")
 
     @property
     def prompt_tools(self) -> list[dict[str, Any]] | None:
