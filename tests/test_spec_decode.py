@@ -10,7 +10,6 @@ statistically against the target distribution.
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -21,35 +20,17 @@ from gemma4.engine.llm_engine import LLMEngine
 from gemma4.engine.request import Request
 from gemma4.engine.sampler import SampleResult
 from gemma4.engine.sampling_params import SamplingParams
-from gemma4.engine.spec_decode.decoder import SpeculativeDecoder
 from gemma4.engine.spec_decode.ngram import NgramProposer
 from gemma4.engine.spec_decode.verify import verify
 from gemma4.kv_layout import NULL_BLOCK
 from gemma4.tiny import tiny_config
 
 from engine_fixtures import mixed_prompts
+from spec_fixtures import OracleProposer, with_proposer
 
 VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
 BLOCK = 4
 K = 3
-
-
-class OracleProposer:
-    """Drafts the reference continuation of a request's tokens, each draft replaced by a wrong token
-    with probability `error` (seeded by the sequence length, so runs repeat)."""
-
-    def __init__(self, references: list[list[int]], error: float, vocab: int) -> None:
-        self.references = references
-        self.error = error
-        self.vocab = vocab
-
-    def propose(self, token_ids: list[int], num_tokens: int) -> list[int]:
-        n = len(token_ids)
-        for reference in self.references:
-            if len(reference) > n and reference[:n] == token_ids:
-                rng = random.Random(n * 7919 + len(reference))
-                return [t if rng.random() >= self.error else (t + 1) % self.vocab for t in reference[n : n + num_tokens]]
-        return []
 
 
 def _engine(
@@ -60,12 +41,6 @@ def _engine(
         speculative_model=spec, num_speculative_tokens=K, seed=seed,
     )
     return LLMEngine(model, None, args)
-
-
-def _with_proposer(engine: LLMEngine, proposer: object) -> LLMEngine:
-    worker = engine.executor.worker
-    worker.spec = SpeculativeDecoder(K, engine.max_model_len, tokens=proposer)
-    return engine
 
 
 def _check_blocks(engine: LLMEngine) -> None:
@@ -108,7 +83,7 @@ def test_greedy_outputs_equal_without_speculation_with_preemption_and_prefix_hit
     params = [_greedy()] * len(prompts)
     reference = _run(_engine(model), prompts, params, check=False)
     references = [p + o.token_ids for p, o in zip(prompts, reference)]
-    engine = _with_proposer(_engine(model, num_kv_blocks=40, spec="ngram"), OracleProposer(references, 0.3, 512))
+    engine = with_proposer(_engine(model, num_kv_blocks=40, spec="ngram"), OracleProposer(references, 0.3, 512), K)
     for _ in range(2):  # the second round hits the prefix cache the first filled
         got = _run(engine, prompts, params)
         assert [o.token_ids for o in got] == [o.token_ids for o in reference]
@@ -138,7 +113,7 @@ def test_seeded_sampling_logprobs_min_tokens_and_stop_tokens_equal_without_specu
     ]
     want = _run(_engine(model), prompts, params, check=False)
     references = [p + o.token_ids for p, o in zip(prompts, reference)]
-    engine = _with_proposer(_engine(model, spec="ngram"), OracleProposer(references, 0.25, 512))
+    engine = with_proposer(_engine(model, spec="ngram"), OracleProposer(references, 0.25, 512), K)
     got = _run(engine, prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for g, w in zip(got, want):
@@ -155,7 +130,7 @@ def test_drafts_respect_max_tokens_and_the_context_limit() -> None:
     reference = _run(_engine(model), prompts, [_greedy(30)] * 4, check=False)
     references = [p + o.token_ids for p, o in zip(prompts, reference)]
     for max_tokens in (1, 2, 5):
-        engine = _with_proposer(_engine(model, spec="ngram"), OracleProposer(references, 0.0, 512))
+        engine = with_proposer(_engine(model, spec="ngram"), OracleProposer(references, 0.0, 512), K)
         got = _run(engine, prompts, [_greedy(max_tokens)] * 4)
         assert [o.token_ids for o in got] == [o.token_ids[:max_tokens] for o in reference]
 
@@ -236,7 +211,7 @@ def test_sampled_tokens_follow_the_target_distribution() -> None:
     for spec, seed in ((False, 11), (True, 12)):
         engine = _engine(model, seed=seed, spec="ngram" if spec else None, max_num_seqs=16)
         if spec:
-            _with_proposer(engine, FixedDraft())
+            with_proposer(engine, FixedDraft(), K)
         outs = _run(engine, [prompt] * n, [params] * n, check=False)
         results[spec] = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=vocab).float()
         if spec:
@@ -265,7 +240,7 @@ def test_stop_strings_end_text_outputs_where_they_do_without_speculation(tmp_pat
     spec = LLM(path, dtype=torch.float32, block_size=BLOCK, max_num_batched_tokens=32, num_kv_blocks=128,
                speculative_model="ngram", num_speculative_tokens=K)
     references = [list(o.prompt_token_ids) + list(o.token_ids) for o in free]
-    _with_proposer(spec.engine, OracleProposer(references, 0.2, spec.engine.vocab_size))
+    with_proposer(spec.engine, OracleProposer(references, 0.2, spec.engine.vocab_size), K)
     got = spec.generate(prompts, params)
     assert [o.text for o in got] == [o.text for o in want]
     assert [o.finish_reason for o in got] == [o.finish_reason for o in want]

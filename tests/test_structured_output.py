@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from engine_fixtures import small_config
+from json_schemas import MAX_TOKENS
+from json_schemas import SCHEMAS as NAMED_SCHEMAS
+from spec_fixtures import OracleProposer, with_proposer
 from gemma4 import LLM, SamplingParams
 from gemma4.engine import FinishReason
 from gemma4.engine.args import EngineArgs
@@ -31,83 +34,8 @@ from gemma4.tiny_tokenizer import build_tiny_tokenizer
 from gemma4.tokenizer import Gemma4Tokenizer
 
 SEEDS = (0, 1, 2, 3, 4)
-MAX_TOKENS = 160
 ENGINE = dict(dtype=torch.float32, block_size=16, max_num_seqs=32, max_num_batched_tokens=256)
-
-_STR = {"type": "string", "maxLength": 5}
-SCHEMAS: list[dict] = [
-    {  # flat, bounded
-        "type": "object",
-        "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 999}, "name": _STR},
-        "required": ["id", "name"], "additionalProperties": False,
-    },
-    {  # nested objects
-        "type": "object",
-        "properties": {
-            "user": {
-                "type": "object",
-                "properties": {"name": _STR, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-                "required": ["name", "age"], "additionalProperties": False,
-            },
-            "active": {"type": "boolean"},
-        },
-        "required": ["user", "active"], "additionalProperties": False,
-    },
-    {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 1, "maxItems": 4},
-    {  # enums
-        "type": "object",
-        "properties": {"color": {"enum": ["red", "green", "blue"]}, "size": {"type": "string", "enum": ["S", "M", "L"]}},
-        "required": ["color", "size"], "additionalProperties": False,
-    },
-    {  # string pattern and length bounds
-        "type": "object",
-        "properties": {
-            "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
-            "tag": {"type": "string", "minLength": 2, "maxLength": 4},
-        },
-        "required": ["code", "tag"], "additionalProperties": False,
-    },
-    {  # arrays of objects
-        "type": "object",
-        "properties": {
-            "items": {
-                "type": "array", "minItems": 1, "maxItems": 3,
-                "items": {
-                    "type": "object",
-                    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}, "ok": {"type": "boolean"}},
-                    "required": ["n", "ok"], "additionalProperties": False,
-                },
-            }
-        },
-        "required": ["items"], "additionalProperties": False,
-    },
-    {  # optional properties: only "a" is required
-        "type": "object",
-        "properties": {"a": {"type": "integer", "minimum": 1, "maximum": 3}, "b": _STR, "c": {"type": "null"}},
-        "required": ["a"], "additionalProperties": False,
-    },
-    {  # anyOf and const
-        "type": "object",
-        "properties": {
-            "kind": {"const": "point"},
-            "value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9}, {"enum": ["none", "all"]}]},
-        },
-        "required": ["kind", "value"], "additionalProperties": False,
-    },
-    {  # $defs / $ref, three levels deep
-        "$defs": {"leaf": {"type": "object", "properties": {"v": {"enum": [1, 2]}}, "required": ["v"], "additionalProperties": False}},
-        "type": "object",
-        "properties": {
-            "outer": {
-                "type": "object",
-                "properties": {"inner": {"$ref": "#/$defs/leaf"}, "list": {"type": "array", "items": {"$ref": "#/$defs/leaf"}, "maxItems": 2}},
-                "required": ["inner", "list"], "additionalProperties": False,
-            }
-        },
-        "required": ["outer"], "additionalProperties": False,
-    },
-    {"type": "string", "enum": ["alpha", "beta", "gamma delta"]},
-]
+SCHEMAS = list(NAMED_SCHEMAS.values())  # the ten bounded schemas the API tests use too
 
 
 @pytest.fixture(scope="module")
@@ -264,14 +192,15 @@ def test_an_engine_without_a_tokenizer_refuses_structured_requests(llm: LLM) -> 
 
 def test_preemption_mid_generation_keeps_outputs_valid_and_unchanged(tokenizer: Gemma4Tokenizer, llm: LLM) -> None:
     schemas = SCHEMAS[:4]
-    params = [structured(seed, json_schema=json.dumps(schema)) for schema in schemas for seed in SEEDS[:2]]
+    params = [structured(seed, json_schema=json.dumps(schema)) for schema in schemas for seed in SEEDS]
     prompts = ["Describe the city"] * len(params)
     roomy = llm.generate(prompts, params)
-    tight = make_llm(tokenizer, num_kv_blocks=12, max_num_batched_tokens=32)
+    # Room for one request's prompt and max_tokens, not for all twenty at once.
+    tight = make_llm(tokenizer, block_size=4, num_kv_blocks=-(-(MAX_TOKENS + 10) // 4), max_num_batched_tokens=32)
     squeezed = tight.generate(prompts, params)
     assert tight.engine.scheduler.num_preemptions > 0
     for i, (a, b) in enumerate(zip(roomy, squeezed)):
-        jsonschema.validate(json.loads(b.text), schemas[i // 2])
+        jsonschema.validate(json.loads(b.text), schemas[i // len(SEEDS)])
         assert a.token_ids == b.token_ids  # seeded: preemption and batching change nothing
 
 
@@ -368,3 +297,21 @@ def test_compiled_grammars_are_cached_up_to_the_bound(tokenizer: Gemma4Tokenizer
     for params in (a, b, c):
         compiler.validate(params)
     assert compiler.num_cached == 2  # ... copied from at most cache_size compiled grammars
+
+
+def test_speculative_decoding_keeps_structured_outputs_unchanged(tokenizer: Gemma4Tokenizer, llm: LLM) -> None:
+    """Drafts are cut where the grammar rejects them and verified under the masks of their rows: with
+    speculation the seeded structured outputs are those without it (oracle drafts, some wrong)."""
+    schemas = SCHEMAS[:5]
+    params = [structured(seed, json_schema=json.dumps(schema)) for schema in schemas for seed in SEEDS[:2]]
+    prompts = ["Describe the city"] * len(params)
+    want = llm.generate(prompts, params)
+    spec = make_llm(tokenizer, speculative_model="ngram", num_speculative_tokens=4)
+    references = [list(o.prompt_token_ids) + list(o.token_ids) for o in want]
+    with_proposer(spec.engine, OracleProposer(references, 0.3, spec.engine.vocab_size), 4)
+    got = spec.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for i, output in enumerate(got):
+        jsonschema.validate(json.loads(output.text), schemas[i // 2])
+    stats = spec.engine.stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
