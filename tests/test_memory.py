@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 import torch
 
 from gemma4.accelerators import GiB, get_accelerator
@@ -44,7 +45,7 @@ from gemma4.memory import (
     weight_bytes_per_gpu,
 )
 from gemma4.modeling import Gemma4ForCausalLM
-from gemma4.tiny import tiny_config
+from gemma4.tiny import tiny_assistant_config, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = Path(__file__).parent / "data" / "checkpoint-keys"
@@ -599,21 +600,22 @@ def test_drafter_parameters_are_counted_tensor_by_tensor() -> None:
 
 
 def test_drafter_shape_reads_an_assistant_config_json(tmp_path: Path) -> None:
-    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
-            "head_dim": 32, "global_head_dim": 64, "vocab_size": 512,
-            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}
-    raw = {"model_type": "gemma4_assistant", "text_config": text, "backbone_hidden_size": 48,
-           "use_ordered_embeddings": True, "num_centroids": 16}
+    config = tiny_assistant_config(tiny_config("e2b"))
+    raw = config.to_hf_dict()
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    assert load_drafter_shape(tmp_path) == TINY_DRAFTER
-    with pytest.raises(ValueError, match="model_type must be 'gemma4_assistant'"):
+    shape = load_drafter_shape(tmp_path)
+    text = config.text
+    assert shape == DrafterShape(
+        hidden_size=text.hidden_size, backbone_hidden_size=config.backbone_hidden_size,
+        intermediate_size=text.intermediate_size, num_attention_heads=text.num_attention_heads,
+        layer_head_dims=tuple(layer.head_dim for layer in text.layers), vocab_size=text.vocab_size,
+        use_ordered_embeddings=True, num_centroids=config.num_centroids,
+    )
+    assert shape.use_ordered_embeddings and len(set(shape.layer_head_dims)) == 2  # sliding and full head sizes
+    with pytest.raises(ValueError, match="expected 'gemma4_assistant'"):
         DrafterShape.from_hf_dict({**raw, "model_type": "gemma4_text"})
-    with pytest.raises(ValueError, match="cannot read the drafter's config"):
+    with pytest.raises(ValueError, match="no config.json"):
         load_drafter_shape(tmp_path / "missing")
-    with pytest.raises(ValueError, match="text_config.hidden_size must be a positive integer, got None"):
-        DrafterShape.from_hf_dict({**raw, "text_config": {k: v for k, v in text.items() if k != "hidden_size"}})
-    with pytest.raises(ValueError, match="text_config.layer_types has 3 entries for 2 layers"):
-        DrafterShape.from_hf_dict({**raw, "text_config": {**text, "num_hidden_layers": 2}})
 
 
 def test_the_published_e2b_drafter_has_about_78m_parameters() -> None:
@@ -678,10 +680,7 @@ def test_invalid_speculative_specs_are_rejected(changes: dict, message: str) -> 
 def test_engine_budget_prices_the_drafter_it_is_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     total = get_accelerator("h100-80gb").memory_bytes
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=total))
-    raw = {"model_type": "gemma4_assistant", "backbone_hidden_size": 2560, "use_ordered_embeddings": True,
-           "text_config": {"hidden_size": 256, "intermediate_size": 2048, "num_hidden_layers": 2,
-                           "num_attention_heads": 4, "head_dim": 256, "global_head_dim": 512,
-                           "layer_types": ["sliding_attention", "full_attention"]}}
+    raw = tiny_assistant_config(tiny_config("e4b")).to_hf_dict()
     (tmp_path / "config.json").write_text(json.dumps(raw))
     model = _FakeCudaModel("e4b", towers=False)
     common = dict(weight_dtype="bf16", device_memory_bytes=total, usable_fraction=0.9, max_num_seqs=16,
@@ -692,5 +691,5 @@ def test_engine_budget_prices_the_drafter_it_is_given(monkeypatch: pytest.Monkey
     ngram = EngineArgs(max_num_seqs=16, speculative_model="ngram")  # the variant's default: 4 for E4B
     assert resolve_kv_cache_bytes(model, ngram) == kv_cache_budget_bytes(  # type: ignore[arg-type]
         variant_config("e4b"), **common, speculative_tokens=4)
-    with pytest.raises(ValueError, match="speculative_model: cannot read the drafter's config"):
+    with pytest.raises(ValueError, match="speculative_model: .*no config.json"):
         resolve_kv_cache_bytes(model, EngineArgs(speculative_model=str(tmp_path / "nowhere")))  # type: ignore[arg-type]

@@ -103,7 +103,7 @@ def test_parallel_settings_fit_the_model_they_serve(tmp_path: Path) -> None:
 
 def test_speculative_settings_reach_the_engine_args(tmp_path: Path) -> None:
     from gemma4.engine.args import EngineArgs
-    from gemma4.tiny import tiny_config
+    from gemma4.tiny import tiny_assistant_config, tiny_config
 
     ngram = load_settings(None, ["engine.speculative.model=ngram", "engine.speculative.num_tokens=3"], None)
     args = EngineArgs(**ngram.engine.engine_args())
@@ -113,9 +113,8 @@ def test_speculative_settings_reach_the_engine_args(tmp_path: Path) -> None:
     assert off.speculative_model is None and off.speculative_tokens(tiny_config("e2b").text) == 0
     # A drafter readable here must be the served model's own: its backbone width is checked.
     hidden = tiny_config("e2b").text.hidden_size
-    config = {"model_type": "gemma4_assistant", "backbone_hidden_size": hidden,
-              "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                              "num_attention_heads": 2, "layer_types": ["full_attention"]}}
+    config = tiny_assistant_config(tiny_config("e2b")).to_hf_dict()
+    assert config["backbone_hidden_size"] == hidden
     (tmp_path / "config.json").write_text(json.dumps(config))
     fits = load_settings(None, [f"engine.speculative.model={tmp_path}"], None)
     assert fits.engine.engine_args()["speculative_model"] == str(tmp_path)
@@ -123,7 +122,7 @@ def test_speculative_settings_reach_the_engine_args(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=f"drafts for a model of hidden size {hidden + 8}, but the served"):
         load_settings(None, [f"engine.speculative.model={tmp_path}"], None)
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gemma4_text"}))
-    with pytest.raises(SystemExit, match="engine.speculative.model: model_type must be 'gemma4_assistant'"):
+    with pytest.raises(SystemExit, match="engine.speculative.model: .*expected 'gemma4_assistant'"):
         load_settings(None, [f"engine.speculative.model={tmp_path}"], None)
     # A directory on the cluster is left to the replica.
     assert load_settings(None, ["engine.speculative.model=/models/assistant"], None).engine.speculative.model

@@ -28,7 +28,7 @@ from torch import nn
 from gemma4.assistant_config import Gemma4AssistantConfig, sliding_keys
 from gemma4.backends import Ops
 from gemma4.config import FULL, SLIDING, Gemma4TextConfig, LayerSpec
-from gemma4.modeling import AttentionBackend, DecoderLayer, NewKV, RotaryEmbedding
+from gemma4.modeling import AttentionBackend, DecoderLayer, NewKV, RotaryEmbedding, route_ops
 from gemma4.norm import RMSNorm
 from gemma4.parallel.comm import SINGLE
 from gemma4.parallel.layout import ParallelLayout
@@ -102,9 +102,7 @@ class Gemma4Assistant(nn.Module):
 
     def use_ops(self, ops: Ops) -> None:
         """Run the hot path through `ops` (as `Gemma4ForCausalLM.use_ops`)."""
-        for module in self.modules():
-            if hasattr(module, "ops"):
-                module.ops = ops
+        route_ops(self.modules(), ops)
 
     def reset_buffers(self) -> None:
         """Recompute the RoPE frequencies after materialising from the meta device."""

@@ -30,13 +30,13 @@ Layout assumptions (what vLLM-style engines do):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from gemma4.accelerators import ACCELERATORS, Accelerator, GiB, MiB, get_accelerator
+from gemma4.assistant_config import Gemma4AssistantConfig, load_assistant_config
 from gemma4.config import (
     DEFAULT_SPECULATIVE_TOKENS,
     Gemma4AudioConfig,
@@ -637,46 +637,29 @@ class DrafterShape:
     num_centroids: int = 2048
 
     @classmethod
-    def from_hf_dict(cls, raw: Mapping[str, Any]) -> "DrafterShape":
-        """From a gemma4_assistant config.json; missing keys take transformers' defaults."""
-        if raw.get("model_type") != "gemma4_assistant":
-            raise ValueError(f"model_type must be 'gemma4_assistant' for a drafter, got {raw.get('model_type')!r}")
-        text = raw.get("text_config")
-        if not isinstance(text, Mapping):
-            raise ValueError("a gemma4_assistant config.json needs a text_config object")
-        def size(section: Mapping[str, Any], key: str, default: int | None = None, where: str = "text_config.") -> int:
-            value = section.get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{where}{key} must be a positive integer, got {value!r}")
-            return value
-
-        layers = size(text, "num_hidden_layers")
-        kinds = text.get("layer_types") or ["full_attention"] * layers
-        if len(kinds) != layers:
-            raise ValueError(f"text_config.layer_types has {len(kinds)} entries for {layers} layers")
-        head_dim = size(text, "head_dim", 256)
-        # transformers writes global_head_dim null when full layers use head_dim
-        global_head_dim = size(text, "global_head_dim") if text.get("global_head_dim") is not None else head_dim
+    def of(cls, config: Gemma4AssistantConfig) -> "DrafterShape":
+        """The shape of a drafter's parsed config (`gemma4.assistant_config`: one reader of config.json)."""
+        text = config.text
         return cls(
-            hidden_size=size(text, "hidden_size"),
-            backbone_hidden_size=size(raw, "backbone_hidden_size", 1536, ""),
-            intermediate_size=size(text, "intermediate_size"),
-            num_attention_heads=size(text, "num_attention_heads"),
-            layer_head_dims=tuple(global_head_dim if k == "full_attention" else head_dim for k in kinds),
-            vocab_size=size(text, "vocab_size", 262_144),
-            use_ordered_embeddings=bool(raw.get("use_ordered_embeddings", False)),
-            num_centroids=size(raw, "num_centroids", 2048, ""),
+            hidden_size=text.hidden_size,
+            backbone_hidden_size=config.backbone_hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_attention_heads=text.num_attention_heads,
+            layer_head_dims=tuple(layer.head_dim for layer in text.layers),
+            vocab_size=text.vocab_size,
+            use_ordered_embeddings=config.use_ordered_embeddings,
+            num_centroids=config.num_centroids,
         )
+
+    @classmethod
+    def from_hf_dict(cls, raw: Mapping[str, Any]) -> "DrafterShape":
+        """From a gemma4_assistant config.json's contents (ConfigError, a ValueError, when it is not one)."""
+        return cls.of(Gemma4AssistantConfig.from_hf_dict(raw))
 
 
 def load_drafter_shape(path: str | Path) -> DrafterShape:
     """The drafter shape of a gemma4_assistant checkpoint directory (its config.json)."""
-    file = Path(path) / "config.json"
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read the drafter's config {file}: {exc}") from None
-    return DrafterShape.from_hf_dict(raw)
+    return DrafterShape.of(load_assistant_config(path))
 
 
 def _drafter(backbone: int, hidden: int, intermediate: int, heads: int, ordered: bool) -> DrafterShape:

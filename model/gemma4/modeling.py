@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Iterable, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -514,6 +514,13 @@ class Gemma4TextModel(nn.Module):
         return self.norm(x)
 
 
+def route_ops(modules: Iterable[nn.Module], ops: Ops) -> None:
+    """Hand `ops` to every module that computes through an op set (those holding an `ops` attribute)."""
+    for module in modules:
+        if hasattr(module, "ops"):
+            module.ops = ops
+
+
 class Gemma4ForCausalLM(nn.Module):
     """The text decoder with its (tied) LM head and final logit softcap.
 
@@ -565,9 +572,7 @@ class Gemma4ForCausalLM(nn.Module):
     def use_ops(self, ops: Ops) -> None:
         """Run the text decoder's hot path through `ops` (every module that computes holds the set it calls;
         the media towers keep the reference ops: the kernels are tuned for the decoder's shapes)."""
-        for module in (self, *self.model.modules()):
-            if hasattr(module, "ops"):
-                module.ops = ops
+        route_ops((self, *self.model.modules()), ops)
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers after materialising from the meta device."""
