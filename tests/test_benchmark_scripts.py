@@ -112,19 +112,37 @@ def test_collectives_script() -> None:
     assert all(r["world_size"] == 2 and r["median_us"] > 0 for r in result["results"])
 
 
-def test_spec_decode_script_without_speculation() -> None:
-    """The no-speculation rows; once the engine drafts, `--methods off,ngram,assistant` adds the others."""
+def test_spec_decode_script() -> None:
+    """Rows per method and batch: speculation off, n-gram and a tiny random assistant drafter."""
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'model'}:{REPO / 'benchmarks'}"}
     out = subprocess.run([
-        sys.executable, "benchmarks/spec_decode.py", "--variants", "e2b", "--methods", "off", "--batches", "1,2",
-        "--input-len", "12", "--output-len", "3",
+        sys.executable, "benchmarks/spec_decode.py", "--variants", "e2b", "--methods", "off,ngram,assistant",
+        "--batches", "1,2", "--input-len", "24", "--output-len", "6", "--repeat-period", "8",
     ], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [(r["variant"], r["method"], r["batch"]) for r in rows] == [("e2b (tiny)", "off", 1), ("e2b (tiny)", "off", 2)]
+    assert [(r["method"], r["batch"]) for r in rows] == [
+        (method, batch) for method in ("off", "ngram", "assistant") for batch in (1, 2)
+    ]
     for row in rows:
-        assert row["output_tokens"] == 3 * row["batch"] and row["output_tok_s"] > 0 and row["speedup"] == 1.0
-        assert (row["num_speculative_tokens"], row["drafts"], row["acceptance_length"]) == (0, 0, None)
+        assert row["output_tokens"] == 6 * row["batch"] and row["output_tok_s"] > 0
+        if row["method"] == "off":
+            assert (row["num_speculative_tokens"], row["drafts"], row["acceptance_length"]) == (0, 0, None)
+            assert row["speedup"] == 1.0
+        else:  # E2B's default k, drafted at every decode step for the assistant
+            assert row["num_speculative_tokens"] == 2
+            assert row["acceptance_length"] >= 1 if row["drafts"] else row["acceptance_length"] is None
+    assert all(r["drafts"] > 0 for r in rows if r["method"] == "assistant")
     bad = subprocess.run([sys.executable, "benchmarks/spec_decode.py", "--methods", "eagle"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--methods: unknown eagle" in bad.stderr
+
+
+def test_structured_output_script() -> None:
+    """Plain and grammar-constrained decode steps at a batch of running requests, and the mask fill's cost."""
+    result = _run_json([
+        "benchmarks/structured_output.py", "--running", "2", "--steps", "3", "--warmup", "1", "--vocab-size", "1024",
+    ], env={**os.environ, "PYTHONPATH": f"{REPO / 'model'}:{REPO / 'benchmarks'}"})
+    [row] = result["results"]
+    assert (row["running"], row["steps"]) == (2, 3)
+    assert row["plain_step_ms"] > 0 and row["structured_step_ms"] > 0 and row["mask_fill_ms_per_step"] > 0
