@@ -67,6 +67,24 @@ def test_kernel_draw_equals_the_reference_for_each_filter(name: str) -> None:
         assert all(expected[i] == logits[i].argmax() for i in GREEDY_ROWS[name])
 
 
+@pytest.mark.parametrize("name", ["none", "all"])
+def test_grammar_masked_rows_draw_only_allowed_tokens(name: str) -> None:
+    """Structured outputs leave a row a few finite logits among -inf (one row a single allowed token)."""
+    vocab = 1000
+    logits = torch.randn(ROWS, vocab, generator=torch.Generator().manual_seed(3)) * 3
+    allowed = [[7], [1, 500, 999], [0, 255, 256, 257], list(range(600, 700)), [42, 43]]
+    masked = torch.full_like(logits, float("-inf"))
+    for i, ids in enumerate(allowed):
+        masked[i, ids] = logits[i, ids]
+    params = filters(name, vocab)
+    k = candidate_count(params[0], vocab)
+    for step in range(3):
+        keys = keys_for(step)
+        expected = reference.draw(masked, *params, keys, k)
+        assert kernel.draw(masked, *params, keys, k).tolist() == expected.tolist()
+        assert all(int(t) in ids for t, ids in zip(expected, allowed))
+
+
 def test_flat_rows_draw_the_token_with_the_least_noise() -> None:
     """Equal logits: the winner is decided by the noise alone, over the whole row (bit-exact hash and log)."""
     vocab = 1000
