@@ -15,15 +15,11 @@ from assistant_reference import hf_assistant as load_hf_assistant
 from assistant_reference import hf_drafts, hf_prefill, patch_all_shared_stacks
 from assistant_reference import hf_target as load_hf_target
 from gemma4.assistant import SharedKVAttention, draft_greedy
-from gemma4.assistant_config import (
-    Gemma4AssistantConfig,
-    assistant_param_count,
-    assistant_weight_bytes,
-    load_assistant_config,
-)
+from gemma4.assistant_config import Gemma4AssistantConfig, load_assistant_config
 from gemma4.checkpoint import CheckpointError
 from gemma4.config import ConfigError, load_config
 from gemma4.loader import load_assistant, load_model
+from gemma4.memory import DrafterShape, drafter_param_count, drafter_weight_bytes
 from gemma4.modeling import DenseAttention
 from gemma4.tiny import write_tiny_assistant, write_tiny_checkpoint
 
@@ -168,10 +164,11 @@ def test_config_rules_and_target_fit(checkpoints, tmp_path: Path) -> None:
 def test_weight_count_and_bytes_are_the_loaded_drafters(checkpoints, variant: str) -> None:
     target_path, assistant_path = checkpoints[variant]
     drafter = load_assistant(assistant_path, load_config(target_path), dtype=torch.bfloat16)
-    config = load_assistant_config(assistant_path)
-    assert assistant_param_count(config) == sum(p.numel() for p in drafter.parameters())
+    shape = DrafterShape.of(load_assistant_config(assistant_path))  # what the memory model prices
+    scalars = sum(b.numel() for name, b in drafter.named_buffers() if name.endswith("layer_scalar"))
+    assert drafter_param_count(shape) == sum(p.numel() for p in drafter.parameters()) + scalars
     stored = drafter.state_dict().values()  # weights, layer scalars, token_ordering
-    assert assistant_weight_bytes(config, 2) == sum(t.numel() * t.element_size() for t in stored)
+    assert drafter_weight_bytes(shape, "bf16") == sum(t.numel() * t.element_size() for t in stored)
 
 
 def test_loader_names_missing_unexpected_and_misshaped_tensors(checkpoints, tmp_path: Path) -> None:

@@ -191,26 +191,3 @@ ASSISTANT_SLIDING_LOOKBACK = 2
 def sliding_keys(spec: LayerSpec) -> int | None:
     """Keys a drafter layer sees: all before the drafted position (full), or the last `window + 1`."""
     return None if spec.sliding_window is None else spec.sliding_window + 1
-
-
-def assistant_param_count(config: Gemma4AssistantConfig) -> int:
-    """Weights of the drafter (the tied head counted once; the int64 `token_ordering` buffer is not a
-    weight: see `assistant_weight_bytes`)."""
-    t = config.text
-    h, heads = t.hidden_size, t.num_attention_heads
-    per_layer = sum(
-        2 * h * heads * spec.head_dim + spec.head_dim + 3 * h * spec.intermediate_size + 4 * h
-        for spec in t.layers
-    )
-    projections = 3 * config.backbone_hidden_size * h
-    centroids = h * config.num_centroids if config.use_ordered_embeddings else 0
-    head = t.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return per_layer + h + projections + centroids + head
-
-
-def assistant_weight_bytes(config: Gemma4AssistantConfig, dtype_bytes: int) -> int:
-    """Device bytes of the drafter's weights at `dtype_bytes` per element, its int64 buffers included."""
-    ordering = 8 * config.text.vocab_size if config.use_ordered_embeddings else 0
-    layer_scalars = dtype_bytes * config.text.num_hidden_layers
-    return assistant_param_count(config) * dtype_bytes + ordering + layer_scalars
-

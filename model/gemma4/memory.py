@@ -635,6 +635,7 @@ class DrafterShape:
     vocab_size: int = 262_144
     use_ordered_embeddings: bool = False
     num_centroids: int = 2048
+    tie_word_embeddings: bool = True  # else its own lm_head besides the embedding
 
     @classmethod
     def of(cls, config: Gemma4AssistantConfig) -> "DrafterShape":
@@ -649,6 +650,7 @@ class DrafterShape:
             vocab_size=text.vocab_size,
             use_ordered_embeddings=config.use_ordered_embeddings,
             num_centroids=config.num_centroids,
+            tie_word_embeddings=config.tie_word_embeddings,
         )
 
     @classmethod
@@ -685,7 +687,9 @@ SPECULATIVE_METHODS = ("ngram", "assistant")
 
 def _drafter_tensors(drafter: DrafterShape) -> Iterator[_Tensor]:
     h, heads, i = drafter.hidden_size, drafter.num_attention_heads, drafter.intermediate_size
-    yield _Tensor(DRAFTER, (drafter.vocab_size, h))  # embed_tokens, also the tied lm_head
+    yield _Tensor(DRAFTER, (drafter.vocab_size, h))  # embed_tokens, also the lm_head when tied
+    if not drafter.tie_word_embeddings:
+        yield _Tensor(DRAFTER, (drafter.vocab_size, h))  # lm_head
     yield _vector(DRAFTER, h)  # final norm
     yield _Tensor(DRAFTER, (h, 2 * drafter.backbone_hidden_size))  # pre_projection
     yield _Tensor(DRAFTER, (drafter.backbone_hidden_size, h))  # post_projection

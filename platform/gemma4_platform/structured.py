@@ -21,12 +21,11 @@ import jsonschema
 import llguidance
 
 from gemma4.chat.tool_grammar import ToolSchemaError, tool_call_grammar
+from gemma4.engine.structured_output.compiler import JSON_OPTIONS  # the engine's JSON options: compile alike
 from gemma4.engine.structured_output.params import StructuredOutputParams
 
 from gemma4_platform.errors import InvalidArgument
 
-# The engine generates JSON without optional whitespace (`gemma4.engine.structured_output`): compile alike.
-_JSON_OPTIONS = {"whitespace_flexible": False}
 _MAX_REASON_CHARS = 300  # of the compiler's message (it may quote the grammar)
 
 
@@ -49,7 +48,7 @@ def json_schema(schema: Any, field: str, *, thinking: bool = False) -> Structure
         raise InvalidArgument(f"{field}{path}: not a valid JSON schema: {error.message}", field=field) from None
     text = json.dumps(schema, ensure_ascii=False)
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
     except ValueError as error:
         raise InvalidArgument(f"{field}: this schema is not supported: {error}", field=field) from None
     _check_compiles(grammar, field, "schema")
